@@ -1,0 +1,21 @@
+# dermcompress: how much do pretrained models lose when dermoscopy images are shrunk and compressed?
+# The rules live in workflow/rules/; the logic in src/dermcompress/. See README.md.
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+validate(config, "workflow/schemas/config.schema.yaml")
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+
+
+rule all:
+    input:
+        get_final_outputs(),
+    default_target: True

@@ -1,0 +1,84 @@
+"""config.yaml, its schema, and the messages a user gets for a wrong key."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import yaml
+from conftest import REPO, snakemake, write_config
+from snakemake.utils import validate
+
+from dermcompress import config as dc_config
+
+SCHEMA = REPO / "workflow/schemas/config.schema.yaml"
+
+
+def load(name: str) -> dict:
+    return yaml.safe_load((REPO / name).read_text())
+
+
+def test_config_and_demo_overlay_are_valid():
+    config = load("config.yaml")
+    validate(copy.deepcopy(config), str(SCHEMA))
+    dc_config.check(config)
+    merged = copy.deepcopy(config)
+    for key, value in load("config.demo.yaml").items():
+        merged[key] = {**merged[key], **value} if isinstance(value, dict) else value
+    validate(merged, str(SCHEMA))
+
+
+def _walk(schema: dict, path: str):
+    yield path, schema
+    for key, sub in schema.get("properties", {}).items():
+        yield from _walk(sub, f"{path}.{key}")
+    extra = schema.get("additionalProperties")
+    if isinstance(extra, dict):
+        yield from _walk(extra, f"{path}.*")
+
+
+def test_every_schema_key_has_a_description():
+    schema = yaml.safe_load(SCHEMA.read_text())
+    missing = [path for path, sub in _walk(schema, "config") if not sub.get("description")]
+    assert not missing, f"schema keys without a description: {missing}"
+
+
+def test_every_config_key_is_in_the_schema():
+    """The schema forbids unknown keys everywhere; check the config's keys against its properties too."""
+    schema = yaml.safe_load(SCHEMA.read_text())
+    config = load("config.yaml")
+    for section, values in config.items():
+        props = schema["properties"][section]
+        if isinstance(values, dict) and "properties" in props:
+            assert set(values) <= set(props["properties"]), section
+
+
+@pytest.mark.parametrize(
+    ("overlay", "named"),
+    [
+        ({"data": {"clases": ["MEL", "NV"]}}, "clases"),
+        ({"resize": {"resolutions": "224"}}, "resolutions"),
+        ({"degrade": {"jpeg_quality": 175}}, "jpeg_quality"),
+        ({"degrade": {"blur_kernel_sizes": [3, 4]}}, "degrade.blur_kernel_sizes"),
+        (
+            {"degrade": {"variants": {"clean": {"fractions": {}}, "heavy": {"fractions": {"jpeg": 0.8, "blur": 0.5}}}}},
+            "degrade.variants.heavy.fractions",
+        ),
+    ],
+)
+def test_a_wrong_key_stops_the_run_before_any_job_and_names_the_key(workflow_dir, overlay, named):
+    configfile = write_config(workflow_dir / "bad.yaml", overlay)
+    proc = snakemake(workflow_dir, "--dry-run", "--configfile", str(configfile), check=False)
+    assert proc.returncode != 0
+    output = proc.stdout + proc.stderr
+    assert named in output, output
+    assert not (workflow_dir / "results").exists()  # nothing ran
+
+
+def test_variant_settings_carry_only_what_the_variant_uses():
+    config = load("config.yaml")
+    clean = dc_config.variant_settings(config, "clean")
+    degraded = dc_config.variant_settings(config, "degraded")
+    assert clean == {"name": "clean", "fractions": {"jpeg": 0.0, "blur": 0.0, "quantize": 0.0}}
+    assert degraded["jpeg_quality"] == 75 and degraded["splits"] == ["train"]
+    assert degraded["fractions"] == {"jpeg": 0.2, "blur": 0.2, "quantize": 0.2}
