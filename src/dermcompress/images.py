@@ -51,8 +51,9 @@ def decode_image(data: bytes, *, max_pixels: int, draft_size: int | None = None)
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError as err:
-        raise ImageError("not_an_image", str(err)) from None
+    except UnidentifiedImageError:
+        # PIL's own message carries a memory address; keep the manifest reproducible.
+        raise ImageError("not_an_image", "not a recognised image format") from None
     except Image.DecompressionBombWarning as err:  # raised as error by the filter above
         raise ImageError("too_many_pixels", str(err)) from None
     except Image.DecompressionBombError as err:

@@ -1,0 +1,304 @@
+"""Ingest: the official ISIC 2019 files -> one manifest row per image, each problem quarantined with a reason.
+
+Every image file is read once, hashed (sha256) and decoded in full (a partial decode would miss truncation in
+the parts it skips). Nothing is dropped silently: an image id seen in either CSV or on disk gets exactly one
+row, `ok` or `quarantined` with the first problem found, so listed = ok + quarantined.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+from collections import Counter
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+from tqdm import tqdm
+
+from dermcompress import ISIC_CLASSES
+from dermcompress.images import ImageError, decode_image
+from dermcompress.sources import SYNTHETIC_BANNER, ImageSource, image_id_of
+
+log = logging.getLogger(__name__)
+
+# Reasons decided from the CSVs and the file listing; decode problems use images.REASONS, refused zip entries
+# sources.unsafe_reason(). When an image has several problems the first in this order wins: unsafe zip
+# entry, duplicate_row, no_label_row, no_label / multiple_labels, missing_file, duplicate_file, decoding.
+CSV_REASONS = (
+    "duplicate_row",
+    "no_label_row",
+    "no_label",
+    "multiple_labels",
+    "missing_file",
+    "duplicate_file",
+)
+LABEL_COLUMNS = (*ISIC_CLASSES, "UNK")
+
+# manifest.parquet; patient_id only when the metadata has that column (ISIC 2019 has not).
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("status", pa.string()),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+        ("member", pa.string()),
+        ("sha256", pa.string()),
+        ("bytes", pa.int64()),
+        ("width", pa.int64()),
+        ("height", pa.int64()),
+        ("mode", pa.string()),
+        ("format", pa.string()),
+        ("label", pa.string()),
+        ("lesion_id", pa.string()),
+        ("patient_id", pa.string()),
+        ("group_id", pa.string()),
+        ("age_approx", pa.float64()),
+        ("anatom_site_general", pa.string()),
+        ("sex", pa.string()),
+        ("synthetic", pa.bool_()),
+    ]
+)
+QUARANTINE_COLUMNS = ["image_id", "reason", "member", "detail"]
+METADATA_FIELDS = ("lesion_id", "patient_id", "age_approx", "anatom_site_general", "sex")
+
+
+def inspect_image(data: bytes, *, max_pixels: int) -> dict:
+    """Hash and fully decode one file: sha256, bytes, upright width/height, original mode/format, or why not.
+
+    Runs in worker threads, so it touches nothing shared.
+    """
+    info: dict = {
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "bytes": len(data),
+        "reason": None,
+        "detail": None,
+    }
+    try:  # the header alone: what the file is, before conversion to RGB
+        with Image.open(io.BytesIO(data)) as header:
+            info["mode"], info["format"] = header.mode, header.format
+    except Exception:
+        info["mode"] = info["format"] = None
+    try:
+        img = decode_image(data, max_pixels=max_pixels)
+        info["width"], info["height"] = img.size
+    except ImageError as err:
+        info["reason"], info["detail"] = err.reason, err.detail
+    return info
+
+
+def _read_ground_truth(path: str | Path) -> pd.DataFrame:
+    gt = pd.read_csv(path, dtype={"image": str}, skipinitialspace=True)
+    missing = [c for c in ("image", *ISIC_CLASSES) if c not in gt.columns]
+    if missing:
+        raise ValueError(
+            f"{path}: ground-truth CSV lacks column(s) {missing}; expected the official header "
+            f"image,{','.join(LABEL_COLUMNS)}"
+        )
+    return _drop_blank_ids(gt, path)
+
+
+def _drop_blank_ids(frame: pd.DataFrame, path: str | Path) -> pd.DataFrame:
+    """Strip ids; rows without one cannot be matched to anything, so they are logged and left out."""
+    frame["image"] = frame["image"].str.strip()
+    blank = frame["image"].isna() | (frame["image"] == "")
+    if blank.any():
+        log.warning(
+            "%s: %d row(s) with an empty image id ignored (data rows %s)",
+            path,
+            blank.sum(),
+            ", ".join(str(i + 1) for i in frame.index[blank][:20]),
+        )
+    return frame[~blank].reset_index(drop=True)
+
+
+def _read_metadata(path: str | Path) -> pd.DataFrame:
+    text_columns = {c: str for c in ("image", "lesion_id", "patient_id", "anatom_site_general", "sex")}
+    meta = pd.read_csv(path, dtype=text_columns, skipinitialspace=True)
+    if "image" not in meta.columns:
+        raise ValueError(f"{path}: metadata CSV has no 'image' column (columns: {list(meta.columns)})")
+    meta = _drop_blank_ids(meta, path)
+    if "age_approx" in meta.columns:
+        meta["age_approx"] = pd.to_numeric(meta["age_approx"], errors="coerce")
+    return meta
+
+
+def _labels(gt: pd.DataFrame) -> pd.DataFrame:
+    """Per ground-truth row: the positive classes (a cell > 0.5; blank or non-numeric counts as 0)."""
+    columns = [c for c in LABEL_COLUMNS if c in gt.columns]
+    positive = gt[columns].apply(pd.to_numeric, errors="coerce").fillna(0.0) > 0.5
+    return pd.DataFrame(
+        {
+            "image": gt["image"],
+            "positives": [[c for c, p in zip(columns, row, strict=True) if p] for row in positive.to_numpy()],
+        }
+    )
+
+
+def _inspect_files(source: ImageSource, members: list[str], *, max_pixels: int) -> dict[str, dict]:
+    """inspect_image() over `members`: bytes are read here in order (zip entry by entry), decoded in threads.
+
+    PIL and hashlib release the GIL, so threads decode in parallel; at most a few files wait in memory.
+    """
+    workers = max(
+        1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    )
+    results: dict[str, dict] = {}
+    pending: dict[Future, str] = {}
+    bar = tqdm(total=len(members), desc="ingest", unit="img", mininterval=5)
+
+    def collect(done: set[Future]) -> None:
+        for future in done:
+            results[pending.pop(future)] = future.result()
+            bar.update()
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for member in members:
+            data = source.read(member)
+            pending[pool.submit(inspect_image, data, max_pixels=max_pixels)] = member
+            if len(pending) >= 4 * workers:
+                collect(wait(pending, return_when=FIRST_COMPLETED).done)
+        collect(wait(pending).done)
+    bar.close()
+    return results
+
+
+def _first(value):
+    """A CSV cell as a Python value, NaN -> None."""
+    return None if value is None or (not isinstance(value, str) and pd.isna(value)) else value
+
+
+def run_ingest(
+    *,
+    ground_truth: str | Path,
+    metadata: str | Path,
+    images: str | Path,
+    manifest_out: str | Path,
+    quarantine_out: str | Path,
+    max_pixels: int,
+    synthetic: bool = False,
+) -> pd.DataFrame:
+    """Check every listed and present image; write the manifest and quarantine.csv; return the manifest."""
+    if synthetic:
+        log.warning(SYNTHETIC_BANNER)
+    gt = _read_ground_truth(ground_truth)
+    meta = _read_metadata(metadata)
+    log.info("ground truth: %d rows (%s); metadata: %d rows (%s)", len(gt), ground_truth, len(meta), metadata)
+
+    gt_rows = gt["image"].value_counts().to_dict()
+    meta_rows = meta["image"].value_counts().to_dict()
+    positives = _labels(gt).drop_duplicates("image").set_index("image")["positives"].to_dict()
+    meta_first = meta.drop_duplicates("image").set_index("image").to_dict("index")
+
+    with ImageSource(Path(images)) as source:
+        listing = list(source.members())
+        files: dict[str, list[str]] = {}
+        for member, image_id in listing:
+            files.setdefault(image_id, []).append(member)
+        refused: dict[str, tuple[str, str]] = {}
+        for name, reason in source.refused:
+            image_id = image_id_of(name)
+            if image_id is None:
+                log.warning(
+                    "refused zip entry %r (%s); not an image name, so it has no manifest row", name, reason
+                )
+            else:
+                refused.setdefault(image_id, (name, reason))
+        if source.ignored:
+            log.info(
+                "%d non-image file(s) in %s, not in the manifest: %s",
+                len(source.ignored),
+                images,
+                ", ".join(source.ignored),
+            )
+        log.info(
+            "%d image file(s) in %s, %d refused zip entr(y/ies)", len(listing), images, len(source.refused)
+        )
+        to_decode = sorted(members[0] for image_id, members in files.items() if image_id not in refused)
+        inspected = _inspect_files(source, to_decode, max_pixels=max_pixels)
+
+    rows = []
+    for image_id in sorted(set(gt_rows) | set(meta_rows) | set(files) | set(refused)):
+        members = files.get(image_id, [])
+        problems: list[tuple[str, str]] = []  # (reason, detail), in the order of precedence
+        if image_id in refused:
+            name, reason = refused[image_id]
+            problems.append((reason, f"zip entry {name!r} refused"))
+        n_gt, n_meta = gt_rows.get(image_id, 0), meta_rows.get(image_id, 0)
+        if n_gt > 1 or n_meta > 1:
+            problems.append(("duplicate_row", f"{n_gt} ground-truth row(s), {n_meta} metadata row(s)"))
+        if image_id not in gt_rows:
+            where = "a file" if members else "only a metadata row"
+            problems.append(("no_label_row", f"{where}, no row in the ground truth"))
+        else:
+            classes = positives[image_id]
+            if not classes:
+                problems.append(("no_label", "no positive class in the ground-truth row"))
+            elif len(classes) > 1:
+                problems.append(("multiple_labels", f"positive for {', '.join(classes)}"))
+        if not members and image_id not in refused:
+            problems.append(("missing_file", "no image file with this id"))
+        if len(members) > 1:
+            problems.append(("duplicate_file", f"{len(members)} files with this id: {', '.join(members)}"))
+        info = inspected.get(members[0], {}) if members and image_id not in refused else {}
+        if info.get("reason"):
+            problems.append((info["reason"], info["detail"]))
+
+        classes = positives.get(image_id, [])
+        fields = meta_first.get(image_id, {})
+        record = {f: _first(fields.get(f)) for f in METADATA_FIELDS}
+        group = record["patient_id"] or record["lesion_id"] or image_id
+        reason, detail = problems[0] if problems else (None, None)
+        rows.append(
+            {
+                "image_id": image_id,
+                "status": "quarantined" if problems else "ok",
+                "reason": reason,
+                "detail": detail,
+                "member": refused[image_id][0] if image_id in refused else (members[0] if members else None),
+                **{k: info.get(k) for k in ("sha256", "bytes", "width", "height", "mode", "format")},
+                "label": classes[0] if len(classes) == 1 else None,
+                **record,
+                "group_id": group,
+                "synthetic": bool(synthetic),
+            }
+        )
+    if not rows:
+        raise ValueError(f"no image listed in {ground_truth} or {metadata}, and none found in {images}")
+
+    schema = MANIFEST_SCHEMA
+    if "patient_id" not in meta.columns:
+        # No column rather than an all-null one: the split takes the first group column that exists.
+        schema = schema.remove(schema.get_field_index("patient_id"))
+    table = pa.Table.from_pylist(rows, schema=schema)
+    table = table.replace_schema_metadata(
+        {"images": str(images), "max_pixels": str(max_pixels), "synthetic": str(bool(synthetic))}
+    )
+    Path(manifest_out).parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, manifest_out)
+    manifest = table.to_pandas()
+    quarantined = manifest[manifest["status"] == "quarantined"]
+    Path(quarantine_out).parent.mkdir(parents=True, exist_ok=True)
+    quarantined[QUARANTINE_COLUMNS].to_csv(quarantine_out, index=False, lineterminator="\n")
+
+    listed, ok = len(manifest), int((manifest["status"] == "ok").sum())
+    assert manifest["image_id"].is_unique, "manifest has a duplicated image_id"
+    assert listed == ok + len(quarantined), (listed, ok, len(quarantined))
+    per_reason = Counter(quarantined["reason"])
+    for reason, count in per_reason.most_common():
+        example = quarantined[quarantined["reason"] == reason].iloc[0]
+        log.warning("quarantined %d: %s (e.g. %s: %s)", count, reason, example["image_id"], example["detail"])
+    log.info("wrote %s and %s", manifest_out, quarantine_out)
+    log.info(
+        "listed=%d ok=%d quarantined=%d%s",
+        listed,
+        ok,
+        len(quarantined),
+        "".join(f" {r}={c}" for r, c in sorted(per_reason.items())),
+    )
+    return manifest
