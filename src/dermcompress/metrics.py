@@ -1,0 +1,224 @@
+"""Scoring one run: the predictions table every run writes, and the metrics.json computed from it.
+
+`predictions.parquet` has one row per evaluated image: `image_id`, `label` and `pred` (class names), and one
+`prob_<CLASS>` column per class (rows sum to 1). Every number in metrics.json is recomputed from that file,
+so a reviewer can rescore a run without the model.
+
+AUC convention: binary tasks score `prob_<classes[1]>` against `label == classes[1]` (ROC AUC is unchanged
+when the positive class and its score are swapped together, so the choice is only bookkeeping); more classes
+give the one-vs-rest macro AUC over the classes that are present in the labels. With a single class in the
+labels AUC is undefined and reported as null.
+
+Confidence intervals are 95% percentile bootstraps over images (seeded, so a rerun gives the same numbers).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    confusion_matrix,
+    f1_score,
+    recall_score,
+    roc_auc_score,
+)
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+PROB_PREFIX = "prob_"
+METRIC_KEYS = (
+    "accuracy",
+    "f1_macro",
+    "f1_weighted",
+    "auc",
+    "balanced_accuracy",
+    "per_class_recall",
+    "confusion_matrix",
+    "n_eval",
+    "accuracy_ci95",
+    "auc_ci95",
+)
+# Supplied by the training code (DESIGN.md, metrics.json contract); GPU memory is null on CPU.
+EXTRA_KEYS = (
+    "gmacs",
+    "params_m",
+    "effective_input_px",
+    "peak_train_mem_mb",
+    "peak_eval_mem_mb",
+    "train_img_per_s",
+    "eval_img_per_s",
+)
+
+
+def prob_columns(classes: list[str]) -> list[str]:
+    return [f"{PROB_PREFIX}{c}" for c in classes]
+
+
+def predictions_frame(
+    image_ids: list[str], labels: np.ndarray, probs: np.ndarray, classes: list[str]
+) -> pd.DataFrame:
+    """The predictions table: image_id, label, pred (argmax; first class wins a tie), prob_<CLASS> per class.
+
+    `labels` are class indices into `classes`; `probs` is (N, C) and must already be probabilities (softmax or
+    kNN votes): rows are checked to sum to 1 and renormalised only to remove float rounding.
+    """
+    labels = np.asarray(labels)
+    probs = np.asarray(probs, dtype=np.float64)
+    n, n_classes = len(image_ids), len(classes)
+    if len(set(classes)) != n_classes:
+        raise ValueError(f"duplicate class names in {classes}")
+    if labels.shape != (n,) or probs.shape != (n, n_classes):
+        raise ValueError(
+            f"shape mismatch: {n} image ids, labels {labels.shape}, probs {probs.shape}, {n_classes} classes"
+        )
+    if n and (not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0 or labels.max() >= n_classes):
+        raise ValueError(f"labels must be integer class indices in [0, {n_classes})")
+    sums = probs.sum(axis=1)
+    if not np.all(np.isfinite(probs)) or probs.min(initial=0.0) < 0 or not np.allclose(sums, 1.0, atol=1e-3):
+        raise ValueError("probs must be finite, non-negative and sum to 1 per row (apply softmax first)")
+    probs = probs / sums[:, None] if n else probs
+    names = np.asarray(classes, dtype=object)
+    frame = pd.DataFrame(
+        {
+            "image_id": pd.Series(image_ids, dtype="string"),
+            "label": pd.Series(names[labels], dtype="string"),
+            "pred": pd.Series(names[probs.argmax(axis=1)] if n else [], dtype="string"),
+        }
+    )
+    for col, values in zip(prob_columns(classes), probs.T, strict=True):
+        frame[col] = values
+    return frame
+
+
+def _class_indices(values: pd.Series, classes: list[str], column: str) -> np.ndarray:
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = sorted(set(values.astype(str)) - index.keys())
+    if unknown:
+        raise ValueError(f"predictions column {column!r} has classes not in {classes}: {unknown[:5]}")
+    return values.astype(str).map(index).to_numpy(dtype=np.int64)
+
+
+def _auc(y_true: np.ndarray, probs: np.ndarray) -> float | None:
+    """Binary AUC of probs[:, 1], or one-vs-rest macro AUC over the classes present; None if undefined."""
+    present = np.unique(y_true)
+    if len(present) < 2:
+        return None
+    if probs.shape[1] == 2:
+        return float(roc_auc_score(y_true == 1, probs[:, 1]))
+    # Per class by hand rather than multi_class="ovr": that raises when a class is missing from the labels,
+    # which small or grouped eval splits (and bootstrap resamples) do produce.
+    return float(np.mean([roc_auc_score(y_true == c, probs[:, c]) for c in present]))
+
+
+def _percentile_ci(values: np.ndarray) -> list[float] | None:
+    if len(values) == 0:
+        return None
+    low, high = np.percentile(values, [2.5, 97.5])
+    return [float(low), float(high)]
+
+
+def compute_metrics(
+    predictions: pd.DataFrame, classes: list[str], *, n_bootstrap: int = 1000, seed: int = 0
+) -> dict:
+    """Every metric of the metrics.json contract that follows from the predictions (keys: METRIC_KEYS).
+
+    Values are plain Python (JSON-ready); undefined values (AUC with one class, recall of a class absent
+    from the labels, CIs with n_bootstrap=0) are None.
+    """
+    n = len(predictions)
+    if n == 0:
+        raise ValueError("no predictions to score")
+    missing = {"label", "pred", *prob_columns(classes)} - set(predictions.columns)
+    if missing:
+        raise ValueError(f"predictions lack columns {sorted(missing)}")
+    y_true = _class_indices(predictions["label"], classes, "label")
+    y_pred = _class_indices(predictions["pred"], classes, "pred")
+    probs = predictions[prob_columns(classes)].to_numpy(dtype=np.float64)
+    labels = list(range(len(classes)))
+
+    recall = recall_score(y_true, y_pred, labels=labels, average=None, zero_division=np.nan)
+    metrics = {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "f1_macro": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
+        "f1_weighted": float(f1_score(y_true, y_pred, labels=labels, average="weighted", zero_division=0)),
+        "auc": _auc(y_true, probs),
+        # The ISIC challenge score: mean recall over the classes present in the labels.
+        "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
+        "per_class_recall": {
+            c: None if math.isnan(r) else float(r) for c, r in zip(classes, recall, strict=True)
+        },
+        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
+        "n_eval": int(n),
+    }
+
+    # One (n_bootstrap, N) matrix of resampled row indices serves both intervals.
+    rng = np.random.default_rng(seed)
+    resamples = rng.integers(0, n, size=(n_bootstrap, n), dtype=np.int32 if n < 2**31 else np.int64)
+    correct = y_true == y_pred
+    metrics["accuracy_ci95"] = _percentile_ci(correct[resamples].mean(axis=1))
+    aucs = []
+    if metrics["auc"] is not None:
+        for idx in tqdm(resamples, desc="auc bootstrap", unit="resample", mininterval=5):
+            value = _auc(y_true[idx], probs[idx])
+            if value is not None:  # resamples holding one class have no AUC
+                aucs.append(value)
+        if len(aucs) < n_bootstrap:
+            log.warning(
+                "AUC bootstrap: %d of %d resamples had one class and were skipped",
+                n_bootstrap - len(aucs),
+                n_bootstrap,
+            )
+    metrics["auc_ci95"] = _percentile_ci(np.asarray(aucs))
+    return metrics
+
+
+def metrics_from_file(
+    predictions_parquet: str | Path, classes: list[str], *, n_bootstrap: int = 1000, seed: int = 0
+) -> dict:
+    """compute_metrics on a predictions.parquet written from predictions_frame."""
+    return compute_metrics(pd.read_parquet(predictions_parquet), classes, n_bootstrap=n_bootstrap, seed=seed)
+
+
+def _json_ready(value):
+    """numpy scalars/arrays -> Python; NaN and inf -> None (JSON has no NaN; a bare NaN breaks readers)."""
+    if isinstance(value, dict):
+        return {str(k): _json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [_json_ready(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_metrics(path: str | Path, metrics: dict, extra: dict | None = None) -> dict:
+    """Write metrics.json: `metrics` plus `extra` (cost figures from the training code); returns the payload.
+
+    Non-finite numbers become null. An extra key that would overwrite a metric is an error, not a silent win.
+    """
+    extra = extra or {}
+    clash = sorted(set(metrics) & set(extra))
+    if clash:
+        raise ValueError(f"extra keys overwrite metrics: {clash}")
+    missing = [k for k in EXTRA_KEYS if k not in extra]
+    if missing:
+        log.warning("metrics.json for %s lacks cost keys %s", path, missing)
+    payload = _json_ready({**metrics, **extra})
+    text = json.dumps(payload, indent=2, allow_nan=False) + "\n"
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Write then rename: a crash never leaves a half-written metrics.json that Snakemake would accept.
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return payload
