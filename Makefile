@@ -24,7 +24,7 @@ lint: $(STAMP)  ## ruff, snakefmt and snakemake --lint
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/snakefmt --check Snakefile workflow/rules
-	$(BIN)/snakemake --lint --quiet all
+	$(BIN)/snakemake --lint
 
 unit: $(STAMP)  ## the tests alone
 	$(BIN)/python -m pytest

@@ -8,4 +8,6 @@ from dermcompress.synth import make_synthetic
 
 with job_logging(snakemake.log[0]) as log:
     log.warning(SYNTHETIC_BANNER)
-    make_synthetic(Path(snakemake.output.ground_truth).parent, n=snakemake.params.n, seed=snakemake.params.seed)
+    make_synthetic(
+        Path(snakemake.output.ground_truth).parent, n=snakemake.params.n, seed=snakemake.params.seed
+    )

@@ -16,6 +16,7 @@ WORKFLOW_FILES = ("Snakefile", "config.yaml", "workflow", "scripts", "src", "env
 
 
 def copy_workflow(dest: Path) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
     for name in WORKFLOW_FILES:
         src = REPO / name
         if src.is_dir():
@@ -30,7 +31,9 @@ def write_config(path: Path, overlay: dict) -> Path:
     return path
 
 
-def snakemake(workdir: Path, *args: str, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
+def snakemake(
+    workdir: Path, *args: str, check: bool = True, timeout: int = 900
+) -> subprocess.CompletedProcess:
     """Run the real snakemake CLI in `workdir`; on an unexpected failure show its whole output."""
     cmd = [sys.executable, "-m", "snakemake", "--cores", "2", "--directory", str(workdir), *args]
     proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=timeout)

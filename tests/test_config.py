@@ -61,7 +61,14 @@ def test_every_config_key_is_in_the_schema():
         ({"degrade": {"jpeg_quality": 175}}, "jpeg_quality"),
         ({"degrade": {"blur_kernel_sizes": [3, 4]}}, "degrade.blur_kernel_sizes"),
         (
-            {"degrade": {"variants": {"clean": {"fractions": {}}, "heavy": {"fractions": {"jpeg": 0.8, "blur": 0.5}}}}},
+            {
+                "degrade": {
+                    "variants": {
+                        "clean": {"fractions": {}},
+                        "heavy": {"fractions": {"jpeg": 0.8, "blur": 0.5}},
+                    }
+                }
+            },
             "degrade.variants.heavy.fractions",
         ),
     ],

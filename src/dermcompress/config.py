@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from dermcompress import experiments
+
 DEGRADATIONS = ("jpeg", "blur", "quantize")
 DEFAULT_DEGRADED_SPLITS = ("train",)
 
@@ -37,7 +39,12 @@ def check(config: dict[str, Any]) -> None:
                 f"the degradations are disjoint shares of the images, so they must sum to at most 1 (got {total:g})",
             )
     if config["degrade"]["variants"]["clean"].get("fractions"):
-        raise ConfigError("degrade.variants.clean.fractions", "the clean variant must have no degradation ({})")
+        raise ConfigError(
+            "degrade.variants.clean.fractions", "the clean variant must have no degradation ({})"
+        )
+    if problems := experiments.check_experiments(config):
+        key, _, problem = problems[0].partition(": ")
+        raise ConfigError(key, problem)
     split = config["split"]
     if split["test_fraction"] + split["val_fraction"] >= 1:
         raise ConfigError("split.val_fraction", "test_fraction + val_fraction must leave images for training")

@@ -52,7 +52,11 @@ def write_pixel_table(
     table = pa.Table.from_pandas(meta.reset_index(drop=True), preserve_index=False)
     table = table.append_column(PIXELS, pixels_to_arrow(pixels))
     height, width = (int(pixels.shape[1]), int(pixels.shape[2])) if len(pixels) else (0, 0)
-    schema_meta = {**(table.schema.metadata or {}), b"height": str(height).encode(), b"width": str(width).encode()}
+    schema_meta = {
+        **(table.schema.metadata or {}),
+        b"height": str(height).encode(),
+        b"width": str(width).encode(),
+    }
     schema_meta.update({k.encode(): v.encode() for k, v in (metadata or {}).items()})
     table = table.replace_schema_metadata(schema_meta)
     Path(path).parent.mkdir(parents=True, exist_ok=True)

@@ -19,12 +19,12 @@ IMAGES_ZIP = f"{IMAGES_DIR}.zip"
 DOC_FILES = ("ATTRIBUTION.txt", "LICENSE.txt")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 
-SYNTHETIC_BANNER = (
-    "\n" + "!" * 78 + "\n"
-    "!!  SYNTHETIC DATA: data.isic_root is unset, so every number below comes from a generated stand-in  !!\n"
-    "!!  for ISIC 2019 (results/data/synthetic/). Set data.isic_root to run the real study.              !!\n"
-    + "!" * 78
-)
+_RULE = "!" * 100
+SYNTHETIC_BANNER = f"""
+{_RULE}
+!!  SYNTHETIC DATA: data.isic_root is unset, so every number that follows comes from a generated stand-in !!
+!!  for ISIC 2019 (results/data/synthetic/). Set data.isic_root to run the real study.                     !!
+{_RULE}"""
 
 
 def official_paths(root: str | Path, prefer: str | None = None) -> dict[str, str]:

@@ -6,10 +6,13 @@ from pathlib import Path
 # The package under src/ holds all logic. Make it importable here and in every job, installed or not.
 SRC = str(Path(workflow.basedir) / "src")
 sys.path.insert(0, SRC)
-os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (SRC, os.environ.get("PYTHONPATH")) if p)
+# (This sets PYTHONPATH rather than requiring it: jobs inherit it, locally and through SLURM.)
+os.environ.update(
+    PYTHONPATH=os.pathsep.join(p for p in (SRC, os.getenv("PYTHONPATH")) if p)
+)
 
 from dermcompress import config as dc_config
-from dermcompress import sources
+from dermcompress import experiments, sources
 from dermcompress.fingerprint import module_fingerprint
 
 dc_config.check(config)
@@ -18,11 +21,23 @@ SYNTHETIC = config["data"]["isic_root"] is None
 ISIC_ROOT = "results/data/synthetic" if SYNTHETIC else config["data"]["isic_root"]
 RESOLUTIONS = [int(r) for r in config["resize"]["resolutions"]]
 VARIANTS = list(config["degrade"]["variants"])
+RUNS = experiments.expand_runs(config)
+RUN_DIR = experiments.RUN_DIR
+CHECKPOINT_DIR = experiments.CHECKPOINT_DIR
+# The run's path below results/runs/, reused for its log and benchmark.
+RUN_ID = RUN_DIR.removeprefix("results/runs/")
 
 
 wildcard_constraints:
     res="|".join(str(r) for r in RESOLUTIONS),
     variant="|".join(VARIANTS),
+    train_variant="|".join(VARIANTS),
+    eval_variant="|".join(VARIANTS),
+    experiment="|".join(config["experiments"]) or "^$",
+    model="|".join(config["models"]) or "^$",
+    mode="finetune|linear|knn|freeze_blocks|lora",
+    lr=r"[0-9.e+-]+",
+    seed=r"\d+",
 
 
 onstart:
@@ -48,7 +63,10 @@ def get_raw_inputs():
 
 def get_degrade_input(wildcards):
     """Degrading after resizing reads the resized images; before resizing, the raw ones."""
-    inputs = {"splits": "results/data/splits.parquet", "manifest": "results/data/manifest.parquet"}
+    inputs = {
+        "splits": "results/data/splits.parquet",
+        "manifest": "results/data/manifest.parquet",
+    }
     if config["degrade"]["order"] == "after_resize":
         inputs["resized"] = f"results/resized/{wildcards.res}px.parquet"
     else:
@@ -61,8 +79,21 @@ def get_variant(wildcards):
     return dc_config.variant_settings(config, wildcards.variant)
 
 
+def get_model_entry(wildcards):
+    """The registry entry of the run's model (config `models:`)."""
+    return config["models"][wildcards.model]
+
+
+def get_run_settings(wildcards):
+    """Training defaults, overridden by the experiment's, then the run's mode, lr and seed."""
+    return experiments.run_settings(
+        config, wildcards.experiment, wildcards.mode, wildcards.lr, wildcards.seed
+    )
+
+
 def get_final_outputs():
     return [
         "results/data/split_report.json",
         *expand("results/cache/{res}px/{variant}", res=RESOLUTIONS, variant=VARIANTS),
+        *(f"{run.run_dir}/metrics.json" for run in RUNS),
     ]

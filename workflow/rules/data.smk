@@ -6,14 +6,14 @@ rule synth:
         ground_truth="results/data/synthetic/ISIC_2019_Training_GroundTruth.csv",
         metadata="results/data/synthetic/ISIC_2019_Training_Metadata.csv",
         images=directory("results/data/synthetic/ISIC_2019_Training_Input"),
-    params:
-        n=config["data"]["synthetic"]["n"],
-        seed=config["data"]["synthetic"]["seed"],
-        code=get_code("synth"),
     log:
         "results/logs/synth.log",
     conda:
         "../../envs/data.yaml"
+    params:
+        n=config["data"]["synthetic"]["n"],
+        seed=config["data"]["synthetic"]["seed"],
+        code=get_code("synth"),
     script:
         "../../scripts/synth.py"
 
@@ -24,16 +24,16 @@ rule ingest:
     output:
         manifest="results/data/manifest.parquet",
         quarantine="results/data/quarantine.csv",
-    params:
-        max_pixels=config["data"]["max_pixels"],
-        synthetic=SYNTHETIC,
-        code=get_code("ingest"),
     log:
         "results/logs/ingest.log",
     benchmark:
         "results/benchmarks/ingest.tsv"
     conda:
         "../../envs/data.yaml"
+    params:
+        max_pixels=config["data"]["max_pixels"],
+        synthetic=SYNTHETIC,
+        code=get_code("ingest"),
     script:
         "../../scripts/ingest.py"
 
@@ -43,15 +43,15 @@ rule task:
         manifest="results/data/manifest.parquet",
     output:
         task="results/data/task.parquet",
+    log:
+        "results/logs/task.log",
+    conda:
+        "../../envs/data.yaml"
     params:
         classes=config["data"]["classes"],
         balance=config["data"]["balance"],
         seed=config["data"]["seed"],
         code=get_code("task"),
-    log:
-        "results/logs/task.log",
-    conda:
-        "../../envs/data.yaml"
     script:
         "../../scripts/task.py"
 
@@ -62,16 +62,16 @@ rule split:
     output:
         splits="results/data/splits.parquet",
         report="results/data/split_report.json",
+    log:
+        "results/logs/split.log",
+    conda:
+        "../../envs/data.yaml"
     params:
         group_columns=config["split"]["group_columns"],
         test_fraction=config["split"]["test_fraction"],
         val_fraction=config["split"]["val_fraction"],
         seed=config["split"]["seed"],
         code=get_code("split"),
-    log:
-        "results/logs/split.log",
-    conda:
-        "../../envs/data.yaml"
     script:
         "../../scripts/split.py"
 
@@ -83,17 +83,17 @@ rule resize:
         images=get_raw_inputs()["images"],
     output:
         resized="results/resized/{res}px.parquet",
-    params:
-        policy=config["resize"]["policy"],
-        reduced_decode=config["resize"]["reduced_decode"],
-        max_pixels=config["data"]["max_pixels"],
-        code=get_code("resize"),
     log:
         "results/logs/resize/{res}px.log",
     benchmark:
         "results/benchmarks/resize/{res}px.tsv"
     conda:
         "../../envs/data.yaml"
+    params:
+        policy=config["resize"]["policy"],
+        reduced_decode=config["resize"]["reduced_decode"],
+        max_pixels=config["data"]["max_pixels"],
+        code=get_code("resize"),
     script:
         "../../scripts/resize.py"
 
@@ -103,6 +103,12 @@ rule degrade:
         unpack(get_degrade_input),
     output:
         degraded="results/degraded/{res}px/{variant}.parquet",
+    log:
+        "results/logs/degrade/{res}px/{variant}.log",
+    benchmark:
+        "results/benchmarks/degrade/{res}px/{variant}.tsv"
+    conda:
+        "../../envs/data.yaml"
     params:
         variant=get_variant,
         order=config["degrade"]["order"],
@@ -110,12 +116,6 @@ rule degrade:
         reduced_decode=config["resize"]["reduced_decode"],
         max_pixels=config["data"]["max_pixels"],
         code=get_code("degrade"),
-    log:
-        "results/logs/degrade/{res}px/{variant}.log",
-    benchmark:
-        "results/benchmarks/degrade/{res}px/{variant}.tsv"
-    conda:
-        "../../envs/data.yaml"
     script:
         "../../scripts/degrade.py"
 
@@ -125,14 +125,14 @@ rule cache:
         degraded="results/degraded/{res}px/{variant}.parquet",
     output:
         cache=directory("results/cache/{res}px/{variant}"),
+    log:
+        "results/logs/cache/{res}px/{variant}.log",
+    conda:
+        "../../envs/data.yaml"
     params:
         classes=config["data"]["classes"],
         rows_per_shard=config["cache"]["rows_per_shard"],
         row_group_size=config["cache"]["row_group_size"],
         code=get_code("cache"),
-    log:
-        "results/logs/cache/{res}px/{variant}.log",
-    conda:
-        "../../envs/data.yaml"
     script:
         "../../scripts/cache.py"

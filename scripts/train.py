@@ -1,0 +1,20 @@
+"""Snakemake adapter: one training run (model x resolution x variant x settings) -> config, history, predictions,
+metrics in the run folder. A Preempted exception (SIGTERM/SIGUSR1, checkpoint saved) fails the job on purpose:
+Snakemake's retry then resumes from the checkpoint."""
+
+from pathlib import Path
+
+from dermcompress.logs import job_logging
+from dermcompress.train import run_training
+
+with job_logging(snakemake.log[0]):
+    run_training(
+        model_name=snakemake.wildcards.model,
+        model_entry=snakemake.params.model,
+        train_cache=snakemake.input.train_cache,
+        eval_cache=snakemake.input.eval_cache,
+        run_dir=str(Path(snakemake.output.metrics).parent),
+        checkpoint_dir=snakemake.params.checkpoint_dir,
+        settings=snakemake.params.settings,
+        resolution=int(snakemake.wildcards.res),
+    )

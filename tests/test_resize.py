@@ -1,0 +1,206 @@
+"""Resize stage: policies, antialiasing, reduced decode, and the stage's table on real files."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from dermcompress.images import decode_image
+from dermcompress.pixeltable import read_pixel_table, read_table_metadata
+from dermcompress.resize import (
+    SourceChangedError,
+    draft_size_for,
+    load_resized,
+    resize_image,
+    run_resize,
+)
+
+MAX_PIXELS = 89_478_485
+RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
+
+
+def photo_jpeg(rng: np.random.Generator, width: int, height: int, quality: int = 90) -> bytes:
+    """Smooth colour field + lesion-like blob + fine texture, as JPEG: detail at every scale, like a photo."""
+    field = cv2.resize(rng.uniform(40, 220, (5, 5, 3)).astype(np.float32), (width, height), cv2.INTER_CUBIC)
+    yy, xx = np.mgrid[:height, :width]
+    blob = np.exp(-(((xx - width / 2) / (width / 5)) ** 2 + ((yy - height / 2) / (height / 5)) ** 2))[
+        ..., None
+    ]
+    texture = cv2.GaussianBlur(rng.normal(0, 1, (height, width, 3)).astype(np.float32), (0, 0), 1.5) * 30
+    arr = np.clip(field * (1 - 0.5 * blob) + texture + rng.normal(0, 3, (height, width, 3)), 0, 255)
+    buf = io.BytesIO()
+    Image.fromarray(arr.astype(np.uint8)).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def write_dataset(folder, n_small: int = 40, n_large: int = 3, seed: int = 0):
+    """JPEGs in `folder` plus the splits and manifest frames the stage reads."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n_small + n_large):
+        image_id = f"ISIC_{i:07d}"
+        w, h = (300, 200) if i < n_small else (1024, 1024)
+        member = f"sub/{image_id}.jpg"
+        (folder / "sub").mkdir(exist_ok=True)
+        (folder / member).write_bytes(photo_jpeg(rng, w, h))
+        rows.append((image_id, member))
+    ids = [image_id for image_id, _ in rows]
+    splits = pd.DataFrame(
+        {
+            "image_id": ids[::-1],  # not sorted: the stage must sort
+            "group_id": [f"g{i // 2}" for i in range(len(ids))],
+            "label": ["MEL" if i % 3 else "NV" for i in range(len(ids))],
+            "split": ["train", "train", "val", "test"] * (len(ids) // 4) + ["train"] * (len(ids) % 4),
+        }
+    )
+    manifest = pd.DataFrame(
+        {"image_id": ids, "status": "ok", "member": [m for _, m in rows], "sha256": "x", "reason": None}
+    )
+    return splits, manifest
+
+
+def bands_image() -> Image.Image:
+    """400 x 200: red left quarter, green middle half, blue right quarter."""
+    arr = np.zeros((200, 400, 3), np.uint8)
+    arr[:, :100] = RED
+    arr[:, 100:300] = GREEN
+    arr[:, 300:] = BLUE
+    return Image.fromarray(arr)
+
+
+def test_squash_keeps_everything_stretched():
+    out = resize_image(bands_image(), 64, "squash")
+    assert out.shape == (64, 64, 3) and out.dtype == np.uint8
+    assert (np.abs(out[:, 2:14].astype(int) - RED) <= 2).all()
+    assert (np.abs(out[:, 18:46].astype(int) - GREEN) <= 2).all()
+    assert (np.abs(out[:, 50:62].astype(int) - BLUE) <= 2).all()
+
+
+def test_center_crop_keeps_the_central_square():
+    out = resize_image(bands_image(), 64, "center_crop")
+    assert out.shape == (64, 64, 3)
+    assert (np.abs(out.astype(int) - GREEN) <= 2).all()  # the central 200 x 200 is all green
+
+
+def test_pad_keeps_aspect_with_black_bars():
+    out = resize_image(bands_image(), 64, "pad")
+    assert out.shape == (64, 64, 3)
+    # 400 x 200 fits as 64 x 32, centred: black above and below, bands in the middle rows.
+    assert (out[:14] == 0).all() and (out[50:] == 0).all()
+    middle = out[18:46].astype(int)
+    assert (np.abs(middle[:, 2:14] - RED) <= 2).all()
+    assert (np.abs(middle[:, 18:46] - GREEN) <= 2).all()
+    assert (np.abs(middle[:, 50:62] - BLUE) <= 2).all()
+
+
+def test_unknown_policy_is_refused():
+    with pytest.raises(ValueError, match="stretch"):
+        resize_image(bands_image(), 64, "stretch")
+
+
+def test_downsizing_is_antialiased():
+    checker = ((np.indices((512, 512)).sum(axis=0) % 2) * 255).astype(np.uint8)
+    img = Image.fromarray(np.repeat(checker[..., None], 3, axis=2))
+    for policy in ("squash", "center_crop", "pad"):
+        out = resize_image(img, 64, policy).astype(float)
+        # A 1-pixel checkerboard has no content a 64 px image can show: it must average to grey, not alias.
+        assert abs(out.mean() - 127.5) < 2 and out.std() < 2, policy
+
+
+def test_reduced_decode_is_close_to_full_decode():
+    data = photo_jpeg(np.random.default_rng(1), 1024, 1024)
+    for res in (224, 112, 56):
+        draft = decode_image(data, max_pixels=MAX_PIXELS, draft_size=draft_size_for([res], True))
+        assert draft.width < 1024  # the decoder really skipped work
+        assert min(draft.size) >= 2 * res
+        fast = load_resized(data, [res], policy="squash", reduced_decode=True, max_pixels=MAX_PIXELS)[res]
+        full = load_resized(data, [res], policy="squash", reduced_decode=False, max_pixels=MAX_PIXELS)[res]
+        assert np.abs(fast.astype(float) - full).mean() < 1.5, res
+
+
+def test_one_decode_for_many_resolutions_matches_one_by_one():
+    data = photo_jpeg(np.random.default_rng(2), 1024, 1024)
+    res = [224, 112, 56]
+    for reduced in (False, True):
+        many = load_resized(data, res, policy="pad", reduced_decode=reduced, max_pixels=MAX_PIXELS)
+        assert list(many) == res
+        for r in res:
+            one = load_resized(data, [r], policy="pad", reduced_decode=reduced, max_pixels=MAX_PIXELS)[r]
+            assert many[r].shape == (r, r, 3)
+            if not reduced or r == max(res):  # same decoded image -> identical pixels
+                np.testing.assert_array_equal(many[r], one)
+            else:  # decoded at a different scale, still close
+                assert np.abs(many[r].astype(float) - one).mean() < 1.5
+
+
+def test_run_resize_round_trip(tmp_path):
+    splits, manifest = write_dataset(tmp_path / "images")
+    splits.to_parquet(tmp_path / "splits.parquet")
+    manifest.to_parquet(tmp_path / "manifest.parquet")
+    common = dict(
+        splits=tmp_path / "splits.parquet",
+        manifest=tmp_path / "manifest.parquet",
+        resolution=32,
+        policy="squash",
+        reduced_decode=True,
+        max_pixels=MAX_PIXELS,
+    )
+    run_resize(images=tmp_path / "images", out=tmp_path / "pool.parquet", threads=2, **common)
+    run_resize(images=tmp_path / "images", out=tmp_path / "one.parquet", threads=1, **common)
+
+    meta, pixels = read_pixel_table(tmp_path / "pool.parquet")
+    assert list(meta.columns) == ["image_id", "split", "label"]
+    assert meta["image_id"].tolist() == sorted(splits["image_id"])
+    expected = splits.set_index("image_id").loc[meta["image_id"]]
+    assert meta["split"].tolist() == expected["split"].tolist()
+    assert meta["label"].tolist() == expected["label"].tolist()
+    assert pixels.shape == (len(splits), 32, 32, 3)
+    assert read_table_metadata(tmp_path / "pool.parquet")["resolution"] == "32"
+    assert read_table_metadata(tmp_path / "pool.parquet")["policy"] == "squash"
+    # Each row holds its own image, whichever process made it.
+    members = manifest.set_index("image_id")["member"]
+    for i in (0, 17, len(meta) - 1):
+        data = (tmp_path / "images" / members[meta["image_id"].iat[i]]).read_bytes()
+        direct = load_resized(data, [32], policy="squash", reduced_decode=True, max_pixels=MAX_PIXELS)[32]
+        np.testing.assert_array_equal(pixels[i], direct)
+    np.testing.assert_array_equal(pixels, read_pixel_table(tmp_path / "one.parquet")[1])
+
+    # The same images read from a zip (one handle per worker process) give the same table.
+    with zipfile.ZipFile(tmp_path / "images.zip", "w") as zf:
+        for member in manifest["member"]:
+            zf.write(tmp_path / "images" / member, member)
+    run_resize(images=tmp_path / "images.zip", out=tmp_path / "zip.parquet", threads=2, **common)
+    np.testing.assert_array_equal(pixels, read_pixel_table(tmp_path / "zip.parquet")[1])
+
+
+def test_changed_raw_file_names_the_image(tmp_path):
+    splits, manifest = write_dataset(tmp_path / "images", n_small=4, n_large=0)
+    (tmp_path / "images" / "sub" / "ISIC_0000002.jpg").write_bytes(b"not a jpeg any more")
+    with pytest.raises(SourceChangedError, match="ISIC_0000002"):
+        run_resize(
+            splits=splits, manifest=manifest, images=tmp_path / "images", out=tmp_path / "r.parquet",
+            resolution=16, policy="squash", reduced_decode=True, max_pixels=MAX_PIXELS, threads=2,
+        )  # fmt: skip
+    (tmp_path / "images" / "sub" / "ISIC_0000002.jpg").unlink()
+    with pytest.raises(SourceChangedError, match="ISIC_0000002"):
+        run_resize(
+            splits=splits, manifest=manifest, images=tmp_path / "images", out=tmp_path / "r.parquet",
+            resolution=16, policy="squash", reduced_decode=True, max_pixels=MAX_PIXELS, threads=1,
+        )  # fmt: skip
+
+
+def test_split_images_must_be_ok_in_the_manifest(tmp_path):
+    splits, manifest = write_dataset(tmp_path / "images", n_small=4, n_large=0)
+    manifest.loc[1, "status"] = "quarantined"
+    with pytest.raises(ValueError, match="not 'ok'"):
+        run_resize(
+            splits=splits, manifest=manifest, images=tmp_path / "images", out=tmp_path / "r.parquet",
+            resolution=16, policy="squash", reduced_decode=True, max_pixels=MAX_PIXELS,
+        )  # fmt: skip

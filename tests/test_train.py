@@ -1,0 +1,302 @@
+"""Training runs end to end on a tiny cache: every mode's outputs, learning, frozen weights, exact resume."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from dermcompress import models
+from dermcompress.cache import run_cache
+from dermcompress.metrics import EXTRA_KEYS, METRIC_KEYS, compute_metrics
+from dermcompress.pixeltable import write_pixel_table
+from dermcompress.train import CHECKPOINT, HISTORY_COLUMNS, resolve_settings, run_training
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = ["MEL", "NV"]
+RES = 32
+MODEL, ENTRY = "resnet10t", {"source": "timm:resnet10t", "pretrained": False}
+# LoRA needs attention layers (and resnet10t's zero-initialised last BatchNorm of each block would stop every
+# gradient into its frozen-BN branches): timm's 0.3M-parameter test ViT.
+VIT, VIT_ENTRY = "test_vit", {"source": "timm:test_vit", "pretrained": False}
+# 48 train images, global batch 16 in micro batches of 8: 3 optimizer steps of 2 micro batches per epoch.
+SETTINGS = {
+    "mode": "finetune",
+    "lr": 2e-3,
+    "epochs": 3,
+    "batch_size": 16,
+    "micro_batch_size": 8,
+    "schedule": "cosine",
+    "min_lr_ratio": 0.1,
+    "seed": 0,
+    "log_every": 1,
+    "n_bootstrap": 20,
+}
+STEPS = 9
+PREDICTION_COLUMNS = ["image_id", "label", "pred", "prob_MEL", "prob_NV"]
+
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory) -> Path:
+    """A 32 px cache (48 train / 16 val / 16 test, balanced) where NV images are brighter than MEL ones."""
+    tmp = tmp_path_factory.mktemp("train_cache")
+    rng = np.random.default_rng(0)
+    splits = ["train"] * 48 + ["val"] * 16 + ["test"] * 16
+    labels = np.tile([0, 1], len(splits) // 2)
+    base = np.where(labels == 1, 150, 40)[:, None, None, None]
+    pixels = (base + rng.integers(0, 70, (len(splits), RES, RES, 3))).astype(np.uint8)
+    meta = pd.DataFrame(
+        {
+            "image_id": [f"ISIC_{i:07d}" for i in rng.permutation(len(splits))],
+            "label": [CLASSES[i] for i in labels],
+            "split": splits,
+            "degradation": "none",
+            "degradation_params": "{}",
+        }
+    )
+    write_pixel_table(
+        tmp / "degraded.parquet", meta, pixels, metadata={"resolution": str(RES), "variant": "clean"}
+    )
+    run_cache(
+        degraded=tmp / "degraded.parquet",
+        out_dir=tmp / "cache",
+        classes=CLASSES,
+        rows_per_shard=32,
+        row_group_size=16,
+    )
+    return tmp / "cache"
+
+
+def train(caches: Path, out: Path, *, model=MODEL, entry=ENTRY, **overrides) -> dict:
+    return run_training(
+        model_name=model,
+        model_entry=entry,
+        train_cache=str(caches),
+        eval_cache=str(caches),
+        run_dir=str(out / "run"),
+        checkpoint_dir=str(out / "ckpt"),
+        settings={**SETTINGS, **overrides},
+        resolution=RES,
+    )
+
+
+def initial_state(model=MODEL, entry=ENTRY, seed=0) -> dict[str, torch.Tensor]:
+    """The weights a run starts from (run_training seeds torch before building the model)."""
+    torch.manual_seed(seed)
+    spec = models.parse_spec(model, entry)
+    return models.build_model(spec, num_classes=len(CLASSES), resolution=RES).state_dict()
+
+
+def final_state(out: Path) -> dict[str, torch.Tensor]:
+    return torch.load(out / "ckpt" / CHECKPOINT, weights_only=True)["model"]
+
+
+def check_outputs(run: Path, mode: str) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """All four files exist with the contracted columns/keys, and metrics.json is recomputable from predictions."""
+    config = json.loads((run / "config.json").read_text())
+    assert config["settings"]["mode"] == mode and config["settings"]["batch_size"] == SETTINGS["batch_size"]
+    history = pd.read_csv(run / "history.csv")
+    assert list(history.columns) == list(HISTORY_COLUMNS)
+    predictions = pd.read_parquet(run / "predictions.parquet")
+    assert list(predictions.columns) == PREDICTION_COLUMNS and len(predictions) == 16
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(METRIC_KEYS) | set(EXTRA_KEYS) | {"mode", "trainable_params_m"} <= set(metrics)
+    assert metrics["mode"] == mode and metrics["n_eval"] == 16
+    assert metrics["peak_train_mem_mb"] is None and metrics["peak_eval_mem_mb"] is None  # CPU
+    assert metrics["gmacs"] > 0 and metrics["params_m"] > 0 and metrics["effective_input_px"] > 0
+    assert metrics["eval_img_per_s"] > 0
+    recomputed = compute_metrics(
+        predictions, CLASSES, n_bootstrap=SETTINGS["n_bootstrap"], seed=SETTINGS["seed"]
+    )
+    assert {k: metrics[k] for k in METRIC_KEYS} == json.loads(json.dumps(recomputed))
+    return history, predictions, metrics
+
+
+@pytest.fixture(scope="module")
+def finetuned(caches, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("finetune")
+    train(caches, out)
+    return out
+
+
+def test_finetune_learns_and_writes_everything(finetuned):
+    history, _, metrics = check_outputs(finetuned / "run", "finetune")
+    steps = history[history.train_loss.notna()]
+    evals = history[history.eval_accuracy.notna()]
+    assert steps.step.tolist() == list(range(1, STEPS + 1)) and steps.eval_loss.isna().all()
+    assert (
+        evals.step.tolist() == [3, 6, 9] and evals.epoch.tolist() == [1.0, 2.0, 3.0] and evals.lr.isna().all()
+    )
+    # Cosine from lr down towards min_lr_ratio x lr.
+    assert steps.lr.iloc[0] == pytest.approx(SETTINGS["lr"]) and steps.lr.is_monotonic_decreasing
+    assert steps.lr.iloc[-1] > SETTINGS["min_lr_ratio"] * SETTINGS["lr"]
+    assert metrics["accuracy"] >= 0.75 and evals.eval_accuracy.iloc[-1] >= 0.75  # chance is 0.5
+    assert metrics["trainable_params_m"] == pytest.approx(metrics["params_m"])
+    assert metrics["train_img_per_s"] > 0 and metrics["steps"] == STEPS
+    n_params = sum(
+        v.numel() for k, v in initial_state().items() if "running" not in k and "num_batches" not in k
+    )
+    assert metrics["params_m"] == pytest.approx(n_params / 1e6)
+
+
+def test_linear_trains_only_the_head(caches, tmp_path):
+    train(caches, tmp_path, mode="linear", lr=1e-2)
+    history, _, metrics = check_outputs(tmp_path / "run", "linear")
+    assert history.train_loss.notna().sum() == STEPS
+    before, after = initial_state(), final_state(tmp_path)
+    assert before.keys() == after.keys()
+    for name, value in before.items():
+        if name.startswith("head."):
+            assert not torch.equal(value, after[name]), name
+        else:  # weights and BatchNorm statistics alike
+            assert torch.equal(value, after[name]), name
+    n_head = sum(v.numel() for k, v in before.items() if k.startswith("head."))
+    assert metrics["trainable_params_m"] == pytest.approx(n_head / 1e6)
+
+
+def test_freeze_blocks_keeps_stem_and_first_blocks(caches, tmp_path):
+    train(caches, tmp_path, mode="freeze_blocks", freeze_blocks=2)
+    check_outputs(tmp_path / "run", "freeze_blocks")
+    torch.manual_seed(0)
+    model = models.build_model(models.parse_spec(MODEL, ENTRY), num_classes=len(CLASSES), resolution=RES)
+    names = {id(t): n for n, t in [*model.named_parameters(), *model.named_buffers()]}
+    frozen_blocks = {names[id(t)] for b in model.blocks[:2] for t in [*b.parameters(), *b.buffers()]}
+    free_blocks = {names[id(t)] for b in model.blocks[2:] for t in b.parameters()}
+    # The stem: the parameters registered before the first block's (resnet10t: its deep conv1 stem).
+    in_blocks = {id(p) for b in model.blocks for p in b.parameters()}
+    stem = [
+        n for n, _ in itertools.takewhile(lambda np_: id(np_[1]) not in in_blocks, model.named_parameters())
+    ]
+    assert any("conv1" in n for n in stem), stem
+    before, after = model.state_dict(), final_state(tmp_path)
+    for name in [*frozen_blocks, *stem]:
+        assert torch.equal(before[name], after[name]), name
+    assert any(not torch.equal(before[n], after[n]) for n in free_blocks)
+    assert not torch.equal(before["head.weight"], after["head.weight"])
+
+
+LORA = {"mode": "lora", "lr": 1e-2}  # lora_dropout draws from torch's RNG: resuming must restore it
+
+
+@pytest.fixture(scope="module")
+def lora_run(caches, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("lora")
+    train(caches, out, model=VIT, entry=VIT_ENTRY, **LORA)
+    return out
+
+
+def test_lora_trains_adapters_and_head_only(lora_run):
+    _, _, metrics = check_outputs(lora_run / "run", "lora")
+    before, after = initial_state(VIT, VIT_ENTRY), final_state(lora_run)
+    adapters = [k for k in after if "lora_" in k]
+    assert adapters and all(".attn.qkv." in k for k in adapters), adapters
+    for name, value in after.items():
+        if "lora_" in name or name.startswith("head."):
+            continue
+        original = name.replace(".base_layer", "")
+        assert torch.equal(before[original], value), name
+    assert any(not torch.equal(after[k], torch.zeros_like(after[k])) for k in adapters if "lora_B" in k)
+    assert not torch.equal(before["head.weight"], after["head.weight"])
+    assert 0 < metrics["trainable_params_m"] < 0.5 * metrics["params_m"]
+
+
+def test_knn_needs_no_training(caches, tmp_path):
+    train(caches, tmp_path, mode="knn", knn={"k": 5})
+    history, predictions, metrics = check_outputs(tmp_path / "run", "knn")
+    assert history.train_loss.isna().all() and len(history) == 1 and history.eval_accuracy.notna().all()
+    assert metrics["trainable_params_m"] == 0 and metrics["steps"] == 0
+    assert not (tmp_path / "ckpt" / CHECKPOINT).exists()
+    probs = predictions[["prob_MEL", "prob_NV"]].to_numpy()
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0)
+
+
+# The interrupted run: a real SIGTERM to itself right after optimizer step K (torch's global step hook).
+INTERRUPTED = """
+import json, os, signal, sys, torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
+from dermcompress.train import run_training
+args, threads, stop_at = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+torch.set_num_threads(threads)
+steps = 0
+def hook(optimizer, a, kw):
+    global steps
+    steps += 1
+    if steps == stop_at:
+        os.kill(os.getpid(), signal.SIGTERM)
+register_optimizer_step_post_hook(hook)
+run_training(**args)
+"""
+
+
+def test_resume_after_sigterm_matches_uninterrupted_run(caches, lora_run, tmp_path, caplog):
+    stop_at = 4  # epoch 2, one optimizer step (two micro batches) into it
+    args = {
+        "model_name": VIT,
+        "model_entry": VIT_ENTRY,
+        "train_cache": str(caches),
+        "eval_cache": str(caches),
+        "run_dir": str(tmp_path / "run"),
+        "checkpoint_dir": str(tmp_path / "ckpt"),
+        "settings": {**SETTINGS, **LORA},
+        "resolution": RES,
+    }
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-c", INTERRUPTED, json.dumps(args), str(torch.get_num_threads()), str(stop_at)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode != 0 and "Preempted: SIGTERM at step 4" in proc.stderr, proc.stderr[-3000:]
+    state = torch.load(tmp_path / "ckpt" / CHECKPOINT, weights_only=True)["state"]
+    assert (state["step"], state["epoch"], state["batches_done"]) == (4, 1, 2)
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+    steps = []
+    hook = register_optimizer_step_post_hook(lambda *a: steps.append(1))
+    try:
+        with caplog.at_level("INFO", logger="dermcompress.train"):
+            run_training(**args)
+    finally:
+        hook.remove()
+    assert len(steps) == STEPS - stop_at, "the resumed run trains only the remaining steps"
+    assert "resuming from" in caplog.text
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(tmp_path / "run" / "predictions.parquet"),
+        pd.read_parquet(lora_run / "run" / "predictions.parquet"),
+        check_exact=True,
+    )
+    pd.testing.assert_frame_equal(
+        pd.read_csv(tmp_path / "run" / "history.csv"),
+        pd.read_csv(lora_run / "run" / "history.csv"),
+        check_exact=True,
+    )
+
+
+def test_checkpoint_of_other_settings_is_ignored(caches, finetuned, tmp_path, caplog):
+    """A finished checkpoint resumes to evaluation only; with another lr it is ignored and training starts over."""
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / CHECKPOINT).write_bytes((finetuned / "ckpt" / CHECKPOINT).read_bytes())
+    steps = []
+    hook = register_optimizer_step_post_hook(lambda *a: steps.append(1))
+    try:
+        train(caches, tmp_path, epochs=1, lr=1e-3)
+    finally:
+        hook.remove()
+    assert len(steps) == 3 and "ignoring checkpoint" in caplog.text
+
+
+def test_settings_are_checked():
+    with pytest.raises(ValueError, match="unknown training setting"):
+        resolve_settings({"learning_rate": 1e-3})
+    with pytest.raises(ValueError, match="must divide batch_size"):
+        resolve_settings({"batch_size": 256, "micro_batch_size": 100})
+    with pytest.raises(ValueError, match="unknown lora setting"):
+        resolve_settings({"lora": {"rank": 4}})
+    assert resolve_settings({"lora": {"r": 4}})["lora"] == {**resolve_settings({})["lora"], "r": 4}

@@ -1,0 +1,156 @@
+"""The data half of the workflow, run for real with Snakemake on synthetic data, and its rerun behaviour."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import copy_workflow, snakemake, write_config
+
+from dermcompress.cache import load_info, read_split
+from dermcompress.pixeltable import read_pixel_table
+
+pytestmark = pytest.mark.workflow
+
+RESOLUTIONS = [32, 16]
+OVERLAY = {
+    "data": {"synthetic": {"n": 160, "seed": 3}},
+    "resize": {"resolutions": RESOLUTIONS},
+    "cache": {"rows_per_shard": 16, "row_group_size": 8},
+    "run_experiments": [],
+}
+
+
+def planned_jobs(dry_run_output: str) -> set[tuple[str, tuple[str, ...]]]:
+    """(rule, wildcards) of every job a `snakemake --dry-run` would run."""
+    jobs, rule, wildcards = set(), None, ()
+    for line in dry_run_output.splitlines():
+        if match := re.match(r"^(?:local)?rule (\w+):$", line.strip()):
+            if rule:
+                jobs.add((rule, wildcards))
+            rule, wildcards = match.group(1), ()
+        elif rule and (match := re.match(r"^wildcards: (.*)$", line.strip())):
+            wildcards = tuple(sorted(w.strip() for w in match.group(1).split(",")))
+    if rule:
+        jobs.add((rule, wildcards))
+    return jobs
+
+
+def rules_of(jobs) -> set[str]:
+    return {rule for rule, _ in jobs}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    workdir = copy_workflow(tmp_path_factory.mktemp("data-run"))
+    write_config(workdir / "test.yaml", OVERLAY)
+    snakemake(workdir, "--configfile", "test.yaml")
+    return workdir
+
+
+def dry_run(workdir: Path, overlay: dict | None = None) -> set:
+    name = "test.yaml"
+    if overlay is not None:
+        merged = json.loads(json.dumps(OVERLAY))
+        for key, value in overlay.items():
+            merged[key] = {**merged.get(key, {}), **value} if isinstance(value, dict) else value
+        name = "changed.yaml"
+        write_config(workdir / name, merged)
+    proc = snakemake(workdir, "--dry-run", "--configfile", name)
+    return planned_jobs(proc.stdout + proc.stderr)
+
+
+def test_data_stages_write_every_contracted_file(finished):
+    data = finished / "results/data"
+    manifest = pd.read_parquet(data / "manifest.parquet")
+    assert manifest["image_id"].is_unique
+    assert set(manifest["status"]) <= {"ok", "quarantined"}
+    assert manifest["synthetic"].all()
+    ok = (manifest["status"] == "ok").sum()
+    log = (finished / "results/logs/ingest.log").read_text()
+    assert f"listed={len(manifest)} ok={ok} quarantined={len(manifest) - ok}" in log
+    assert "SYNTHETIC" in (finished / "results/logs/synth.log").read_text()
+
+    splits = pd.read_parquet(data / "splits.parquet")
+    assert list(splits.columns) == ["image_id", "group_id", "label", "split"]
+    assert set(splits["split"]) == {"train", "val", "test"}
+    assert splits.groupby("group_id")["split"].nunique().max() == 1
+    report = json.loads((data / "split_report.json").read_text())
+    assert report["groups_shared_across_splits"] == 0
+    assert splits["label"].value_counts().nunique() == 1  # balanced MEL vs NV
+
+
+@pytest.mark.parametrize("res", RESOLUTIONS)
+def test_caches_hold_every_split_image_at_each_resolution(finished, res):
+    splits = pd.read_parquet(finished / "results/data/splits.parquet")
+    for variant in ("clean", "degraded"):
+        cache = finished / f"results/cache/{res}px/{variant}"
+        info = load_info(cache)
+        assert info["classes"] == ["MEL", "NV"]
+        for split, expected in splits.groupby("split"):
+            part = read_split(cache, split)
+            assert part.pixels.shape == (len(expected), res, res, 3)
+            assert sorted(part.image_ids) == sorted(expected["image_id"])
+    clean = read_split(finished / f"results/cache/{res}px/clean", "train")
+    degraded = read_split(finished / f"results/cache/{res}px/degraded", "train")
+    assert set(clean.degradations) == {"none"}
+    assert {"jpeg", "blur", "quantize"} <= set(degraded.degradations)
+    test_part = read_split(finished / f"results/cache/{res}px/degraded", "test")
+    assert set(test_part.degradations) == {"none"}  # the study degrades training images only
+    # What the cache holds is exactly the resized pixels for every image left clean.
+    meta, pixels = read_pixel_table(finished / f"results/resized/{res}px.parquet")
+    resized = dict(zip(meta["image_id"], pixels, strict=True))
+    for image_id, img, op in zip(degraded.image_ids, degraded.pixels, degraded.degradations, strict=True):
+        if op == "none":
+            assert (img == resized[image_id]).all()
+    for image_id, img in zip(clean.image_ids, clean.pixels, strict=True):
+        assert (img == resized[image_id]).all()
+
+
+def test_nothing_changed_nothing_planned(finished):
+    assert dry_run(finished) == set()
+
+
+def test_new_jpeg_quality_reruns_only_the_degraded_variant(finished):
+    jobs = dry_run(finished, {"degrade": {"jpeg_quality": 50}})
+    assert rules_of(jobs) == {"degrade", "cache", "all"}
+    assert {wc for rule, wc in jobs if rule != "all"} == {
+        (f"res={res}", "variant=degraded") for res in RESOLUTIONS
+    }
+
+
+def test_new_resolution_reruns_only_its_resize_and_downstream(finished):
+    jobs = dry_run(finished, {"resize": {"resolutions": [*RESOLUTIONS, 8]}})
+    assert rules_of(jobs) == {"resize", "degrade", "cache", "all"}
+    assert {wc for rule, wc in jobs if rule == "resize"} == {("res=8",)}
+    assert all("res=8" in wc for rule, wc in jobs if rule != "all")
+
+
+def test_edit_to_degradation_module_reruns_degradation_and_downstream(finished):
+    module = finished / "src/dermcompress/degrade.py"
+    original = module.read_text()
+    try:
+        module.write_text(original + "\n# an edit\n")
+        jobs = dry_run(finished)
+    finally:
+        module.write_text(original)
+    assert rules_of(jobs) == {"degrade", "cache", "all"}
+    assert len([1 for rule, _ in jobs if rule == "degrade"]) == len(RESOLUTIONS) * 2
+
+
+def test_cache_checksum_failure_names_the_shard(finished, tmp_path):
+    import shutil
+
+    from dermcompress.cache import ChecksumError
+
+    cache = tmp_path / "cache"
+    shutil.copytree(finished / f"results/cache/{RESOLUTIONS[0]}px/clean", cache)
+    shard = sorted((cache / "train").glob("*.parquet"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ChecksumError, match=shard.name):
+        read_split(cache, "train")

@@ -1,0 +1,28 @@
+# One training run and its evaluation: model x resolution x train/eval variant x mode x lr x seed.
+
+
+rule train:
+    input:
+        train_cache="results/cache/{res}px/{train_variant}",
+        eval_cache="results/cache/{res}px/{eval_variant}",
+    output:
+        metrics=f"{RUN_DIR}/metrics.json",
+        predictions=f"{RUN_DIR}/predictions.parquet",
+        history=f"{RUN_DIR}/history.csv",
+        config=f"{RUN_DIR}/config.json",
+    log:
+        f"results/logs/runs/{RUN_ID}.log",
+    benchmark:
+        f"results/benchmarks/runs/{RUN_ID}.tsv"
+    conda:
+        "../../envs/torch.yaml"
+    resources:
+        gpu=1,
+    params:
+        model=get_model_entry,
+        settings=get_run_settings,
+        # Outside the declared outputs: Snakemake must not delete it when an attempt fails or is preempted.
+        checkpoint_dir=CHECKPOINT_DIR,
+        code=get_code("train"),
+    script:
+        "../../scripts/train.py"
