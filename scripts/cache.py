@@ -3,7 +3,7 @@
 from dermcompress.cache import run_cache
 from dermcompress.logs import job_logging
 
-with job_logging(snakemake.log[0]):
+with job_logging(snakemake):
     run_cache(
         degraded=snakemake.input.degraded,
         out_dir=snakemake.output.cache,

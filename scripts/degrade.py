@@ -3,7 +3,7 @@
 from dermcompress.degrade import run_degrade
 from dermcompress.logs import job_logging
 
-with job_logging(snakemake.log[0]):
+with job_logging(snakemake):
     run_degrade(
         out=snakemake.output.degraded,
         splits=snakemake.input.splits,

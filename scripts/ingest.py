@@ -3,7 +3,7 @@
 from dermcompress.ingest import run_ingest
 from dermcompress.logs import job_logging
 
-with job_logging(snakemake.log[0]):
+with job_logging(snakemake):
     run_ingest(
         ground_truth=snakemake.input.ground_truth,
         metadata=snakemake.input.metadata,

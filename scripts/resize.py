@@ -3,7 +3,7 @@
 from dermcompress.logs import job_logging
 from dermcompress.resize import run_resize
 
-with job_logging(snakemake.log[0]):
+with job_logging(snakemake):
     run_resize(
         splits=snakemake.input.splits,
         manifest=snakemake.input.manifest,

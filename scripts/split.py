@@ -3,7 +3,7 @@
 from dermcompress.logs import job_logging
 from dermcompress.split import run_split
 
-with job_logging(snakemake.log[0]):
+with job_logging(snakemake):
     run_split(
         task=snakemake.input.task,
         splits_out=snakemake.output.splits,

@@ -3,7 +3,7 @@
 from dermcompress.logs import job_logging
 from dermcompress.task import run_task
 
-with job_logging(snakemake.log[0]):
+with job_logging(snakemake):
     run_task(
         manifest=snakemake.input.manifest,
         task_out=snakemake.output.task,

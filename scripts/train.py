@@ -7,7 +7,7 @@ from pathlib import Path
 from dermcompress.logs import job_logging
 from dermcompress.train import run_training
 
-with job_logging(snakemake.log[0]):
+with job_logging(snakemake):
     run_training(
         model_name=snakemake.wildcards.model,
         model_entry=snakemake.params.model,

@@ -6,16 +6,19 @@ import logging
 import sys
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 @contextmanager
-def job_logging(log_path: str | Path | None, name: str = "dermcompress"):
+def job_logging(job: Any, name: str = "dermcompress"):
     """Route the package's logging (and tqdm, which writes to stderr) to the job's log file.
 
+    `job` is the Snakemake script's `snakemake` object (its first log file is used) or a log path (or None).
     Exceptions are logged with their traceback before they propagate, so a failed job's log says why.
     """
+    log_path = job.log[0] if hasattr(job, "log") and job.log else job if isinstance(job, str | Path) else None
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     stderr = sys.stderr
     log_file = None
