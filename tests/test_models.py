@@ -365,3 +365,13 @@ def test_missing_local_file_is_named(tmp_path):
     )
     with pytest.raises(FileNotFoundError, match=r"models\.simclr_r50\.source: no weights file"):
         build_model(spec, num_classes=2, resolution=56)
+
+
+def test_config_yaml_registry_matches_the_documented_defaults():
+    """config.yaml's study models are DEFAULT_MODELS, so the docs, the registry and the study agree."""
+    import yaml
+    from conftest import REPO
+
+    study = yaml.safe_load((REPO / "config.yaml").read_text())["models"]
+    assert study == {name: DEFAULT_MODELS[name] for name in study}
+    assert set(study) == {"vit_b16", "dinov2_b14", "simclr_r50", "resnet18_scratch"}
