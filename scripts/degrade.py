@@ -16,4 +16,5 @@ with job_logging(snakemake):
         policy=snakemake.params.policy,
         reduced_decode=snakemake.params.reduced_decode,
         max_pixels=snakemake.params.max_pixels,
+        threads=snakemake.threads,
     )

@@ -89,6 +89,8 @@ rule resize:
         "results/benchmarks/resize/{res}px.tsv"
     conda:
         "../../envs/data.yaml"
+    # A thread pool decodes, resizes and degrades (Pillow and OpenCV release the GIL); profiles may change it.
+    threads: 4
     params:
         policy=config["resize"]["policy"],
         reduced_decode=config["resize"]["reduced_decode"],
@@ -109,6 +111,8 @@ rule degrade:
         "results/benchmarks/degrade/{res}px/{variant}.tsv"
     conda:
         "../../envs/data.yaml"
+    # A thread pool decodes, resizes and degrades (Pillow and OpenCV release the GIL); profiles may change it.
+    threads: 4
     params:
         variant=get_variant,
         order=config["degrade"]["order"],

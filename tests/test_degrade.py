@@ -1,0 +1,297 @@
+"""Degrade stage: the per-image plan, the three operations, and the stage's table in both orders on real files."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from PIL import Image
+from test_resize import MAX_PIXELS, photo_jpeg, write_dataset
+
+from dermcompress.config import variant_settings
+from dermcompress.degrade import apply_degradation, plan_degradation, plan_rows, run_degrade
+from dermcompress.images import decode_image
+from dermcompress.pixeltable import read_pixel_table, read_table_metadata, write_pixel_table
+from dermcompress.resize import resize_image, run_resize
+
+CONFIG = yaml.safe_load((Path(__file__).parents[1] / "config.yaml").read_text())
+DEGRADED = variant_settings(CONFIG, "degraded")
+CLEAN = variant_settings(CONFIG, "clean")
+COLUMNS = ["image_id", "split", "label", "degradation", "degradation_params"]
+OPS = {"none", "jpeg", "blur", "quantize"}
+RES = 32
+
+
+def ids(n: int) -> list[str]:
+    return [f"ISIC_{i:07d}" for i in range(n)]
+
+
+def plans(frame: pd.DataFrame) -> dict[str, tuple[str, str]]:
+    records = zip(frame["degradation"], frame["degradation_params"], strict=True)
+    return dict(zip(frame["image_id"], records, strict=True))
+
+
+def photo(seed: int = 0, size: int = 128) -> np.ndarray:
+    data = photo_jpeg(np.random.default_rng(seed), size, size)
+    return np.asarray(decode_image(data, max_pixels=MAX_PIXELS))
+
+
+# --- the plan -----------------------------------------------------------------------------------------------
+
+
+def test_plan_follows_from_seed_and_image_id_alone():
+    everything = pd.DataFrame({"image_id": ids(500), "split": "train"})
+    full = plans(plan_rows(everything, DEGRADED))
+    # A shuffled subset: other images absent, the rest in another order.
+    subset = everything.sample(frac=0.3, random_state=1)
+    assert plans(plan_rows(subset, DEGRADED)) == {i: full[i] for i in subset["image_id"]}
+    assert plans(plan_rows(everything, DEGRADED)) == full  # and again, the same
+
+    other_seed = plans(plan_rows(everything, {**DEGRADED, "seed": DEGRADED["seed"] + 1}))
+    changed = sum(other_seed[i][0] != full[i][0] for i in full)
+    # Two independent plans disagree on the operation for 1 - (0.4² + 3·0.2²) = 72% of images.
+    assert 0.6 < changed / len(full) < 0.85
+
+
+def test_plan_is_pinned():
+    # The record must be reproducible from (seed, id) forever: a change of the hash, the generator or the draw
+    # order would silently give the "same" config different data.
+    assert plan_degradation("ISIC_0000000", DEGRADED) == ("quantize", {"colors": 62, "method": "maxcoverage"})
+    op, params = plan_degradation("ISIC_0000041", DEGRADED)
+    assert op == "blur" and params["kernel"] == 7 and params["sigma"] == pytest.approx(1.9074894551551511)
+
+
+def test_fractions_and_parameters_follow_the_config():
+    n = 4000
+    rows = plan_rows(pd.DataFrame({"image_id": ids(n), "split": "train"}), DEGRADED)
+    counts = rows["degradation"].value_counts()
+    assert set(counts.index) == OPS  # one operation per image: disjoint by construction
+    expected = {**DEGRADED["fractions"], "none": 1 - sum(DEGRADED["fractions"].values())}
+    for op, p in expected.items():
+        tolerance = 4 * np.sqrt(p * (1 - p) / n)  # 4 binomial standard deviations (~0.025 at p = 0.2)
+        assert abs(counts[op] / n - p) < tolerance, (op, counts[op])
+
+    by_op = rows.groupby("degradation")["degradation_params"]
+    params = {op: [json.loads(p) for p in group] for op, group in by_op}
+    assert all(p == {} for p in params["none"])
+    assert all(p == {"quality": CONFIG["degrade"]["jpeg_quality"]} for p in params["jpeg"])
+    kernels = [p["kernel"] for p in params["blur"]]
+    sigmas = np.array([p["sigma"] for p in params["blur"]])
+    assert set(kernels) == set(CONFIG["degrade"]["blur_kernel_sizes"])  # every size drawn, no other
+    low, high = CONFIG["degrade"]["blur_sigma"]
+    assert sigmas.min() >= low and sigmas.max() <= high
+    assert sigmas.min() < low + 0.1 and sigmas.max() > high - 0.1  # uniform over the whole range
+    colors = [p["colors"] for p in params["quantize"]]
+    assert (min(colors), max(colors)) == tuple(CONFIG["degrade"]["quantize_colors"])  # both ends included
+    assert {p["method"] for p in params["quantize"]} == {CONFIG["degrade"]["quantize_method"]}
+
+
+def test_other_fractions_from_the_config():
+    config = copy.deepcopy(CONFIG)
+    config["degrade"]["variants"]["jpeg_heavy"] = {"fractions": {"jpeg": 0.5, "quantize": 0.1}}
+    variant = variant_settings(config, "jpeg_heavy")
+    counts = plan_rows(pd.DataFrame({"image_id": ids(2000), "split": "train"}), variant)["degradation"]
+    shares = counts.value_counts(normalize=True)
+    assert "blur" not in shares.index
+    assert abs(shares["jpeg"] - 0.5) < 0.05 and abs(shares["quantize"] - 0.1) < 0.03
+
+
+def test_only_the_configured_splits_are_degraded():
+    rows = pd.DataFrame({"image_id": ids(600), "split": ["train", "val", "test"] * 200})
+    default = plan_rows(rows, DEGRADED)
+    assert DEGRADED["splits"] == ["train"]
+    held_out = default[default["split"] != "train"]
+    assert (held_out["degradation"] == "none").all() and (held_out["degradation_params"] == "{}").all()
+    assert (default.loc[default["split"] == "train", "degradation"] != "none").mean() > 0.5
+
+    with_val = plan_rows(rows, {**DEGRADED, "splits": ["train", "val"]})
+    assert (with_val.loc[with_val["split"] == "val", "degradation"] != "none").mean() > 0.5
+    assert (with_val.loc[with_val["split"] == "test", "degradation"] == "none").all()
+    # Adding a split changes nothing for the images already degraded.
+    train = with_val["split"] == "train"
+    assert with_val[train].equals(default[train])
+
+    clean = plan_rows(rows, CLEAN)
+    assert (clean["degradation"] == "none").all() and (clean["degradation_params"] == "{}").all()
+
+
+# --- the operations -----------------------------------------------------------------------------------------
+
+
+def high_frequency_energy(pixels: np.ndarray) -> float:
+    return float(np.square(cv2.Laplacian(pixels.astype(np.float32), cv2.CV_32F)).mean())
+
+
+def test_none_is_identity():
+    pixels = photo()
+    np.testing.assert_array_equal(apply_degradation(pixels, "none", {}), pixels)
+
+
+def test_jpeg_round_trip_differs_but_stays_close():
+    pixels = photo()
+    errors = []
+    for quality in (95, 75, 30):
+        out = apply_degradation(pixels, "jpeg", {"quality": quality})
+        assert out.shape == pixels.shape and out.dtype == np.uint8
+        errors.append(np.abs(out.astype(float) - pixels).mean())
+    assert 0 < errors[0] < errors[1] < errors[2] < 10, errors  # lossy, more so at lower quality, never wild
+
+
+def test_blur_removes_high_frequencies():
+    pixels = photo()
+    before = high_frequency_energy(pixels)
+    mild = apply_degradation(pixels, "blur", {"kernel": 3, "sigma": 0.8})
+    strong = apply_degradation(pixels, "blur", {"kernel": 7, "sigma": 2.0})
+    assert mild.shape == pixels.shape and mild.dtype == np.uint8
+    assert high_frequency_energy(strong) < high_frequency_energy(mild) < 0.8 * before
+    assert abs(strong.astype(float).mean() - pixels.mean()) < 1  # a blur moves detail, not brightness
+
+
+def test_quantize_leaves_at_most_colors_colours():
+    pixels = photo()
+    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 1000
+    for colors in (16, 64):
+        out = apply_degradation(pixels, "quantize", {"colors": colors, "method": "maxcoverage"})
+        assert out.shape == pixels.shape and out.dtype == np.uint8
+        assert len(np.unique(out.reshape(-1, 3), axis=0)) <= colors
+        assert np.abs(out.astype(float) - pixels).mean() < 20  # still the same picture
+
+
+def test_bad_operation_or_pixels_are_refused():
+    with pytest.raises(ValueError, match="sharpen"):
+        apply_degradation(photo(), "sharpen", {})
+    with pytest.raises(ValueError, match="uint8"):
+        apply_degradation(photo().astype(np.float32), "none", {})
+
+
+# --- the stage ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """42 JPEGs (two of them 1024 px), their splits and manifest, and the resize stage's table at RES."""
+    root = tmp_path_factory.mktemp("degrade")
+    splits, manifest = write_dataset(root / "images", n_small=40, n_large=2)
+    splits.to_parquet(root / "splits.parquet")
+    manifest.to_parquet(root / "manifest.parquet")
+    d = SimpleNamespace(
+        root=root,
+        images=root / "images",
+        splits=root / "splits.parquet",
+        manifest=root / "manifest.parquet",
+        resized=root / f"{RES}px.parquet",
+        members=manifest.set_index("image_id")["member"],
+    )
+    run_resize(
+        splits=d.splits, manifest=d.manifest, images=d.images, out=d.resized,
+        resolution=RES, policy="squash", reduced_decode=True, max_pixels=MAX_PIXELS, threads=2,
+    )  # fmt: skip
+    return d
+
+
+def degrade(d, out: Path, order: str, variant=DEGRADED, **kw) -> tuple[pd.DataFrame, np.ndarray]:
+    settings = {"resized": d.resized} if order == "after_resize" else {"images": d.images}
+    if order == "before_resize":
+        settings.update(policy="squash", reduced_decode=True, max_pixels=MAX_PIXELS, threads=2)
+    run_degrade(
+        out=out, splits=d.splits, manifest=d.manifest, variant=variant, order=order, resolution=RES,
+        **{**settings, **kw},
+    )  # fmt: skip
+    return read_pixel_table(out)
+
+
+def check_table(meta: pd.DataFrame, pixels: np.ndarray, d, variant) -> np.ndarray:
+    """Columns, rows and the per-image record; returns the mask of clean rows."""
+    splits = pd.read_parquet(d.splits).set_index("image_id")
+    assert list(meta.columns) == COLUMNS
+    assert meta["image_id"].tolist() == sorted(splits.index)
+    assert meta["split"].tolist() == splits.loc[meta["image_id"], "split"].tolist()
+    assert meta["label"].tolist() == splits.loc[meta["image_id"], "label"].tolist()
+    assert pixels.shape == (len(meta), RES, RES, 3) and pixels.dtype == np.uint8
+    records = meta[["image_id", "split", "degradation", "degradation_params"]].itertuples(index=False)
+    for image_id, split, op, params in records:
+        planned = plan_degradation(image_id, variant) if split in variant.get("splits", ()) else ("none", {})
+        assert (op, json.loads(params)) == planned, image_id
+    return (meta["degradation"] == "none").to_numpy()
+
+
+def test_after_resize_degrades_the_resize_stage_table(data, tmp_path):
+    meta, pixels = degrade(data, tmp_path / "d.parquet", "after_resize", threads=2)
+    clean = check_table(meta, pixels, data, DEGRADED)
+    assert set(meta.loc[~clean, "degradation"]) == {"jpeg", "blur", "quantize"}  # all three exercised
+    _, resized = read_pixel_table(data.resized)
+    np.testing.assert_array_equal(pixels[clean], resized[clean])
+    for i in np.flatnonzero(~clean):
+        op, params = meta["degradation"].iat[i], json.loads(meta["degradation_params"].iat[i])
+        np.testing.assert_array_equal(pixels[i], apply_degradation(resized[i], op, params))
+        if op != "blur" or params["sigma"] > 0.5:  # a 0.1-sigma Gaussian is the identity on 8 bits
+            assert not np.array_equal(pixels[i], resized[i]), (meta["image_id"].iat[i], op)
+    # The same table whether the operations ran in a thread pool or one by one.
+    _, one_by_one = degrade(data, tmp_path / "one.parquet", "after_resize", threads=1)
+    np.testing.assert_array_equal(one_by_one, pixels)
+    table_meta = read_table_metadata(tmp_path / "d.parquet")
+    assert table_meta["resolution"] == str(RES) and table_meta["order"] == "after_resize"
+    assert table_meta["policy"] == "squash" and json.loads(table_meta["variant_settings"]) == DEGRADED
+
+
+def test_before_resize_degrades_the_raw_images(data, tmp_path):
+    meta, pixels = degrade(data, tmp_path / "d.parquet", "before_resize")
+    clean = check_table(meta, pixels, data, DEGRADED)
+    _, resized = read_pixel_table(data.resized)
+    # Clean rows are what the resize stage made, reduced decode included.
+    np.testing.assert_array_equal(pixels[clean], resized[clean])
+    # A 1024 px image degraded before resizing: blurred at full size, then resized from a full decode.
+    big = meta.index[meta["image_id"] == "ISIC_0000041"][0]
+    assert meta.at[big, "degradation"] == "blur"
+    data_bytes = (data.images / data.members["ISIC_0000041"]).read_bytes()
+    source = np.asarray(decode_image(data_bytes, max_pixels=MAX_PIXELS))
+    blurred = apply_degradation(source, "blur", json.loads(meta.at[big, "degradation_params"]))
+    np.testing.assert_array_equal(pixels[big], resize_image(Image.fromarray(blurred), RES, "squash"))
+    # Degrading first or last is a real difference for the degraded images, none for the clean ones.
+    _, after = degrade(data, tmp_path / "after.parquet", "after_resize")
+    np.testing.assert_array_equal(pixels[clean], after[clean])
+    assert not np.array_equal(pixels[~clean], after[~clean])
+    assert read_table_metadata(tmp_path / "d.parquet")["order"] == "before_resize"
+
+
+def test_clean_variant_is_the_resize_stage_output(data, tmp_path):
+    meta, pixels = degrade(data, tmp_path / "clean.parquet", "after_resize", variant=CLEAN)
+    assert check_table(meta, pixels, data, CLEAN).all()
+    np.testing.assert_array_equal(pixels, read_pixel_table(data.resized)[1])
+
+
+def test_stale_resized_table_is_refused(data, tmp_path):
+    with pytest.raises(ValueError, match=f"holds {RES}px images, expected 16px"):
+        run_degrade(
+            out=tmp_path / "d.parquet", splits=data.splits, manifest=data.manifest, variant=DEGRADED,
+            order="after_resize", resolution=16, resized=data.resized,
+        )  # fmt: skip
+    meta, pixels = read_pixel_table(data.resized)
+    table_meta = read_table_metadata(data.resized)
+    renamed = meta.assign(image_id=meta["image_id"].replace({"ISIC_0000003": "ISIC_9999999"}))
+    for name, (m, p) in {"fewer": (meta[:-3], pixels[:-3]), "renamed": (renamed, pixels)}.items():
+        write_pixel_table(tmp_path / f"{name}.parquet", m, p, metadata=table_meta)
+        with pytest.raises(ValueError, match="stale, rerun the resize stage"):
+            run_degrade(
+                out=tmp_path / "d.parquet", splits=data.splits, manifest=data.manifest, variant=DEGRADED,
+                order="after_resize", resolution=RES, resized=tmp_path / f"{name}.parquet",
+            )  # fmt: skip
+    assert not (tmp_path / "d.parquet").exists()
+
+
+def test_unknown_order_or_missing_input_is_refused(data, tmp_path):
+    common = dict(out=tmp_path / "d.parquet", splits=data.splits, manifest=data.manifest, variant=DEGRADED)
+    with pytest.raises(ValueError, match="unknown degrade order 'sideways'"):
+        run_degrade(**common, order="sideways", resolution=RES, resized=data.resized)
+    with pytest.raises(ValueError, match="needs `resized`"):
+        run_degrade(**common, order="after_resize", resolution=RES, images=data.images)
+    with pytest.raises(ValueError, match="needs `images`"):
+        run_degrade(**common, order="before_resize", resolution=RES, resized=data.resized)
+    assert not (tmp_path / "d.parquet").exists()
