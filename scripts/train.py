@@ -1,12 +1,15 @@
 """Snakemake adapter: one training run (model x resolution x variant x settings) -> config, history, predictions,
 metrics in the run folder. A Preempted exception (SIGTERM/SIGUSR1, checkpoint saved) fails the job on purpose:
-Snakemake's retry then resumes from the checkpoint."""
+Snakemake's retry then resumes from the checkpoint. With N > 1 GPUs (resource `gpu`) the script first replaces
+itself by torchrun, which runs it on N ranks (distributed.py)."""
 
 from pathlib import Path
 
+from dermcompress.distributed import relaunch_under_torchrun
 from dermcompress.logs import job_logging
 from dermcompress.train import run_training
 
+relaunch_under_torchrun(snakemake.resources.gpu)
 with job_logging(snakemake):
     run_training(
         model_name=snakemake.wildcards.model,
@@ -17,4 +20,5 @@ with job_logging(snakemake):
         checkpoint_dir=snakemake.params.checkpoint_dir,
         settings=snakemake.params.settings,
         resolution=int(snakemake.wildcards.res),
+        splits=snakemake.input.splits,
     )

@@ -172,3 +172,19 @@ def test_pretrained_weights_were_loaded_and_frozen_only_where_the_mode_says(fini
     dino_finetune = checkpoint_of(found["dino_local", "finetune"], finished)
     q = "encoder.layer.0.attention.q_proj.weight"
     assert not torch.equal(dino_finetune[f"backbone.model.{q}"], dino[q])
+
+
+def test_replaced_local_weights_rerun_only_the_runs_that_load_them(finished):
+    from test_workflow import planned_jobs
+
+    weights = finished / "models/test_vit.safetensors"
+    original = weights.read_bytes()
+    torch.manual_seed(2)
+    save_file(timm.create_model("test_vit", num_classes=1000).state_dict(), str(weights))
+    try:
+        proc = snakemake(finished, "--dry-run", "--configfile", "test.yaml")
+    finally:
+        weights.write_bytes(original)
+    trains = {wc for rule, wc in planned_jobs(proc.stdout + proc.stderr) if rule == "train"}
+    assert trains and all("model=vit_local" in wc for wc in trains)
+    assert len(trains) == len(MODES)

@@ -8,23 +8,52 @@ target device, so a quarter of the bytes cross to the GPU.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .cache import read_split
+from .cache import CacheSplit, read_split
+
+
+def _subset(data: CacheSplit, image_ids: Collection[str], where: str) -> CacheSplit:
+    """The rows of `data` whose image_id is in `image_ids` (all of which must be there), in cache order."""
+    wanted = set(image_ids)
+    if missing := wanted - set(data.image_ids):
+        raise ValueError(f"{len(missing)} requested image(s) not in {where}, e.g. {min(missing)}")
+    rows = np.flatnonzero([i in wanted for i in data.image_ids])
+    return replace(
+        data,
+        pixels=data.pixels[rows],
+        labels=data.labels[rows],
+        image_ids=[data.image_ids[i] for i in rows],
+        degradations=[data.degradations[i] for i in rows],
+    )
 
 
 class CacheDataset(Dataset):
-    """One split of a cache as a map-style Dataset: item i -> (uint8 (3, H, W) tensor, label, i)."""
+    """One split of a cache as a map-style Dataset: item i -> (uint8 (3, H, W) tensor, label, i).
 
-    def __init__(self, cache_dir: str | Path, split: str, *, verify: bool = True) -> None:
+    `image_ids`: keep only these rows of the split (e.g. a label fraction of the train split), in cache order.
+    """
+
+    def __init__(
+        self,
+        cache_dir: str | Path,
+        split: str,
+        *,
+        verify: bool = True,
+        image_ids: Collection[str] | None = None,
+    ) -> None:
         data = read_split(cache_dir, split, verify=verify)
+        if image_ids is not None:
+            data = _subset(data, image_ids, f"{cache_dir}/{split}")
         # Channels first once, here, so every batch afterwards is a single contiguous gather.
         self.pixels = torch.from_numpy(data.pixels).permute(0, 3, 1, 2).contiguous()
-        self.labels = torch.from_numpy(data.labels)
+        self.labels = torch.from_numpy(data.labels.copy())  # read-only view of the shard; tiny
         self.image_ids = data.image_ids
         self.degradations = data.degradations
         self.classes = data.classes
@@ -91,16 +120,38 @@ class BatchLoader:
         per_rank = math.ceil(len(self.dataset) / self.world_size)
         return per_rank // self.batch_size if self.drop_last else math.ceil(per_rank / self.batch_size)
 
+    def batch(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The rows `index` of the dataset as one batch."""
+        return {
+            "pixels": self.dataset.pixels.index_select(0, index),
+            "labels": self.dataset.labels.index_select(0, index),
+            "index": index,
+        }
+
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         order = self.indices()
         stop = len(self) * self.batch_size
         for start in range(0, min(stop, len(order)), self.batch_size):
-            index = order[start : start + self.batch_size]
-            yield {
-                "pixels": self.dataset.pixels.index_select(0, index),
-                "labels": self.dataset.labels.index_select(0, index),
-                "index": index,
-            }
+            yield self.batch(order[start : start + self.batch_size])
+
+
+def step_batches(
+    loader: BatchLoader, step_size: int, *, rank: int = 0, world_size: int = 1
+) -> Iterator[tuple[int, Iterator[dict[str, torch.Tensor]]]]:
+    """The optimizer steps of an epoch: (images in the whole step, this rank's micro batches of it), lazily.
+
+    The epoch's order (of a one-rank `loader`) is cut into global batches of `step_size` images and each into
+    micro batches of `loader.batch_size`, exactly as one process cuts them; micro batch j of a step goes to
+    rank j mod world_size. So N processes see the same steps and micro batches as one (distributed.py); a rank
+    may get no micro batch of a short last step.
+    """
+    if loader.world_size != 1:
+        raise ValueError("step_batches deals the micro batches itself: give it a one-rank loader")
+    order = loader.indices()
+    for start in range(0, len(order), step_size):
+        micro = order[start : start + step_size].split(loader.batch_size)
+        mine = micro[rank::world_size]
+        yield min(step_size, len(order) - start), (loader.batch(index) for index in mine)
 
 
 def make_loader(
@@ -114,10 +165,12 @@ def make_loader(
     verify: bool = True,
     rank: int = 0,
     world_size: int = 1,
+    image_ids: Collection[str] | None = None,
 ) -> BatchLoader:
-    """Read (and verify) one split of the cache into memory and batch it; see BatchLoader."""
+    """Read (and verify) one split of the cache (only `image_ids`, if given) into memory and batch it; see
+    BatchLoader."""
     return BatchLoader(
-        CacheDataset(cache_dir, split, verify=verify),
+        CacheDataset(cache_dir, split, verify=verify, image_ids=image_ids),
         batch_size=batch_size,
         shuffle=shuffle,
         seed=seed,

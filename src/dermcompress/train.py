@@ -27,6 +27,10 @@ preemption) only sets a flag: the loop finishes the optimizer step it is in, sav
 `Preempted`, so the job fails and a rerun resumes exactly where it stopped (same epoch order, the batches already
 done skipped, RNG restored). A checkpoint written with other settings, model or data is ignored. The checkpoint is
 kept after a successful run (a rerun of the final evaluation then needs no training).
+
+On N GPUs the job runs this under torchrun, one process per GPU (distributed.py): every step takes the same
+global batch and micro batches as one process would, dealt to the ranks, with the gradients summed over them;
+rank 0 writes the checkpoint and the outputs. Without torchrun it is one process, on one GPU or the CPU.
 """
 
 from __future__ import annotations
@@ -54,8 +58,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from . import cache, flops, knn, metrics, models
-from .loader import make_loader, normalize
+from . import cache, distributed, flops, knn, metrics, models, subsample
+from .loader import make_loader, normalize, step_batches
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +91,7 @@ DEFAULTS: dict[str, Any] = {
     "precision": "auto",
     "device": "auto",
     "n_bootstrap": 1000,
+    "label_fraction": 1.0,  # share of the train split's labels used, as whole groups (subsample.py)
 }
 
 
@@ -128,6 +133,7 @@ def resolve_settings(settings: dict[str, Any]) -> dict[str, Any]:
             "checkpoint_every_steps must be >= 1 or null",
         ),
         (s["freeze_blocks"] >= 0, f"freeze_blocks must be >= 0, got {s['freeze_blocks']}"),
+        (0 < s["label_fraction"] <= 1, f"label_fraction must be in (0, 1], got {s['label_fraction']}"),
     ]
     for ok, problem in checks:
         if not ok:
@@ -407,13 +413,18 @@ def run_training(
     checkpoint_dir: str,
     settings: dict,
     resolution: int,
+    splits: str | None = None,
 ) -> dict:
     """Train (or, for knn, fit) one model per `settings`; write config.json, history.csv, predictions.parquet and
-    metrics.json into run_dir; return the metrics. Raises Preempted after checkpointing on SIGTERM/SIGUSR1."""
+    metrics.json into run_dir; return the metrics. Raises Preempted after checkpointing on SIGTERM/SIGUSR1.
+
+    Under torchrun every rank calls this (distributed.py); rank 0 alone writes files and returns the metrics,
+    the others return {} once training is done."""
     s = resolve_settings(settings)
     run_dir, ckpt_path = Path(run_dir), Path(checkpoint_dir) / CHECKPOINT
     run_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(s["device"])
+    device = distributed.local_device(resolve_device(s["device"]))
+    distributed.init(device)  # under torchrun: join the other ranks (distributed.py); else nothing
     precision = resolve_precision(s["precision"], device)
     autocast = autocast_for(device, precision)
     classes = list(cache.load_info(train_cache)["classes"])
@@ -433,9 +444,11 @@ def run_training(
         "settings": s,
         "device": str(device),
         "precision": precision,
+        "world_size": distributed.world_size(),
         "versions": {"torch": torch.__version__, "numpy": np.__version__},
     }
-    (run_dir / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
+    if distributed.is_main():
+        (run_dir / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
     log.info("run %s: %s on %s (%s), mode %s", run_dir, model_name, device, precision, s["mode"])
 
     random.seed(s["seed"])
@@ -448,15 +461,22 @@ def run_training(
     gmacs = flops.count_gmacs(model, resolution)
     params_m = _count_m(model.parameters())
     model = prepare_mode(model, s).to(device)
+    distributed.broadcast_model(model)
     trainable_m = _count_m(model.parameters(), trainable_only=True)
     log.info(
         "%.2fM parameters, %.3fM trainable, %.3f GMACs at %d px", params_m, trainable_m, gmacs, resolution
     )
 
     micro = s["micro_batch_size"] or s["batch_size"]
+    # Label efficiency: only a seeded, grouped share of the train split (None: all of it).
+    train_ids = subsample.train_subset(splits, s["label_fraction"], s["seed"]) if splits else None
+    if s["label_fraction"] < 1 and train_ids is None:
+        raise ValueError("label_fraction < 1 needs the splits table (run_training(splits=...))")
     eval_loader = make_loader(eval_cache, eval_split, batch_size=micro, shuffle=False, seed=s["seed"])
     if s["mode"] == "knn":
-        history, train = _fit_knn(model, s, train_cache, eval_loader, device=device, autocast=autocast)
+        history, train = _fit_knn(
+            model, s, train_cache, eval_loader, device=device, autocast=autocast, train_ids=train_ids
+        )
     else:
         identity = json.dumps(
             {
@@ -471,8 +491,18 @@ def run_training(
             default=str,
         )
         history, train = _train(
-            model, s, train_cache, eval_loader, ckpt_path, identity, device=device, autocast=autocast
+            model,
+            s,
+            train_cache,
+            eval_loader,
+            ckpt_path,
+            identity,
+            device=device,
+            autocast=autocast,
+            train_ids=train_ids,
         )
+    if not distributed.is_main():  # training is done; rank 0 evaluates and writes for the job
+        return {}
     _write_history(run_dir / "history.csv", history)
 
     # Final evaluation on the test split, with the full model on pixels (also in linear and knn mode, whose
@@ -508,6 +538,7 @@ def run_training(
         "steps": train["steps"],
         "device": str(device),
         "precision": precision,
+        "world_size": distributed.world_size(),
     }
     payload = metrics.write_metrics(run_dir / "metrics.json", scores, extra)
     log.info("test accuracy %.4f, AUC %s (n=%d)", scores["accuracy"], scores["auc"], scores["n_eval"])
@@ -531,10 +562,14 @@ def _knn_probs(
     return probs.double().cpu().numpy()
 
 
-def _fit_knn(model, s, train_cache, eval_loader, *, device, autocast) -> tuple[list[dict], dict]:
+def _fit_knn(
+    model, s, train_cache, eval_loader, *, device, autocast, train_ids=None
+) -> tuple[list[dict], dict]:
     """kNN "training": the train split's features are the classifier; one history row scores it on eval."""
     micro = s["micro_batch_size"] or s["batch_size"]
-    loader = make_loader(train_cache, "train", batch_size=micro, shuffle=False, seed=s["seed"])
+    loader = make_loader(
+        train_cache, "train", batch_size=micro, shuffle=False, seed=s["seed"], image_ids=train_ids
+    )
     _reset_peak(device)
     _sync(device)
     start = time.perf_counter()
@@ -552,14 +587,17 @@ def _fit_knn(model, s, train_cache, eval_loader, *, device, autocast) -> tuple[l
 
 
 def _train(
-    model, s, train_cache, eval_loader, ckpt_path, identity, *, device, autocast
+    model, s, train_cache, eval_loader, ckpt_path, identity, *, device, autocast, train_ids=None
 ) -> tuple[list[dict], dict]:
-    """The training loop, resuming from `ckpt_path` when it holds this run; returns (history, train stats)."""
-    micro = s["micro_batch_size"] or s["batch_size"]
-    accum = s["batch_size"] // micro
-    loader = make_loader(train_cache, "train", batch_size=micro, shuffle=True, seed=s["seed"])
-    n_train = len(loader.dataset)
-    steps_per_epoch = math.ceil(len(loader) / accum)
+    """The training loop, resuming from `ckpt_path` when it holds this run; returns (history, train stats).
+
+    With N ranks (distributed.py) each takes every N-th micro batch of a step; unset, a micro batch is a 1/N share.
+    """
+    micro = s["micro_batch_size"] or math.ceil(s["batch_size"] / distributed.world_size())
+    loader = make_loader(
+        train_cache, "train", batch_size=micro, shuffle=True, seed=s["seed"], image_ids=train_ids
+    )
+    steps_per_epoch = math.ceil(len(loader.dataset) / s["batch_size"])
     total_steps = steps_per_epoch * s["epochs"]
     warmup = math.ceil(s["warmup_ratio"] * total_steps)
 
@@ -570,7 +608,7 @@ def _train(
     state = {
         "step": 0,
         "epoch": 0,
-        "batches_done": 0,  # micro batches of `epoch` already trained on
+        "batches_done": 0,  # global batches (optimizer steps) of `epoch` already trained on
         "history": [],
         "loss_window": [0.0, 0],  # sum and count of step losses since the last history row
         "seconds": 0.0,
@@ -582,10 +620,14 @@ def _train(
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        restore_rng_state(ckpt["rng"])
+        # Each rank's own RNG; a run resumed on another number of GPUs uses rank 0's.
+        rank_rng = ckpt.get("rank_rng", [])
+        restore_rng_state(
+            rank_rng[distributed.rank()] if len(rank_rng) == distributed.world_size() else ckpt["rng"]
+        )
         state = ckpt["state"]
         log.info(
-            "resuming from %s: step %d, epoch %d, %d batches into it",
+            "resuming from %s: step %d, epoch %d, %d steps into it",
             ckpt_path,
             state["step"],
             state["epoch"],
@@ -593,17 +635,21 @@ def _train(
         )
 
     def checkpoint() -> None:
-        save_checkpoint(
-            ckpt_path,
-            {
-                "identity": identity,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": rng_state(),
-                "state": state,
-            },
-        )
+        rngs = distributed.gather_objects(rng_state())
+        if distributed.is_main():  # the ranks hold identical weights and state (distributed.py)
+            save_checkpoint(
+                ckpt_path,
+                {
+                    "identity": identity,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "rng": rngs[0],
+                    "rank_rng": rngs,
+                    "state": state,
+                },
+            )
+        distributed.barrier()  # no rank exits (or goes on) before the checkpoint is on disk
 
     # Linear probing: the frozen backbone's features, once (see the module docstring).
     features = None
@@ -612,7 +658,13 @@ def _train(
     start = time.perf_counter()
     if s["mode"] == "linear" and state["epoch"] < s["epochs"]:
         plain = make_loader(
-            train_cache, "train", batch_size=micro, shuffle=False, seed=s["seed"], verify=False
+            train_cache,
+            "train",
+            batch_size=micro,
+            shuffle=False,
+            seed=s["seed"],
+            verify=False,
+            image_ids=train_ids,
         )
         features, _ = extract_features(model, plain, device=device, autocast=autocast)
 
@@ -626,29 +678,35 @@ def _train(
         for epoch in range(state["epoch"], s["epochs"]):
             loader.set_epoch(epoch)
             set_train_mode(model)
-            step_loss = torch.zeros((), device=device)
-            batches = itertools.islice(enumerate(loader), state["batches_done"], None)
-            for i, batch in batches:
-                # Sum over the micro batch / size of its global batch: the accumulated gradient is the mean.
-                group_size = min(s["batch_size"], n_train - (i // accum) * s["batch_size"])
-                y = batch["labels"].to(device)
-                with autocast():
-                    logits = forward(batch)
-                loss = F.cross_entropy(logits.float(), y, reduction="sum") / group_size
-                loss.backward()
-                step_loss += loss.detach()
-                state["images"] += len(y)
-                if (i + 1) % accum and i + 1 < len(loader):
-                    continue
+            steps = step_batches(
+                loader, s["batch_size"], rank=distributed.rank(), world_size=distributed.world_size()
+            )
+            for step_size, micro_batches in itertools.islice(steps, state["batches_done"], None):
+                step_loss = torch.zeros((), device=device)
+                for batch in micro_batches:
+                    # Sum over the micro batch / size of the whole step: the summed gradient is the mean.
+                    y = batch["labels"].to(device)
+                    with autocast():
+                        logits = forward(batch)
+                    loss = F.cross_entropy(logits.float(), y, reduction="sum") / step_size
+                    loss.backward()
+                    step_loss += loss.detach()
+                distributed.all_reduce_gradients(model.parameters())
                 lr = optimizer.param_groups[0]["lr"]
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+                distributed.sync_buffers(model)
+                # One exchange per step: the step's loss over all ranks, and whether any rank was signalled.
+                loss_sum, signalled = distributed.sum_over_ranks(
+                    [step_loss.item(), bool(flag["signal"])], device
+                )
+                flag["signal"] = flag["signal"] or ("a signal to another rank" if signalled else None)
                 state["step"] += 1
-                state["batches_done"] = i + 1
-                state["loss_window"][0] += step_loss.item()
+                state["batches_done"] += 1
+                state["images"] += step_size
+                state["loss_window"][0] += loss_sum
                 state["loss_window"][1] += 1
-                step_loss.zero_()
                 bar.update()
                 if state["step"] % s["log_every"] == 0:
                     mean_loss = state["loss_window"][0] / state["loss_window"][1]
@@ -687,6 +745,11 @@ def _train(
                 )
             state["epoch"], state["batches_done"] = epoch + 1, 0
             checkpoint()
+            flag["signal"] = flag["signal"] or (
+                "a signal to another rank"
+                if distributed.sum_over_ranks([bool(flag["signal"])], device)[0]
+                else None
+            )
             if flag["signal"]:
                 raise Preempted(f"{flag['signal']} after epoch {epoch + 1}: checkpoint saved to {ckpt_path}")
             start = time.perf_counter()

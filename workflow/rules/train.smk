@@ -5,6 +5,9 @@ rule train:
     input:
         train_cache="results/cache/{res}px/{train_variant}",
         eval_cache="results/cache/{res}px/{eval_variant}",
+        # Groups of the train split, for label-fraction runs (subsample.py).
+        splits="results/data/splits.parquet",
+        weights=get_local_weights,
     output:
         metrics=f"{RUN_DIR}/metrics.json",
         predictions=f"{RUN_DIR}/predictions.parquet",
@@ -17,6 +20,8 @@ rule train:
     conda:
         "../../envs/torch.yaml"
     resources:
+        # GPUs for this run: N > 1 trains on N ranks under torchrun. The profiles map it (SLURM --gpus, a local
+        # pool) and raise it per experiment; no cluster facts here.
         gpu=1,
     params:
         model=get_model_entry,
