@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -32,6 +33,22 @@ def _flops(args: argparse.Namespace) -> int:
     cost = model_cost(args.arch, resolution=args.res, registry=registry, num_classes=args.num_classes)
     print(json.dumps(cost))
     return 0
+
+
+def _lineage(args: argparse.Namespace) -> int:
+    import json
+
+    from dermcompress.lineage import LineageError, format_text, trace
+
+    try:
+        report = trace(args.path, row=args.row, verify=not args.no_verify)
+    except LineageError as err:
+        raise SystemExit(f"dermcompress lineage: {err}") from None
+    try:
+        print(json.dumps(report, indent=2) if args.json else format_text(report).rstrip("\n"), flush=True)
+    except BrokenPipeError:  # the reader stopped early (`| head`): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 1 if report["broken"] else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,6 +81,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     flops.add_argument("--num-classes", type=int, default=2, help="classes of the linear head (default 2)")
     flops.set_defaults(func=_flops)
+
+    lineage = commands.add_parser(
+        "lineage",
+        help="where a result comes from: stages, parameters, code, raw files and images, broken links",
+        description="Walk from a result (a table, a table row, a run folder, a cache or one of its shards, any "
+        "output of the workflow) back to the raw files through the lineage records the jobs wrote: each stage "
+        "with its parameters and code, the raw images by id and sha256 per split. Every recorded hash is checked "
+        "against the file on disk; the exit status is 1 when one no longer matches (a broken link).",
+    )
+    lineage.add_argument(
+        "path", help="a result of the workflow, e.g. results/tables/table1.csv or a run folder"
+    )
+    lineage.add_argument("--row", type=int, help="for a table: the row (counted from 0) whose runs to follow")
+    lineage.add_argument("--json", action="store_true", help="print the lineage as JSON instead of text")
+    lineage.add_argument(
+        "--no-verify", action="store_true", help="show what was recorded without hashing the files on disk"
+    )
+    lineage.set_defaults(func=_lineage)
     return parser
 
 

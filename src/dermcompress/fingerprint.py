@@ -1,19 +1,26 @@
-"""Code fingerprints: a hash of a package module and every package module it imports, transitively.
+"""Code fingerprints: a hash of a package module and every package module it imports, transitively, and the
+versions of the third-party packages those modules import.
 
 Snakemake sees edits to a rule's script but not to the package the script calls. Each rule passes the
 fingerprint of its stage module as a param, so an edit to dermcompress/degrade.py reruns degradation and what
-follows, and nothing upstream.
+follows, and nothing upstream. Likewise a new timm reruns training, and a new pandas everything that uses it;
+an unrelated install (a linter, a new notebook package) reruns nothing.
 """
 
 from __future__ import annotations
 
 import ast
 import hashlib
+import importlib.metadata
+import platform
+import sys
 from functools import cache
 from pathlib import Path
 
 PACKAGE = "dermcompress"
 PACKAGE_DIR = Path(__file__).resolve().parent
+# Imported, but they only draw progress bars or fetch files: a new version changes no number.
+NO_EFFECT = frozenset({"tqdm", "huggingface_hub"})
 
 
 def _module_path(module: str) -> Path:
@@ -22,10 +29,11 @@ def _module_path(module: str) -> Path:
     return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
 
 
-def _package_imports(module: str) -> set[str]:
-    """Package modules imported by `module` (absolute and relative imports, `from pkg import mod` too)."""
+def _imports(module: str) -> tuple[frozenset[str], frozenset[str]]:
+    """(package modules, other top-level names) that `module` imports, function-level imports included."""
     tree = ast.parse(_module_path(module).read_text())
     found: set[str] = set()
+    external: set[str] = set()
     package = module if _module_path(module).name == "__init__.py" else module.rpartition(".")[0]
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -39,9 +47,16 @@ def _package_imports(module: str) -> set[str]:
         else:
             continue
         for name in names:
-            if name.split(".")[0] == PACKAGE and _module_path(name).is_file():
+            if name.split(".")[0] != PACKAGE:
+                external.add(name.split(".")[0])
+            elif _module_path(name).is_file():
                 found.add(name)
-    return found
+    return frozenset(found), frozenset(external - set(sys.stdlib_module_names) - {"", "__future__"})
+
+
+def _package_imports(module: str) -> set[str]:
+    """Package modules imported by `module` (absolute and relative imports, `from pkg import mod` too)."""
+    return set(_imports(module)[0])
 
 
 @cache
@@ -71,3 +86,40 @@ def package_fingerprint() -> str:
     for path in sorted(PACKAGE_DIR.rglob("*.py")):
         digest.update(path.relative_to(PACKAGE_DIR).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()[:16]
+
+
+@cache
+def _distributions() -> dict[str, list[str]]:
+    return importlib.metadata.packages_distributions()
+
+
+def _version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def module_packages(module: str) -> dict[str, str | None]:
+    """{distribution: installed version (None if absent)} of what `module`'s closure imports from outside."""
+    names = set().union(*(_imports(name)[1] for name in module_closure(module))) - NO_EFFECT
+    dists = {dist for name in names for dist in _distributions().get(name, [name])}
+    return {dist: _version(dist) for dist in sorted(dists, key=str.lower)}
+
+
+def code_fingerprint(module: str, *, packages: bool = True) -> dict:
+    """What a rule running `module` depends on besides its inputs: the package source of its closure and,
+    unless the job runs in its own (conda) environment, the versions of the packages it imports here."""
+    return {"source": module_fingerprint(module), "packages": module_packages(module) if packages else "env"}
+
+
+def package_versions() -> dict[str, str | None]:
+    """Python and every third-party package the package imports, as installed in this interpreter."""
+    modules = [f"{PACKAGE}.{p.stem}" for p in PACKAGE_DIR.glob("*.py") if p.stem != "__init__"]
+    packages: dict[str, str | None] = {}
+    for module in modules:
+        packages.update(module_packages(module))
+    return {
+        "python": platform.python_version(),
+        **dict(sorted(packages.items(), key=lambda kv: kv[0].lower())),
+    }

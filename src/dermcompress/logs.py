@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from . import lineage
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -17,8 +20,21 @@ def job_logging(job: Any, name: str = "dermcompress"):
 
     `job` is the Snakemake script's `snakemake` object (its first log file is used) or a log path (or None).
     Exceptions are logged with their traceback before they propagate, so a failed job's log says why.
+    A Snakemake job that succeeds writes its lineage record next to each of its outputs (see lineage.py); one
+    that fails leaves none.
     """
     log_path = job.log[0] if hasattr(job, "log") and job.log else job if isinstance(job, str | Path) else None
+    is_job = hasattr(job, "output") and hasattr(job, "rule")
+    # Under torchrun every rank runs the script; the first one speaks for the job (log file, lineage), the
+    # others only warn, on stderr, without progress bars.
+    rank = int(os.environ.get("RANK", "0"))
+    writes_lineage = is_job and rank == 0
+    if rank:
+        log_path = None
+        os.environ["TQDM_DISABLE"] = "1"
+    started = lineage.now()
+    if writes_lineage:
+        lineage.clear_records(job)
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     stderr = sys.stderr
     log_file = None
@@ -27,10 +43,14 @@ def job_logging(job: Any, name: str = "dermcompress"):
         log_file = open(log_path, "w", buffering=1)  # noqa: SIM115 - closed in finally
         handlers = [logging.StreamHandler(log_file)]
         sys.stderr = log_file  # progress bars land in the log too
-    logging.basicConfig(level=logging.INFO, format=FORMAT, handlers=handlers, force=True)
+    level, fmt = (logging.WARNING, f"[rank {rank}] {FORMAT}") if rank else (logging.INFO, FORMAT)
+    logging.basicConfig(level=level, format=fmt, handlers=handlers, force=True)
     logger = logging.getLogger(name)
     try:
         yield logger
+        if writes_lineage:
+            written = lineage.write_records(job, started=started)
+            logger.info("lineage recorded in %s", ", ".join(map(str, written)))
     except Exception:
         logger.exception("job failed")
         raise

@@ -1,0 +1,296 @@
+"""Lineage records and `dermcompress lineage`: unit tests of the records, then the walk on a finished small study
+(conftest STUDY), from a table row, a run folder and a cache shard back to the raw images, and tampering."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import snakemake
+from snakemake.iocontainers import InputFiles, Log, OutputFiles, Params, ResourceList, Snakemake, Wildcards
+
+from dermcompress import aggregate, fingerprint, lineage
+from dermcompress.cache import load_info, read_split, verify_cache
+from dermcompress.logs import job_logging
+
+# --------------------------------------------------------------------------------------------- records (unit)
+
+
+def fake_job(tmp_path: Path, inputs: dict, outputs: dict, **params) -> Snakemake:
+    """The object Snakemake hands a script, for a job with these (named) inputs and outputs."""
+    return Snakemake(
+        InputFiles(fromdict=inputs),
+        OutputFiles(fromdict=outputs),
+        Params(fromdict=params),
+        Wildcards(fromdict={"res": "16"}),
+        1,
+        ResourceList(),
+        Log(fromdict={"log": str(tmp_path / "job.log")}),
+        {},
+        "demo",
+        None,
+    )
+
+
+def test_successful_job_writes_its_record_next_to_each_output(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("in.txt").write_text("raw\n")
+    job = fake_job(tmp_path, {"raw": "in.txt"}, {"table": "out.csv", "folder": "outdir"}, quality=50)
+    with job_logging(job):
+        Path("out.csv").write_text("a,b\n")
+        Path("outdir").mkdir()
+        (Path("outdir") / "part.bin").write_bytes(b"\0" * 10)
+    record = lineage.read_record("out.csv.lineage.json")
+    assert record == lineage.read_record("outdir/_lineage.json")
+    assert record["rule"] == "demo" and record["wildcards"] == {"res": "16"}
+    assert record["params"] == {"quality": 50}
+    raw = {"name": "raw", "path": "in.txt", "kind": "file", "sha256": hashlib.sha256(b"raw\n").hexdigest()}
+    assert record["inputs"] == [{**raw, "bytes": 4}]
+    folder = next(o for o in record["outputs"] if o["name"] == "folder")
+    part = hashlib.sha256(b"\0" * 10).hexdigest()
+    listing = f"{part}  part.bin\n"  # as sha256sum prints it
+    assert folder["sha256"] == hashlib.sha256(listing.encode()).hexdigest()
+    assert record["versions"]["python"] and record["versions"]["numpy"]
+    assert record["host"] and record["started"] <= record["finished"]
+    assert "lineage recorded" in (tmp_path / "job.log").read_text()
+
+
+def test_failed_job_leaves_no_record_not_even_an_old_one(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("out.csv.lineage.json").write_text("{}")  # from an earlier, successful run
+    job = fake_job(tmp_path, {}, {"table": "out.csv"})
+    with pytest.raises(RuntimeError), job_logging(job):
+        Path("out.csv").write_text("half")
+        raise RuntimeError("boom")
+    assert not Path("out.csv.lineage.json").exists()
+
+
+def test_directory_hash_ignores_records_and_snakemakes_timestamp(tmp_path):
+    folder = tmp_path / "cache"
+    (folder / "train").mkdir(parents=True)
+    (folder / "train/part-0.parquet").write_bytes(b"x")
+    before = lineage.describe(folder)
+    (folder / "_lineage.json").write_text("{}")
+    (folder / ".snakemake_timestamp").touch()
+    (folder / "train/part-0.parquet.lineage.json").write_text("{}")
+    assert lineage.describe(folder) == before == {"kind": "directory", "sha256": before["sha256"], "files": 1}
+    (folder / "train/part-1.parquet").write_bytes(b"y")
+    assert lineage.describe(folder)["sha256"] != before["sha256"]
+
+
+def test_memo_reuses_a_hash_only_while_size_and_mtime_are_unchanged(tmp_path):
+    memo, data = tmp_path / "memo", tmp_path / "big.bin"
+    data.write_bytes(b"a" * 1000)
+    first = lineage.file_hashes(data, memo_dir=memo)[""]
+    stat = data.stat()
+    data.write_bytes(b"b" * 1000)
+    os.utime(data, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same size, same mtime: taken as unchanged
+    assert lineage.file_hashes(data, memo_dir=memo)[""] == first
+    assert lineage.file_hashes(data)[""] != first  # the audit never uses the memo
+    os.utime(data, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert lineage.file_hashes(data, memo_dir=memo)[""] == hashlib.sha256(b"b" * 1000).hexdigest()
+
+
+def test_code_fingerprint_names_the_packages_a_stage_imports():
+    train = fingerprint.code_fingerprint("dermcompress.train")
+    degrade = fingerprint.code_fingerprint("dermcompress.degrade")
+    assert {"torch", "timm"} <= set(train["packages"]) and "timm" not in degrade["packages"]
+    assert "pillow" in degrade["packages"] and "tqdm" not in degrade["packages"]
+    assert train["source"] == fingerprint.module_fingerprint("dermcompress.train")
+    assert fingerprint.code_fingerprint("dermcompress.train", packages=False)["packages"] == "env"
+
+
+def test_runs_column_contract_is_the_aggregations():
+    assert (lineage.RUNS_COLUMN, lineage.RUNS_SEPARATOR) == (aggregate.RUNS_COLUMN, aggregate.RUNS_SEPARATOR)
+    files = ["results/runs/b/metrics.json", "results/runs/a/history.csv", "results/runs/b"]
+    assert lineage.runs_of(files) == ["results/runs/a", "results/runs/b"]
+
+
+# --------------------------------------------------------------------------------------------- the study
+
+RAW_IMAGES = "results/data/synthetic/ISIC_2019_Training_Input"
+
+
+def cli(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "dermcompress.cli", "lineage", *args]
+    return subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=300)
+
+
+def run_dir(workdir: Path, experiment: str = "base") -> Path:
+    return next((workdir / f"results/runs/{experiment}").rglob("metrics.json")).parent
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def study_copy(finished_study, tmp_path) -> Path:
+    """A copy of the finished study to tamper with (checkpoints left out: lineage never reads them)."""
+    copied = shutil.copytree(finished_study, tmp_path / "copy", ignore=shutil.ignore_patterns("checkpoints"))
+    return Path(copied)
+
+
+@pytest.mark.workflow
+def test_table_row_names_the_raw_image_hashes_of_its_test_split(finished_study):
+    table = finished_study / "results/tables/base.csv"
+    rows = pd.read_csv(table)
+    proc = cli(finished_study, "results/tables/base.csv", "--row", "0", "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["broken"] == [] and report["files_checked"] > 100
+    assert report["runs"] == rows.loc[0, "runs"].split(";")
+    run = finished_study / report["runs"][0]
+    eval_cache = json.loads((run / "config.json").read_text())["eval_cache"]
+    test_ids = read_split(finished_study / eval_cache, "test").image_ids
+    manifest = pd.read_parquet(finished_study / "results/data/manifest.parquet").set_index("image_id")
+    named = {r["image_id"]: r["sha256"] for r in report["images"]["by_split"]["test"]}
+    assert sorted(named) == sorted(test_ids)
+    splits = pd.read_parquet(finished_study / "results/data/splits.parquet")
+    assert set(named) == set(splits.loc[splits["split"] == "test", "image_id"])
+    for image_id, digest in named.items():
+        raw = finished_study / RAW_IMAGES / manifest.at[image_id, "member"]
+        assert digest == sha256(raw)  # hashed here, independently of the pipeline
+    # Every stage from the table back to the synthetic raw files, with the parameters that made this row.
+    stages = {s["rule"]: s for s in report["stages"]}
+    assert set(stages) == {"table", "train", "cache", "degrade", "resize", "split", "task", "ingest", "synth"}
+    assert stages["train"]["params"]["settings"]["lr"] == 1.0e-3
+    degrades = {s["wildcards"]["variant"]: s for s in report["stages"] if s["rule"] == "degrade"}
+    assert set(degrades) == {"degraded", "clean"}  # trained on one, evaluated on the other
+    assert degrades["degraded"]["params"]["variant"]["jpeg_quality"] == 75
+    assert stages["split"]["params"]["test_fraction"] == 0.2
+    assert stages["resize"]["wildcards"] == {"res": "16"}
+    assert stages["degrade"]["code"]["source"] == fingerprint.module_fingerprint("dermcompress.degrade")
+    text = cli(finished_study, "results/tables/base.md", "--row", "0").stdout
+    assert f"test  {test_ids[0]}  sha256 {named[test_ids[0]]}" in text
+    assert "OK: all" in text
+
+
+@pytest.mark.workflow
+def test_a_row_follows_only_its_own_runs(finished_study):
+    report = lineage.trace(finished_study / "results/runs/index.csv", verify=False)
+    assert sum(s["rule"] == "train" for s in report["stages"]) == 2
+    table = finished_study / "results/tables/other.csv"
+    report = lineage.trace(table, row=0, verify=False)
+    trains = [s for s in report["stages"] if s["rule"] == "train"]
+    assert [t["wildcards"]["experiment"] for t in trains] == ["other"]
+    with pytest.raises(lineage.LineageError, match=r"rows 0\.\.0"):
+        lineage.trace(table, row=5)
+
+
+@pytest.mark.workflow
+def test_run_folder_and_cache_shard_walk_back_to_the_raw_images(finished_study):
+    run = run_dir(finished_study)
+    report = lineage.trace(run)
+    assert report["broken"] == []
+    assert report["stages"][0]["rule"] == "train"
+    splits = pd.read_parquet(finished_study / "results/data/splits.parquet")
+    by_split = {s: {r["image_id"] for r in rows} for s, rows in report["images"]["by_split"].items()}
+    assert by_split == {s: set(ids) for s, ids in splits.groupby("split")["image_id"]}
+
+    shard = sorted((finished_study / "results/cache/32px/degraded/train").glob("*.parquet"))[0]
+    report = lineage.trace(shard)
+    assert [s["rule"] for s in report["stages"][:2]] == ["cache", "degrade"]
+    shard_ids = set(pd.read_parquet(shard, columns=["image_id"])["image_id"])
+    assert {r["image_id"] for r in report["images"]["by_split"]["train"]} == shard_ids
+    assert set(report["images"]["by_split"]) == {"train"}
+
+
+@pytest.mark.workflow
+def test_records_leave_caches_intact(finished_study):
+    cache = finished_study / "results/cache/16px/clean"
+    assert (cache / "_lineage.json").is_file()
+    verify_cache(cache)
+    recorded = lineage.read_record(cache / "_lineage.json")["outputs"][0]
+    assert lineage.describe(cache)["sha256"] == recorded["sha256"]
+    splits = pd.read_parquet(finished_study / "results/data/splits.parquet")
+    assert sum(load_info(cache)["rows"].values()) == len(splits)
+
+
+@pytest.mark.workflow
+def test_tampered_cache_shard_is_a_broken_link(study_copy):
+    shard = sorted((study_copy / "results/cache/16px/clean/test").glob("*.parquet"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    proc = cli(study_copy, str(run_dir(study_copy).relative_to(study_copy)), "--json")
+    assert proc.returncode == 1
+    broken = {Path(b["path"]): b for b in json.loads(proc.stdout)["broken"]}
+    assert broken[shard]["sha256_now"] == sha256(shard)
+    assert broken[shard]["recorded"][0]["sha256"] != sha256(shard)
+    cache = broken[study_copy / "results/cache/16px/clean"]
+    assert {r["by"].split("[")[0] for r in cache["recorded"]} == {"train", "cache"}
+    text = cli(study_copy, str(shard.relative_to(study_copy))).stdout
+    assert "BROKEN LINKS" in text and str(shard.relative_to(study_copy)) in text
+
+
+@pytest.mark.workflow
+def test_tampered_raw_image_is_a_broken_link(study_copy):
+    run = run_dir(study_copy)
+    test_id = sorted(pd.read_parquet(run / "predictions.parquet")["image_id"])[0]
+    manifest = pd.read_parquet(study_copy / "results/data/manifest.parquet").set_index("image_id")
+    raw = study_copy / RAW_IMAGES / manifest.at[test_id, "member"]
+    raw.write_bytes(raw.read_bytes() + b"tampered")
+    proc = cli(study_copy, "results/tables/base.csv", "--row", "0")
+    assert proc.returncode == 1
+    assert f"(raw image {test_id}, used by this result): changed" in proc.stdout
+    report = lineage.trace(study_copy / "results/tables/base.csv", row=0)
+    image = next(b for b in report["broken"] if b.get("image_id") == test_id)
+    assert image["recorded"] == [{"by": "manifest (ingest)", "sha256": manifest.at[test_id, "sha256"]}]
+    assert image["sha256_now"] == sha256(raw) and image["used_by_this_result"]
+
+
+@pytest.mark.workflow
+def test_report_lists_the_runs_behind_each_table_and_figure(finished_study, tmp_path):
+    report = tmp_path / "report.html"
+    snakemake(finished_study, "--report", str(report))
+    text = report.read_text()
+    shown = list((finished_study / "results/tables").glob("*.html"))
+    shown += list((finished_study / "results/figures").glob("*.png"))
+    assert (
+        text.count("Runs behind it (1)") == len(shown) == 4
+    )  # a table and a figure per experiment, one run each
+    for experiment in ("base", "other"):
+        listed = f">{run_dir(finished_study, experiment).relative_to(finished_study)}</tt></li>"
+        assert text.count(listed) == 2  # under the experiment's table and under its figure
+
+
+@pytest.mark.workflow
+def test_official_zip_layout_names_the_raw_files_and_flags_a_changed_member(tmp_path):
+    import zipfile
+
+    from conftest import copy_workflow, write_config
+
+    from dermcompress.sources import GROUND_TRUTH, IMAGES_ZIP, METADATA
+    from dermcompress.synth import make_synthetic
+
+    root = make_synthetic(tmp_path / "isic", n=30, seed=1, as_zip=True)
+    workdir = copy_workflow(tmp_path / "wf")
+    write_config(workdir / "test.yaml", {"data": {"isic_root": str(root)}, "run_experiments": []})
+    snakemake(workdir, "results/data/manifest.parquet", "--configfile", "test.yaml")
+    manifest = workdir / "results/data/manifest.parquet"
+    report = lineage.trace(manifest)
+    assert report["broken"] == [] and [s["rule"] for s in report["stages"]] == ["ingest"]
+    raw = {Path(r["path"]).name: r for r in report["raw_files"]}
+    assert set(raw) == {GROUND_TRUTH, METADATA, IMAGES_ZIP}
+    archive = root / IMAGES_ZIP
+    assert raw[IMAGES_ZIP]["sha256"] == sha256(archive)
+
+    ok = pd.read_parquet(manifest).query("status == 'ok'").iloc[0]
+    with zipfile.ZipFile(archive) as z:
+        members = {name: z.read(name) for name in z.namelist()}
+    members[ok["member"]] += b"tampered"
+    with zipfile.ZipFile(archive, "w") as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    broken = {b["path"]: b for b in lineage.trace(manifest)["broken"]}
+    assert broken[str(archive)]["recorded"][0]["by"] == "ingest (input images)"
+    member = broken[f"{archive}:{ok['member']}"]
+    assert member["image_id"] == ok["image_id"] and member["recorded"][0]["sha256"] == ok["sha256"]

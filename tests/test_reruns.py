@@ -1,0 +1,121 @@
+"""Change one thing, rerun only what it affects: real `snakemake --dry-run` on a finished small study (conftest
+STUDY: synthetic data at 32 and 16 px, experiments `base` (degraded -> clean) and `other` (clean -> clean) of a
+tiny model, and their aggregation into tables and figures)."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import snakemake, write_config
+from test_workflow import planned_jobs, rules_of
+
+pytestmark = pytest.mark.workflow
+
+DATA_RULES = {"synth", "ingest", "task", "split", "resize", "degrade", "cache"}
+BEFORE_DEGRADE = {"synth", "ingest", "task", "split", "resize"}
+
+
+def dry_run(workdir: Path, change: dict | None = None) -> set:
+    """Jobs a dry run plans with `change` merged into the study's config (nested keys merged)."""
+    config = yaml.safe_load((workdir / "config.yaml").read_text())
+    merge(config, change or {})
+    write_config(workdir / "changed.yaml", config)
+    proc = snakemake(workdir, "--dry-run", "--configfile", "changed.yaml")
+    return planned_jobs(proc.stdout + proc.stderr)
+
+
+def merge(base: dict, change: dict) -> None:
+    for key, value in change.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            merge(base[key], value)
+        else:
+            base[key] = copy.deepcopy(value)
+
+
+def wildcards(job) -> dict[str, str]:
+    return dict(w.split("=", 1) for w in job[1])
+
+
+def jobs_of(jobs, rule: str) -> list[dict[str, str]]:
+    return [wildcards(job) for job in jobs if job[0] == rule]
+
+
+def experiments_touched(jobs) -> set[str]:
+    """The experiments of every planned job that belongs to one (training and per-experiment aggregation)."""
+    return {wildcards(job)["experiment"] for job in jobs if "experiment" in wildcards(job)}
+
+
+def test_nothing_changed_nothing_planned(finished_study):
+    assert dry_run(finished_study) == set()
+
+
+def test_new_learning_rate_reruns_only_that_experiments_training_and_aggregation(finished_study):
+    jobs = dry_run(finished_study, {"experiments": {"base": {"lr": [5.0e-4]}}})
+    assert not rules_of(jobs) & DATA_RULES
+    assert [(t["experiment"], t["lr"]) for t in jobs_of(jobs, "train")] == [("base", "0.0005")]
+    assert experiments_touched(jobs) == {"base"}
+    assert jobs_of(jobs, "table") == [{"experiment": "base"}]
+    assert "data_summary" not in rules_of(jobs)
+
+
+def test_new_jpeg_quality_reruns_the_degraded_variant_and_what_uses_it(finished_study):
+    jobs = dry_run(finished_study, {"degrade": {"jpeg_quality": 50}})
+    assert not rules_of(jobs) & BEFORE_DEGRADE
+    for rule in ("degrade", "cache"):
+        assert sorted((w["res"], w["variant"]) for w in jobs_of(jobs, rule)) == [
+            ("16", "degraded"),
+            ("32", "degraded"),
+        ]
+    # Only `base` trains on the degraded variant; `other` is clean throughout.
+    assert [t["experiment"] for t in jobs_of(jobs, "train")] == ["base"]
+    assert experiments_touched(jobs) == {"base"}
+    assert "data_summary" not in rules_of(jobs)
+
+
+def test_new_resolution_reruns_only_its_resize_and_downstream(finished_study):
+    change = {"resize": {"resolutions": [32, 16, 8]}, "experiments": {"base": {"resolutions": [16, 8]}}}
+    jobs = dry_run(finished_study, change)
+    assert not rules_of(jobs) & {"synth", "ingest", "task", "split"}
+    assert jobs_of(jobs, "resize") == [{"res": "8"}]
+    for rule in ("degrade", "cache", "train"):
+        assert jobs_of(jobs, rule) and all(w["res"] == "8" for w in jobs_of(jobs, rule))
+    assert experiments_touched(jobs) == {"base"}
+
+
+def test_edit_to_degradation_module_reruns_degradation_and_downstream(finished_study):
+    module = finished_study / "src/dermcompress/degrade.py"
+    original = module.read_text()
+    try:
+        module.write_text(original + "\n# an edit\n")
+        jobs = dry_run(finished_study)
+    finally:
+        module.write_text(original)
+    assert not rules_of(jobs) & BEFORE_DEGRADE
+    assert len(jobs_of(jobs, "degrade")) == len(jobs_of(jobs, "cache")) == 4  # 2 resolutions x 2 variants
+    assert {t["experiment"] for t in jobs_of(jobs, "train")} == {"base", "other"}
+    assert {t["experiment"] for t in jobs_of(jobs, "table")} == {"base", "other"}
+    assert "data_summary" not in rules_of(jobs)
+
+
+@pytest.mark.parametrize(
+    ("distribution", "reruns"),
+    [("timm", {"train"}), ("tqdm", set())],  # tqdm draws progress bars: a new one changes no number
+)
+def test_new_package_version_reruns_only_the_rules_that_import_it(finished_study, distribution, reruns):
+    # A distribution found first on sys.path wins: the workflow puts its src/ there, so this is "installed".
+    fake = finished_study / f"src/{distribution}-99.0.dist-info"
+    fake.mkdir()
+    (fake / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {distribution}\nVersion: 99.0\n")
+    try:
+        jobs = dry_run(finished_study)
+    finally:
+        shutil.rmtree(fake)
+    if not reruns:
+        assert jobs == set()
+        return
+    assert rules_of(jobs) & (DATA_RULES | {"train"}) == reruns
+    assert {t["experiment"] for t in jobs_of(jobs, "train")} == {"base", "other"}
