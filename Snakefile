@@ -11,9 +11,22 @@ configfile: "config.yaml"
 validate(config, "workflow/schemas/config.schema.yaml")
 
 
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
+include: "workflow/rules/aggregate.smk"
+
+
+# The target rule runs no code, and aggregation only reads small run outputs: never cluster jobs.
+localrules:
+    all,
+    data_summary,
+    runs_index,
+    table,
+    figure_curves,
 
 
 rule all:

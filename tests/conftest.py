@@ -45,3 +45,54 @@ def snakemake(
 @pytest.fixture
 def workflow_dir(tmp_path: Path) -> Path:
     return copy_workflow(tmp_path / "wf")
+
+
+# A whole small study: synthetic data at two resolutions, two experiments of one tiny untrained model, aggregation.
+# Run once per session and shared by the lineage and rerun tests, which only read it (or copy it first).
+STUDY = {
+    "data": {"synthetic": {"n": 120, "seed": 3}},
+    "resize": {"resolutions": [32, 16]},
+    "degrade": {
+        "variants": {
+            "clean": {"fractions": {}},
+            "degraded": {"fractions": {"jpeg": 0.2, "blur": 0.2, "quantize": 0.2}, "splits": ["train"]},
+        }
+    },
+    "cache": {"rows_per_shard": 16, "row_group_size": 8},
+    "models": {"tiny": {"source": "timm:resnet10t", "pretrained": False}},
+    "training": {"batch_size": 16, "epochs": 1, "n_bootstrap": 20},
+    "experiments": {
+        "base": {
+            "models": ["tiny"],
+            "resolutions": [16],
+            "train_variants": ["degraded"],
+            "eval_variants": ["clean"],
+            "modes": ["finetune"],
+            "lr": [1.0e-3],
+            "seeds": [0],
+        },
+        "other": {
+            "models": ["tiny"],
+            "resolutions": [16],
+            "train_variants": ["clean"],
+            "eval_variants": ["clean"],
+            "modes": ["linear"],
+            "lr": [1.0e-2],
+            "seeds": [0],
+        },
+    },
+    "run_experiments": "all",
+}
+
+
+@pytest.fixture(scope="session")
+def finished_study(tmp_path_factory) -> Path:
+    """A finished run of STUDY: the repository's config.yaml with STUDY merged in (models, experiments replaced)."""
+    workdir = copy_workflow(tmp_path_factory.mktemp("study"))
+    config = yaml.safe_load((workdir / "config.yaml").read_text())
+    for key, value in STUDY.items():
+        merge = isinstance(value, dict) and key not in ("models", "experiments")
+        config[key] = {**config[key], **value} if merge else value
+    write_config(workdir / "config.yaml", config)
+    snakemake(workdir)
+    return workdir

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 from conftest import copy_workflow, snakemake, write_config
 
 from dermcompress.cache import load_info, read_split
@@ -117,8 +118,9 @@ def test_nothing_changed_nothing_planned(finished):
 def test_new_jpeg_quality_reruns_only_the_degraded_variant(finished):
     jobs = dry_run(finished, {"degrade": {"jpeg_quality": 50}})
     assert rules_of(jobs) == {"degrade", "cache", "all"}
+    # The variants that JPEG-compress: the study's mix and the robustness experiment's jpeg_only.
     assert {wc for rule, wc in jobs if rule != "all"} == {
-        (f"res={res}", "variant=degraded") for res in RESOLUTIONS
+        (f"res={res}", f"variant={variant}") for res in RESOLUTIONS for variant in ("degraded", "jpeg_only")
     }
 
 
@@ -138,7 +140,8 @@ def test_edit_to_degradation_module_reruns_degradation_and_downstream(finished):
     finally:
         module.write_text(original)
     assert rules_of(jobs) == {"degrade", "cache", "all"}
-    assert len([1 for rule, _ in jobs if rule == "degrade"]) == len(RESOLUTIONS) * 2
+    variants = yaml.safe_load((finished / "config.yaml").read_text())["degrade"]["variants"]
+    assert len([1 for rule, _ in jobs if rule == "degrade"]) == len(RESOLUTIONS) * len(variants)
 
 
 def test_cache_checksum_failure_names_the_shard(finished, tmp_path):

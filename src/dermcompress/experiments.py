@@ -1,20 +1,46 @@
 """Experiment grids: which training runs the config asks for, where their outputs go, and their settings.
 
-A run is one model x resolution x train variant x eval variant x mode x learning rate x seed of a named
-experiment; its folder under results/runs/ spells those out, so a path says what produced it.
+A run is one point of a named experiment's grid: model x resolution x train variant x eval variant x mode x
+learning rate x schedule x epochs x label fraction x seed. Its folder under results/runs/ spells every one of them
+out (RUN_DIR), so two distinct runs never share a folder and a path says what produced it:
+
+    results/runs/vit_lr_sweep/vit_b16/112px/degraded__clean/finetune/lr5e-05_cosine_6ep/labels1/seed0
+
+The grid keys `schedules`, `epochs` and `label_fractions` may be left out: they then hold the one value the
+training section (or the experiment's `training:` overrides) gives, and 1 (all labels).
 """
 
 from __future__ import annotations
 
 import copy
 import itertools
-from dataclasses import asdict, dataclass
+import re
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
-RUN_DIR = "results/runs/{experiment}/{model}/{res}px/{train_variant}__{eval_variant}/{mode}/lr{lr}/seed{seed}"
+RUN_DIR = (
+    "results/runs/{experiment}/{model}/{res}px/{train_variant}__{eval_variant}/{mode}/"
+    "lr{lr}_{schedule}_{epochs}ep/labels{label_fraction}/seed{seed}"
+)
 CHECKPOINT_DIR = RUN_DIR.replace("results/runs/", "results/checkpoints/", 1)
 RUN_FILES = ("metrics.json", "predictions.parquet", "history.csv", "config.json")
-GRID_KEYS = ("models", "resolutions", "train_variants", "eval_variants", "modes", "lr", "seeds")
+# Grid key in config.yaml -> Run field. Seeds last: repeats of one setting sit together.
+GRID_KEYS = {
+    "models": "model",
+    "resolutions": "res",
+    "train_variants": "train_variant",
+    "eval_variants": "eval_variant",
+    "modes": "mode",
+    "lr": "lr",
+    "schedules": "schedule",
+    "epochs": "epochs",
+    "label_fractions": "label_fraction",
+    "seeds": "seed",
+}
+# Grid dimensions that the grid itself sets; an experiment's `training:` overrides must leave them alone.
+GRID_SETTINGS = {"mode", "lr", "schedule", "epochs", "label_fraction", "seed"}
 
 
 @dataclass(frozen=True)
@@ -26,16 +52,44 @@ class Run:
     eval_variant: str
     mode: str
     lr: str
+    schedule: str
+    epochs: int
+    label_fraction: str
     seed: int
 
     @property
     def run_dir(self) -> str:
         return RUN_DIR.format(**asdict(self))
 
+    @classmethod
+    def from_wildcards(cls, wildcards: Any) -> Run:
+        """The run a rule's wildcards (strings) name."""
+        values = {f.name: getattr(wildcards, f.name) for f in fields(cls)}
+        return cls(
+            **{
+                **values,
+                "res": int(values["res"]),
+                "epochs": int(values["epochs"]),
+                "seed": int(values["seed"]),
+            }
+        )
 
-def format_lr(lr: float | str) -> str:
-    """One spelling per learning rate, used in paths: 1e-05, 5e-06, 0.0001."""
-    return f"{float(lr):g}"
+
+# RUN_DIR as a regular expression, each {field} a named group of one path component (or less).
+_RUN_DIR_RE = re.compile(re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^/]+)", re.escape(RUN_DIR)) + "/?$")
+
+
+def parse_run_dir(path: str | Path) -> Run:
+    """The run a folder (relative or absolute, ending in RUN_DIR's layout) holds, read from its path."""
+    match = _RUN_DIR_RE.search(Path(path).as_posix())
+    if match is None:
+        raise ValueError(f"{path} is not a run folder ({RUN_DIR})")
+    return Run.from_wildcards(SimpleNamespace(**match.groupdict()))
+
+
+def format_number(value: float | str) -> str:
+    """One spelling per number, used in paths: 1e-05, 5e-06, 0.0001, 0.25, 1."""
+    return f"{float(value):g}"
 
 
 def selected_experiments(config: dict[str, Any]) -> list[str]:
@@ -47,32 +101,100 @@ def selected_experiments(config: dict[str, Any]) -> list[str]:
     return names
 
 
-def expand_runs(config: dict[str, Any]) -> list[Run]:
-    """Every run of the selected experiments, in a stable order."""
-    runs = []
-    for name in selected_experiments(config):
-        grid = config["experiments"][name]
-        for model, res, train_v, eval_v, mode, lr, seed in itertools.product(*(grid[k] for k in GRID_KEYS)):
-            runs.append(Run(name, model, int(res), train_v, eval_v, mode, format_lr(lr), int(seed)))
-    return runs
-
-
-def run_settings(
-    config: dict[str, Any], experiment: str, mode: str, lr: str, seed: int | str
-) -> dict[str, Any]:
-    """The resolved training settings of one run: defaults, the experiment's overrides, then the grid point."""
+def experiment_training(config: dict[str, Any], name: str) -> dict[str, Any]:
+    """The training section with the experiment's `training:` overrides (nested ones merged)."""
     settings = copy.deepcopy(config["training"])
-    for key, value in config["experiments"][experiment].get("training", {}).items():
+    for key, value in config["experiments"][name].get("training", {}).items():
         if isinstance(value, dict):
             settings[key] = {**settings.get(key, {}), **value}
         else:
             settings[key] = value
-    settings.update(mode=mode, lr=float(lr), seed=int(seed))
+    return settings
+
+
+def grid_values(config: dict[str, Any], name: str) -> dict[str, Any]:
+    """Run field -> the values the experiment's grid takes, the optional keys filled in from its training.
+
+    `lr` stays as written: a list, or a mapping mode -> list.
+    """
+    grid = config["experiments"][name]
+    training = experiment_training(config, name)
+    defaults = {
+        "schedules": [training.get("schedule", "linear")],
+        "epochs": [training.get("epochs", 1)],
+        "label_fractions": [1.0],
+    }
+    return {field: grid.get(key, defaults.get(key)) for key, field in GRID_KEYS.items()}
+
+
+def learning_rates(lr: list | dict, mode: str) -> list[str]:
+    """The learning rates of one mode, spelt as in paths. kNN trains nothing: its runs carry lr 0."""
+    if mode == "knn":
+        return [format_number(0)]
+    return [format_number(x) for x in (lr[mode] if isinstance(lr, dict) else lr)]
+
+
+def expand_runs(config: dict[str, Any]) -> list[Run]:
+    """Every run of the selected experiments, in a stable order (no run twice)."""
+    runs: dict[Run, None] = {}
+    for name in selected_experiments(config):
+        values = grid_values(config, name)
+        lr = values.pop("lr")
+        for point in itertools.product(*values.values()):
+            v = dict(zip(values, point, strict=True))
+            for rate in learning_rates(lr, v["mode"]):
+                run = Run(
+                    experiment=name,
+                    model=v["model"],
+                    res=int(v["res"]),
+                    train_variant=v["train_variant"],
+                    eval_variant=v["eval_variant"],
+                    mode=v["mode"],
+                    lr=rate,
+                    schedule=v["schedule"],
+                    epochs=int(v["epochs"]),
+                    label_fraction=format_number(v["label_fraction"]),
+                    seed=int(v["seed"]),
+                )
+                runs[run] = None
+    return list(runs)
+
+
+def varying_fields(runs: list[Run]) -> list[str]:
+    """The grid dimensions (Run fields but experiment and seed) with more than one value among `runs`."""
+    names = [f.name for f in fields(Run) if f.name not in ("experiment", "seed")]
+    return [name for name in names if len({getattr(run, name) for run in runs}) > 1]
+
+
+def figure_kinds(config: dict[str, Any], experiment: str) -> list[str]:
+    """The figures an experiment's grid calls for: training curves always; the cost trade-off when resolution
+    varies; a robustness heat map when the evaluation data vary; learning curves when the label fraction does."""
+    vary = set(varying_fields(runs_of(config, experiment)))
+    wanted = {"cost": "res", "robustness": "eval_variant", "label_efficiency": "label_fraction"}
+    return ["curves", *(kind for kind, field in wanted.items() if field in vary)]
+
+
+def runs_of(config: dict[str, Any], experiment: str) -> list[Run]:
+    return [run for run in expand_runs(config) if run.experiment == experiment]
+
+
+def run_settings(config: dict[str, Any], run: Run) -> dict[str, Any]:
+    """The resolved training settings of one run: defaults, the experiment's overrides, then the grid point."""
+    settings = experiment_training(config, run.experiment)
+    settings.update(
+        mode=run.mode,
+        lr=float(run.lr),
+        schedule=run.schedule,
+        epochs=run.epochs,
+        label_fraction=float(run.label_fraction),
+        seed=run.seed,
+    )
     return settings
 
 
 def check_experiments(config: dict[str, Any]) -> list[str]:
-    """Problems with the experiment grids (unknown models, resolutions or variants), as 'key: problem' lines."""
+    """Problems with the experiment grids (unknown models, resolutions or variants; grid settings also set in
+    `training:`), as 'key: problem' lines."""
     known = {
         "models": set(config["models"]),
         "resolutions": {int(r) for r in config["resize"]["resolutions"]},
@@ -88,4 +210,16 @@ def check_experiments(config: dict[str, Any]) -> list[str]:
             if missing := sorted(values - allowed, key=str):
                 source = where.get(key, "degrade.variants")
                 problems.append(f"experiments.{name}.{key}: {missing} not in {source}")
+        if isinstance(grid["lr"], dict) and (
+            missing := sorted(set(grid["modes"]) - set(grid["lr"]) - {"knn"})
+        ):
+            problems.append(f"experiments.{name}.lr: no learning rates for modes {missing}")
+        for key in sorted(GRID_SETTINGS & set(grid.get("training", {}))):
+            problems.append(
+                f"experiments.{name}.training.{key}: set by the grid (experiments.{name}.{_grid_key(key)})"
+            )
     return problems
+
+
+def _grid_key(field: str) -> str:
+    return next(key for key, f in GRID_KEYS.items() if f == field)

@@ -12,8 +12,9 @@ os.environ.update(
 )
 
 from dermcompress import config as dc_config
-from dermcompress import experiments, sources
-from dermcompress.fingerprint import module_fingerprint
+from dermcompress import experiments, lineage, sources
+from dermcompress.fingerprint import code_fingerprint
+from snakemake_interface_executor_plugins.settings import DeploymentMethod
 
 dc_config.check(config)
 
@@ -21,6 +22,7 @@ SYNTHETIC = config["data"]["isic_root"] is None
 ISIC_ROOT = "results/data/synthetic" if SYNTHETIC else config["data"]["isic_root"]
 RESOLUTIONS = [int(r) for r in config["resize"]["resolutions"]]
 VARIANTS = list(config["degrade"]["variants"])
+EXPERIMENTS = experiments.selected_experiments(config)
 RUNS = experiments.expand_runs(config)
 RUN_DIR = experiments.RUN_DIR
 CHECKPOINT_DIR = experiments.CHECKPOINT_DIR
@@ -37,6 +39,9 @@ wildcard_constraints:
     model="|".join(config["models"]) or "^$",
     mode="finetune|linear|knn|freeze_blocks|lora",
     lr=r"[0-9.e+-]+",
+    schedule="linear|cosine",
+    epochs=r"\d+",
+    label_fraction=r"[0-9.e+-]+",
     seed=r"\d+",
 
 
@@ -46,12 +51,16 @@ onstart:
 
 
 def get_code(module):
-    """Fingerprint of a package module and everything it imports from the package.
+    """What a job depends on besides its inputs: the fingerprint of a package module and everything it imports from
+    the package, and the installed versions of the third-party packages those modules import.
 
-    Passed as a param, so that editing e.g. dermcompress/degrade.py reruns degradation and what follows,
-    which Snakemake cannot see on its own (it only tracks the script file).
+    Passed as a param, so that editing e.g. dermcompress/degrade.py, or installing another Pillow, reruns
+    degradation and what follows, which Snakemake cannot see on its own (it only tracks the script file). Jobs
+    in conda envs leave the versions out: Snakemake tracks those envs itself, and this interpreter's packages
+    are not theirs.
     """
-    return module_fingerprint(f"dermcompress.{module}")
+    in_conda = DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
+    return code_fingerprint(f"dermcompress.{module}", packages=not in_conda)
 
 
 def get_raw_inputs():
@@ -84,16 +93,79 @@ def get_model_entry(wildcards):
     return config["models"][wildcards.model]
 
 
+def get_local_weights(wildcards):
+    """A local weights file or folder of the run's model, as an input: replacing it reruns the run.
+
+    A missing one is left to the job, whose error says how to get and convert the weights.
+    """
+    source = config["models"][wildcards.model]["source"]
+    path = source.removeprefix("local:")
+    return [path] if source.startswith("local:") and Path(path).exists() else []
+
+
 def get_run_settings(wildcards):
-    """Training defaults, overridden by the experiment's, then the run's mode, lr and seed."""
-    return experiments.run_settings(
-        config, wildcards.experiment, wildcards.mode, wildcards.lr, wildcards.seed
-    )
+    """Training defaults, overridden by the experiment's, then the run's grid point (mode, lr, seed...)."""
+    return experiments.run_settings(config, experiments.Run.from_wildcards(wildcards))
+
+
+def get_all_metrics():
+    """metrics.json of every run of the selected experiments."""
+    return [f"{run.run_dir}/metrics.json" for run in RUNS]
+
+
+def get_experiment_metrics(wildcards):
+    return [
+        f"{run.run_dir}/metrics.json"
+        for run in RUNS
+        if run.experiment == wildcards.experiment
+    ]
+
+
+def get_experiment_histories(wildcards):
+    return [
+        f"{run.run_dir}/history.csv"
+        for run in RUNS
+        if run.experiment == wildcards.experiment
+    ]
+
+
+def get_experiment_runs(wildcards):
+    """The run folders behind an experiment's table and figures, which their report captions list."""
+    return lineage.runs_of(get_experiment_metrics(wildcards))
+
+
+def get_title(wildcards):
+    """The experiment's description, the caption of its table and figures."""
+    grid = config["experiments"][wildcards.experiment]
+    return grid.get("description", wildcards.experiment)
+
+
+def get_figures():
+    """The figures each selected experiment's grid calls for (experiments.figure_kinds)."""
+    return [
+        f"results/figures/{name}_{kind}.png"
+        for name in EXPERIMENTS
+        for kind in experiments.figure_kinds(config, name)
+    ]
 
 
 def get_final_outputs():
-    return [
+    """Data stages for every resolution and variant, the data summary; with runs selected, the runs, their
+    index, a table per experiment and its figures."""
+    outputs = [
         "results/data/split_report.json",
+        "results/data/summary.html",
         *expand("results/cache/{res}px/{variant}", res=RESOLUTIONS, variant=VARIANTS),
-        *(f"{run.run_dir}/metrics.json" for run in RUNS),
     ]
+    if RUNS:
+        outputs += [
+            *get_all_metrics(),
+            "results/runs/index.csv",
+            *expand(
+                "results/tables/{experiment}.{ext}",
+                experiment=EXPERIMENTS,
+                ext=["csv", "md", "tex", "html"],
+            ),
+            *get_figures(),
+        ]
+    return outputs

@@ -1,0 +1,9 @@
+"""Snakemake adapter: every selected run's metrics.json -> one row per run (CSV, and HTML for the report)."""
+
+from dermcompress.aggregate import run_runs_index
+from dermcompress.logs import job_logging
+
+with job_logging(snakemake):
+    run_runs_index(
+        metrics=list(snakemake.input.metrics), csv=snakemake.output.csv, html=snakemake.output.html
+    )

@@ -1,0 +1,247 @@
+"""The study's tables, from the runs' own outputs only (metrics.json; the grid point is read from the run's path).
+
+One table per experiment: a row per setting of the grid dimensions that vary in it (the model always shown),
+mean and sample standard deviation over its seeds. So the resolution sweep gives Table 1 (model x resolution),
+the learning-rate sweeps Tables 2 and 3, and so on, without a table definition per experiment.
+
+Every table is written as CSV (numbers, for analysis), Markdown and LaTeX (formatted, mean ± std) and HTML (for
+the report). The CSV's `runs` column lists, separated by ';', the run folders (relative to the workflow
+directory) that each row aggregates: every number is traceable to its runs, and from them to their data.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict
+from html import escape
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .experiments import parse_run_dir
+
+log = logging.getLogger(__name__)
+
+RUNS_COLUMN = "runs"
+RUNS_SEPARATOR = ";"
+# Grid dimensions, in column order, with their headers.
+DIMS = {
+    "model": "Model",
+    "res": "Resolution (px)",
+    "train_variant": "Trained on",
+    "eval_variant": "Evaluated on",
+    "mode": "Mode",
+    "lr": "LR",
+    "schedule": "Schedule",
+    "epochs": "Epochs",
+    "label_fraction": "Labels",
+}
+METRICS = {
+    "accuracy": "Accuracy",
+    "f1_macro": "F1 (macro)",
+    "auc": "AUC",
+    "balanced_accuracy": "Balanced acc.",
+}
+COSTS = {
+    "gmacs": "GMACs",
+    "peak_train_mem_mb": "Peak train mem. (MB)",
+    "peak_eval_mem_mb": "Peak eval mem. (MB)",
+    "params_m": "Params (M)",
+}
+# What the Markdown / LaTeX / HTML tables show (the study's Table 1 columns); the CSV has every metric and cost.
+SHOWN = {
+    "accuracy": "Accuracy",
+    "f1_macro": "F1 (macro)",
+    "auc": "AUC",
+    "gmacs": "GMACs",
+    "peak_train_mem_mb": "Peak GPU mem. (MB)",
+}
+NOT_MEASURED = "n/a"
+CPU_NOTE = "Peak GPU memory is not measured on a CPU (n/a)."
+TABLE_CSS = [
+    {"selector": "", "props": "border-collapse: collapse; font-family: sans-serif; font-size: 13px;"},
+    {"selector": "th, td", "props": "border: 1px solid #ccc; padding: 3px 8px; text-align: right;"},
+    {"selector": "caption", "props": "font-weight: bold; padding: 6px; text-align: left;"},
+]
+
+
+# ------------------------------------------------------------------------------------------------- reading
+
+
+def load_runs(run_dirs: list[str]) -> pd.DataFrame:
+    """One row per run: its grid point (from its path), its metrics and costs, and `run` (its folder)."""
+    rows = []
+    for run_dir in run_dirs:
+        metrics = json.loads((Path(run_dir) / "metrics.json").read_text())
+        point = asdict(parse_run_dir(run_dir))
+        rows.append({**point, **{k: metrics.get(k) for k in (*METRICS, *COSTS)}, "run": str(run_dir)})
+    frame = pd.DataFrame(rows)
+    for column in (*METRICS, *COSTS):
+        frame[column] = pd.to_numeric(frame[column]).astype(float)  # null (AUC of one class, CPU memory): NaN
+    return frame
+
+
+def varying_dims(runs: pd.DataFrame) -> list[str]:
+    """The model, and every other grid dimension with more than one value among the runs."""
+    return ["model", *(d for d in DIMS if d != "model" and runs[d].nunique() > 1)]
+
+
+# ------------------------------------------------------------------------------------------------- tables
+
+
+def summarize(runs: pd.DataFrame, dims: list[str] | None = None) -> pd.DataFrame:
+    """Mean and std over seeds per setting of `dims` (default: the varying ones), in the runs' (grid) order.
+
+    Columns: the dims, n_runs, <metric>_mean and <metric>_std per metric, the mean of each cost, and `runs`.
+    The std is the sample standard deviation (NaN with one seed).
+    """
+    dims = dims or varying_dims(runs)
+    grouped = runs.groupby(dims, sort=False)
+    table = grouped.agg(
+        n_runs=("run", "size"),
+        **{f"{m}_{stat}": (m, stat) for m in METRICS for stat in ("mean", "std")},
+        **{c: (c, "mean") for c in COSTS},
+        runs=("run", RUNS_SEPARATOR.join),
+    ).reset_index()
+    return table
+
+
+def _mean_std(mean: float, std: float, n: int) -> str:
+    if np.isnan(mean):
+        return NOT_MEASURED
+    return f"{mean:.3f}" if n < 2 or np.isnan(std) else f"{mean:.3f} ± {std:.3f}"
+
+
+def _cost(column: str, value: float) -> str:
+    if np.isnan(value):
+        return NOT_MEASURED
+    return (
+        f"{value:.0f}"
+        if column.endswith("_mb")
+        else f"{value:.2f}"
+        if column == "params_m"
+        else f"{value:.3g}"
+    )
+
+
+def display_table(table: pd.DataFrame) -> pd.DataFrame:
+    """The table as people read it: headers in words, mean ± std, label fractions in %, no `runs` column."""
+    dims = [d for d in DIMS if d in table.columns]
+    out = pd.DataFrame({DIMS[d]: table[d].astype(str) for d in dims})
+    if "label_fraction" in dims:
+        out[DIMS["label_fraction"]] = [f"{float(f) * 100:g}%" for f in table["label_fraction"]]
+    out["Runs"] = table["n_runs"]
+    for column, header in SHOWN.items():
+        if column in METRICS:
+            means, stds = table[f"{column}_mean"], table[f"{column}_std"]
+            out[header] = [_mean_std(*v) for v in zip(means, stds, table["n_runs"], strict=True)]
+        else:
+            out[header] = [_cost(column, v) for v in table[column]]
+    return out
+
+
+def table_notes(table: pd.DataFrame) -> list[str]:
+    notes = [
+        "Test split; mean ± sample std over seeds (Runs: how many). GMACs per image; peak GPU memory in training. "
+        "The CSV has every metric and cost, and the run folders of every row."
+    ]
+    if table["peak_train_mem_mb"].isna().all():
+        notes.append(CPU_NOTE)
+    return notes
+
+
+def write_table(
+    table: pd.DataFrame, *, title: str, csv: str, md: str, tex: str, html: str, label: str
+) -> None:
+    """The table as CSV (numbers), Markdown, LaTeX and HTML (formatted)."""
+    table.to_csv(csv, index=False)
+    shown = display_table(table)
+    notes = table_notes(table)
+    Path(md).write_text(f"**{title}**\n\n{shown.to_markdown(index=False)}\n\n" + "\n".join(notes) + "\n")
+    Path(tex).write_text(
+        shown.to_latex(index=False, caption=f"{title}. {' '.join(notes)}", label=f"tab:{label}", escape=True)
+    )
+    styled = shown.style.hide(axis="index").set_caption(title).set_table_styles(TABLE_CSS)
+    Path(html).write_text(
+        f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{escape(title)}</title></head><body>\n"
+        + styled.to_html()
+        + "".join(f"<p>{escape(note)}</p>\n" for note in notes)
+        + "</body></html>\n"
+    )
+
+
+def run_table(
+    *, metrics: list[str], title: str, label: str, csv: str, md: str, tex: str, html: str
+) -> pd.DataFrame:
+    """The table of one experiment from its runs' metrics.json files."""
+    runs = load_runs([str(Path(m).parent) for m in metrics])
+    table = summarize(runs)
+    write_table(table, title=title, csv=csv, md=md, tex=tex, html=html, label=label)
+    log.info("%s: %d rows from %d runs, by %s", csv, len(table), len(runs), varying_dims(runs))
+    return table
+
+
+def run_runs_index(*, metrics: list[str], csv: str, html: str) -> pd.DataFrame:
+    """Every run of the selected experiments, one row each: its grid point, metrics, costs and folder."""
+    runs = load_runs([str(Path(m).parent) for m in metrics])
+    runs.to_csv(csv, index=False)
+    shown = runs.drop(columns="run").assign(run=runs["run"].str.removeprefix("results/runs/"))
+    styled = shown.style.hide(axis="index").format(precision=3, na_rep=NOT_MEASURED)
+    Path(html).write_text(
+        "<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>Runs</title></head><body>\n"
+        + styled.set_caption(f"All {len(runs)} runs").set_table_styles(TABLE_CSS).to_html()
+        + "</body></html>\n"
+    )
+    return runs
+
+
+# ------------------------------------------------------------------------------------------------- data
+
+
+def data_summary(manifest: pd.DataFrame, split_report: dict) -> dict[str, pd.DataFrame]:
+    """The data set at a glance: images listed / ok / quarantined, quarantine reasons, classes, split sizes."""
+    ok = manifest["status"] == "ok"
+    images = pd.DataFrame(
+        {
+            "Images": ["listed", "ok", "quarantined"],
+            "Count": [len(manifest), int(ok.sum()), int((~ok).sum())],
+        }
+    )
+    reasons = (
+        manifest.loc[~ok, "reason"].value_counts().rename_axis("Quarantine reason").reset_index(name="Count")
+    )
+    classes = (
+        manifest.loc[ok, "label"].value_counts().rename_axis("Class (ok images)").reset_index(name="Count")
+    )
+    counts = pd.DataFrame(split_report["counts"]).T
+    splits = counts.assign(
+        images=pd.Series(split_report["images_per_split"]), groups=pd.Series(split_report["groups_per_split"])
+    ).rename_axis("Split (task)")
+    return {
+        "Images": images,
+        "Quarantined images by reason": reasons,
+        "Classes of the ok images": classes,
+        f"Split sizes (images per class, images, {split_report['group_column']} groups)": splits.reset_index(),
+    }
+
+
+def run_data_summary(*, manifest: str, split_report: str, md: str, html: str) -> None:
+    frame = pd.read_parquet(manifest)
+    report = json.loads(Path(split_report).read_text())
+    parts = data_summary(frame, report)
+    synthetic = bool(frame.get("synthetic", pd.Series([False])).any())
+    banner = "SYNTHETIC data: a stand-in generated by the workflow, not ISIC 2019." if synthetic else ""
+    md_parts = [f"**{name}**\n\n{part.to_markdown(index=False)}" for name, part in parts.items()]
+    Path(md).write_text("\n\n".join(filter(None, [banner, *md_parts])) + "\n")
+    html_parts = [
+        part.style.hide(axis="index").set_caption(name).set_table_styles(TABLE_CSS).to_html()
+        for name, part in parts.items()
+    ]
+    Path(html).write_text(
+        "<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>Data</title></head><body>\n"
+        + (f"<p><b>{banner}</b></p>\n" if banner else "")
+        + "<br>\n".join(html_parts)
+        + "</body></html>\n"
+    )

@@ -1,0 +1,281 @@
+"""Experiment grids, label-fraction subsampling, tables and figures, on small hand-made inputs."""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from conftest import REPO
+
+from dermcompress import aggregate, experiments, figures
+from dermcompress.experiments import Run
+from dermcompress.loader import CacheDataset
+from dermcompress.subsample import grouped_subsample
+
+
+def study_config() -> dict:
+    return yaml.safe_load((REPO / "config.yaml").read_text())
+
+
+# ------------------------------------------------------------------------------------------- experiments
+
+
+def test_study_grids_are_the_papers():
+    runs = experiments.expand_runs(study_config())
+    by = {name: [r for r in runs if r.experiment == name] for name in {r.experiment for r in runs}}
+    table1 = by["resolution_sweep"]
+    assert {(r.model, r.res) for r in table1} == {
+        (m, res) for m in ("vit_b16", "dinov2_b14", "simclr_r50") for res in (224, 112, 56)
+    }
+    assert {(r.lr, r.schedule, r.epochs, r.mode) for r in table1} == {("1e-05", "linear", 3, "finetune")}
+    assert {(r.res, r.lr) for r in by["vit_lr_sweep"]} == {
+        (res, lr) for res in (224, 112, 56) for lr in ("0.0001", "5e-05", "1e-05")
+    }
+    assert {(r.schedule, r.epochs) for r in by["vit_lr_sweep"] + by["dinov2_lr_sweep"]} == {("cosine", 6)}
+    assert {(r.model, r.res, r.lr) for r in by["dinov2_lr_sweep"]} == {
+        ("dinov2_b14", 224, lr) for lr in ("1e-05", "5e-06", "1e-06")
+    }
+    assert {r.label_fraction for r in by["label_efficiency"]} == {"0.01", "0.1", "0.25", "0.5", "1"}
+    assert {(r.train_variant, r.eval_variant) for r in by["robustness"]} == {
+        (t, e) for t in ("clean", "degraded") for e in ("clean", "jpeg_only", "blur_only", "quantize_only")
+    }
+    assert {r.mode for r in by["frozen_vs_finetuned"]} == {"linear", "knn", "finetune"}
+    assert all(len({r.seed for r in group}) == 5 for group in by.values())
+
+
+def test_distinct_runs_get_distinct_folders_and_paths_parse_back():
+    runs = experiments.expand_runs(study_config())
+    assert len({r.run_dir for r in runs}) == len(runs)
+    for run in runs:
+        assert experiments.parse_run_dir(run.run_dir) == run
+        assert experiments.parse_run_dir(f"/somewhere/else/{run.run_dir}/") == run
+    with pytest.raises(ValueError, match="not a run folder"):
+        experiments.parse_run_dir("results/runs/x/y")
+
+
+def test_epochs_schedules_and_label_fractions_are_grid_dimensions_with_defaults():
+    config = study_config()
+    grid = {
+        "models": ["vit_b16"],
+        "resolutions": [224],
+        "train_variants": ["clean"],
+        "eval_variants": ["clean"],
+        "modes": ["finetune", "knn"],
+        "lr": [1e-4, 1e-5],
+        "seeds": [0],
+    }
+    config["experiments"] = {
+        "plain": grid,
+        "wide": {**grid, "epochs": [2, 4], "schedules": ["linear", "cosine"], "label_fractions": [0.5, 1]},
+    }
+    config["run_experiments"] = "all"
+    plain = experiments.runs_of(config, "plain")
+    # Defaults from the training section; kNN trains nothing, so it runs once whatever the learning rates.
+    assert {(r.epochs, r.schedule, r.label_fraction) for r in plain} == {(3, "linear", "1")}
+    assert sorted((r.mode, r.lr) for r in plain) == [
+        ("finetune", "0.0001"),
+        ("finetune", "1e-05"),
+        ("knn", "0"),
+    ]
+    wide = experiments.runs_of(config, "wide")
+    assert len(wide) == 2 * 2 * 2 * (2 + 1)
+    settings = experiments.run_settings(config, wide[0])
+    assert {k: settings[k] for k in ("epochs", "schedule", "label_fraction", "lr", "seed")} == {
+        "epochs": 2,
+        "schedule": "linear",
+        "label_fraction": 0.5,
+        "lr": 1e-4,
+        "seed": 0,
+    }
+    assert experiments.figure_kinds(config, "plain") == ["curves"]
+    assert experiments.figure_kinds(config, "wide") == ["curves", "label_efficiency"]
+
+
+def test_lr_per_mode_and_conflicting_overrides_are_reported():
+    config = study_config()
+    grid = copy.deepcopy(config["experiments"]["frozen_vs_finetuned"])
+    runs = experiments.runs_of(config, "frozen_vs_finetuned")
+    assert {(r.mode, r.lr) for r in runs} == {("linear", "0.001"), ("finetune", "1e-05"), ("knn", "0")}
+    config["experiments"]["frozen_vs_finetuned"] = {
+        **grid,
+        "lr": {"finetune": [1e-5]},
+        "training": {"epochs": 2},
+    }
+    problems = experiments.check_experiments(config)
+    assert "experiments.frozen_vs_finetuned.lr: no learning rates for modes ['linear']" in problems
+    assert any(
+        p.startswith("experiments.frozen_vs_finetuned.training.epochs: set by the grid") for p in problems
+    )
+
+
+# ---------------------------------------------------------------------------------------- label fraction
+
+
+def _train_rows(n_groups: int = 60, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for g in range(n_groups):
+        label = "MEL" if g % 3 == 0 else "NV"  # imbalanced on purpose
+        for i in range(int(rng.integers(1, 4))):
+            rows.append({"image_id": f"img_{g}_{i}", "group_id": f"g{g:03d}", "label": label})
+    return pd.DataFrame(rows)
+
+
+def test_grouped_subsample_takes_whole_groups_per_class_nested_and_seeded():
+    rows = _train_rows()
+    sizes = rows.groupby("group_id").size()
+    previous: set[str] = set()
+    for fraction in (0.01, 0.1, 0.25, 0.5):
+        chosen = grouped_subsample(rows, fraction, seed=7)
+        # Whole groups only.
+        assert (chosen.groupby("group_id").size() == sizes[chosen["group_id"].unique()]).all()
+        # Every class present, each close to the fraction (a group at most over).
+        for label, part in rows.groupby("label"):
+            taken = (chosen["label"] == label).sum()
+            assert max(1, round(fraction * len(part))) <= taken < max(1, round(fraction * len(part))) + 3
+        # Nested: a larger fraction keeps everything a smaller one took.
+        assert previous <= set(chosen["image_id"])
+        previous = set(chosen["image_id"])
+    shuffled = rows.sample(frac=1, random_state=1)
+    assert set(grouped_subsample(shuffled, 0.25, seed=7)["image_id"]) == set(
+        grouped_subsample(rows, 0.25, seed=7)["image_id"]
+    )
+    assert set(grouped_subsample(rows, 0.25, seed=8)["image_id"]) != previous
+    assert grouped_subsample(rows, 1.0, seed=0) is rows
+    with pytest.raises(ValueError, match="label fraction"):
+        grouped_subsample(rows, 0.0, seed=0)
+
+
+def test_cache_dataset_keeps_only_requested_images(tmp_path):
+    from dermcompress.cache import run_cache
+    from dermcompress.pixeltable import write_pixel_table
+
+    ids = [f"ISIC_{i:07d}" for i in range(12)]
+    meta = pd.DataFrame(
+        {
+            "image_id": ids,
+            "label": ["MEL", "NV"] * 6,
+            "split": ["train"] * 12,
+            "degradation": ["none"] * 12,
+            "degradation_params": ["{}"] * 12,
+        }
+    )
+    pixels = np.arange(12, dtype=np.uint8)[:, None, None, None] * np.ones((1, 4, 4, 3), dtype=np.uint8)
+    table = tmp_path / "degraded.parquet"
+    write_pixel_table(table, meta, pixels)
+    run_cache(
+        degraded=table, out_dir=tmp_path / "cache", classes=["MEL", "NV"], rows_per_shard=5, row_group_size=2
+    )
+    subset = CacheDataset(tmp_path / "cache", "train", image_ids=[ids[3], ids[0], ids[7]])
+    assert subset.image_ids == [ids[0], ids[3], ids[7]]
+    assert subset.pixels[:, 0, 0, 0].tolist() == [0, 3, 7]
+    assert subset.labels.tolist() == [0, 1, 1]
+    with pytest.raises(ValueError, match="not in"):
+        CacheDataset(tmp_path / "cache", "train", image_ids=["ISIC_missing"])
+
+
+# ------------------------------------------------------------------------------------- tables, figures
+
+
+def fake_runs(root: Path, points: list[dict], seeds=(0, 1)) -> list[str]:
+    """Run folders with a metrics.json and history.csv each (accuracy from the grid point, so rows differ)."""
+    base = {
+        "experiment": "exp",
+        "model": "m",
+        "res": 64,
+        "train_variant": "clean",
+        "eval_variant": "clean",
+        "mode": "finetune",
+        "lr": "0.001",
+        "schedule": "cosine",
+        "epochs": 2,
+        "label_fraction": "1",
+    }
+    dirs = []
+    for i, point in enumerate(points):
+        for seed in seeds:
+            run = Run(**{**base, **point, "seed": seed})
+            folder = root / run.run_dir
+            folder.mkdir(parents=True)
+            accuracy = 0.6 + 0.05 * i + 0.01 * seed
+            metrics = {
+                "accuracy": accuracy,
+                "f1_macro": accuracy - 0.01,
+                "auc": accuracy + 0.1,
+                "balanced_accuracy": accuracy,
+                "gmacs": 0.1 * run.res / 64,
+                "params_m": 5.0,
+                "peak_train_mem_mb": None,
+                "peak_eval_mem_mb": None,
+            }
+            (folder / "metrics.json").write_text(json.dumps(metrics))
+            history = pd.DataFrame(
+                {
+                    "step": [1, 2, 2, 3, 4, 4],
+                    "epoch": [0.5, 1.0, 1.0, 1.5, 2.0, 2.0],
+                    "lr": [1e-3, 1e-3, None, 5e-4, 5e-4, None],
+                    "train_loss": [0.7, 0.6, None, 0.5, 0.45, None],
+                    "eval_loss": [None, None, 0.65, None, None, 0.55],
+                    "eval_accuracy": [None, None, 0.6, None, None, accuracy],
+                }
+            )
+            history.to_csv(folder / "history.csv", index=False)
+            dirs.append(str(folder))
+    return dirs
+
+
+def test_table_rows_are_means_and_stds_over_seeds_with_their_runs(tmp_path):
+    dirs = fake_runs(
+        tmp_path, [{"res": 64}, {"res": 32}, {"model": "n", "res": 64}, {"model": "n", "res": 32}]
+    )
+    out = {ext: str(tmp_path / f"t.{ext}") for ext in ("csv", "md", "tex", "html")}
+    table = aggregate.run_table(
+        metrics=[f"{d}/metrics.json" for d in dirs], title="A sweep", label="exp", **out
+    )
+    assert list(table[["model", "res"]].itertuples(index=False, name=None)) == [
+        ("m", 64),
+        ("m", 32),
+        ("n", 64),
+        ("n", 32),
+    ]
+    csv = pd.read_csv(out["csv"])
+    for row in csv.itertuples():
+        runs = row.runs.split(aggregate.RUNS_SEPARATOR)
+        assert len(runs) == row.n_runs == 2
+        values = [json.loads((Path(r) / "metrics.json").read_text())["accuracy"] for r in runs]
+        assert row.accuracy_mean == pytest.approx(np.mean(values))
+        assert row.accuracy_std == pytest.approx(np.std(values, ddof=1))
+        assert {asdict(experiments.parse_run_dir(r))["res"] for r in runs} == {row.res}
+    md = Path(out["md"]).read_text()
+    assert "A sweep" in md and "0.605 ± 0.007" in md and aggregate.CPU_NOTE in md
+    assert r"\caption{A sweep." in Path(out["tex"]).read_text()
+    assert "<table" in Path(out["html"]).read_text()
+
+
+@pytest.mark.parametrize(
+    ("kind", "points"),
+    [
+        (
+            "curves",
+            [{"res": 64}, {"res": 32}, {"model": "n", "res": 64}, {"model": "n", "mode": "knn", "lr": "0"}],
+        ),
+        ("cost", [{"res": 64}, {"res": 32}, {"model": "n", "res": 64}]),
+        (
+            "robustness",
+            [{"eval_variant": "clean"}, {"eval_variant": "jpeg_only"}, {"train_variant": "degraded"}],
+        ),
+        ("label_efficiency", [{"label_fraction": "0.1"}, {"label_fraction": "0.5"}, {"label_fraction": "1"}]),
+    ],
+)
+@pytest.mark.parametrize("seeds", [(0, 1), (0,)])
+def test_every_figure_kind_draws_a_png(tmp_path, kind, points, seeds):
+    dirs = fake_runs(tmp_path, points, seeds=seeds)
+    out = tmp_path / f"{kind}.png"
+    figures.run_figure(kind=kind, metrics=[f"{d}/metrics.json" for d in dirs], title="t", out=str(out))
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

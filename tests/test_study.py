@@ -1,0 +1,189 @@
+"""A whole (small) study end to end with real Snakemake: runs -> tables, figures and the HTML report.
+
+Every table number is recomputed here from the runs' predictions.parquet with scikit-learn, independently of the
+package's own metrics code; the report must exist and name every figure.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import copy_workflow, snakemake, write_config
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
+
+from dermcompress.experiments import expand_runs, figure_kinds, parse_run_dir
+
+pytestmark = pytest.mark.workflow
+
+GRID = {
+    "models": ["tiny_cnn"],
+    "resolutions": [32],
+    "train_variants": ["degraded"],
+    "eval_variants": ["clean"],
+    "modes": ["finetune"],
+    "lr": [1.0e-3],
+    "seeds": [0],
+}
+OVERLAY = {
+    "data": {"synthetic": {"n": 400, "seed": 1}},
+    "resize": {"resolutions": [32, 16]},
+    "cache": {"rows_per_shard": 64, "row_group_size": 16},
+    "models": {"tiny_cnn": {"source": "timm:resnet10t", "pretrained": False}},
+    "training": {"batch_size": 16, "epochs": 2, "log_every": 1, "n_bootstrap": 20, "knn": {"k": 5}},
+    "experiments": {
+        "sweep": {**GRID, "description": "A resolution sweep", "resolutions": [32, 16], "seeds": [0, 1]},
+        "modes": {
+            **GRID,
+            "modes": ["linear", "knn", "finetune"],
+            "lr": {"linear": [1.0e-2], "finetune": [1.0e-3]},
+        },
+        "labels": {**GRID, "modes": ["knn"], "label_fractions": [0.25, 1.0]},
+        "robust": {
+            **GRID,
+            "resolutions": [16],
+            "train_variants": ["clean"],
+            "eval_variants": ["clean", "jpeg_only"],
+        },
+    },
+    # Named: Snakemake merges overlays into config.yaml, whose own study experiments stay defined.
+    "run_experiments": ["sweep", "modes", "labels", "robust"],
+}
+# What each table shows, recomputed from the predictions (probability of the second class scores the AUC).
+RECOMPUTE = {
+    "accuracy": lambda y, p, prob: accuracy_score(y, p),
+    "balanced_accuracy": lambda y, p, prob: balanced_accuracy_score(y, p),
+    "f1_macro": lambda y, p, prob: f1_score(y, p, average="macro"),
+    "auc": lambda y, p, prob: roc_auc_score(y == "NV", prob),
+}
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory) -> Path:
+    workdir = copy_workflow(tmp_path_factory.mktemp("study"))
+    write_config(workdir / "test.yaml", OVERLAY)
+    snakemake(workdir, "--configfile", "test.yaml")
+    snakemake(workdir, "--configfile", "test.yaml", "--report", "results/report.html")
+    return workdir
+
+
+def merged_config(workdir: Path) -> dict:
+    import yaml
+
+    config = yaml.safe_load((workdir / "config.yaml").read_text())
+    for key, value in OVERLAY.items():
+        config[key] = {**config[key], **value} if isinstance(value, dict) and key != "experiments" else value
+    return config
+
+
+def test_each_table_number_equals_a_recomputation_from_the_predictions(study):
+    config = merged_config(study)
+    for name in OVERLAY["experiments"]:
+        table = pd.read_csv(study / f"results/tables/{name}.csv")
+        expected_runs = {run.run_dir for run in expand_runs(config) if run.experiment == name}
+        listed = [r for cell in table["runs"] for r in cell.split(";")]
+        assert sorted(listed) == sorted(expected_runs), name  # every run in exactly one row
+        for row in table.itertuples():
+            runs = row.runs.split(";")
+            assert row.n_runs == len(runs)
+            for metric, score in RECOMPUTE.items():
+                values = []
+                for run in runs:
+                    predictions = pd.read_parquet(study / run / "predictions.parquet")
+                    y, pred = predictions["label"].to_numpy(), predictions["pred"].to_numpy()
+                    values.append(score(y, pred, predictions["prob_NV"].to_numpy()))
+                assert getattr(row, f"{metric}_mean") == pytest.approx(np.mean(values), abs=1e-12), (
+                    name,
+                    metric,
+                )
+                if len(values) > 1:
+                    assert getattr(row, f"{metric}_std") == pytest.approx(np.std(values, ddof=1), abs=1e-12)
+                else:
+                    assert np.isnan(getattr(row, f"{metric}_std"))
+            # The row's grid point is the one its runs' folders name.
+            points = {parse_run_dir(r) for r in runs}
+            for dim in ("model", "res", "mode", "lr", "eval_variant", "label_fraction"):
+                if dim in table.columns:
+                    same = float if dim in ("res", "lr", "label_fraction") else str  # the CSV reads numbers
+                    assert {same(getattr(p, dim)) for p in points} == {same(getattr(row, dim))}
+        md = (study / f"results/tables/{name}.md").read_text()
+        assert len(re.findall(r"^\| ", md, flags=re.MULTILINE)) == len(table) + 1  # header + one line per row
+        assert "tabular" in (study / f"results/tables/{name}.tex").read_text()
+
+
+def test_tables_have_the_varying_dimensions_and_costs(study):
+    sweep = pd.read_csv(study / "results/tables/sweep.csv")
+    assert list(sweep["res"]) == [32, 16] and set(sweep["n_runs"]) == {2}
+    assert (sweep["gmacs"].iloc[0] > sweep["gmacs"].iloc[1] > 0) and sweep["peak_train_mem_mb"].isna().all()
+    modes = pd.read_csv(study / "results/tables/modes.csv")
+    assert list(zip(modes["mode"], modes["lr"].astype(str), strict=True)) == [
+        ("linear", "0.01"),
+        ("knn", "0.0"),
+        ("finetune", "0.001"),
+    ]
+    robust = pd.read_csv(study / "results/tables/robust.csv")
+    assert list(robust["eval_variant"]) == ["clean", "jpeg_only"]
+
+
+def test_label_fraction_trains_on_a_grouped_subset(study):
+    splits = pd.read_parquet(study / "results/data/splits.parquet")
+    n_train = int((splits["split"] == "train").sum())
+    (run,) = [r for r in expand_runs(merged_config(study)) if r.label_fraction == "0.25"]
+    settings = json.loads((study / run.run_dir / "config.json").read_text())["settings"]
+    assert settings["label_fraction"] == 0.25
+    log = (study / "results/logs/runs" / run.run_dir.removeprefix("results/runs/")).with_suffix(".log")
+    used, total = map(
+        int, re.search(r"label fraction 0.25 \(seed 0\): (\d+) of (\d+)", log.read_text()).groups()
+    )
+    assert total == n_train and 0.2 * n_train <= used <= 0.4 * n_train
+
+
+def test_figures_exist_and_the_report_names_every_one(study):
+    config = merged_config(study)
+    expected = {
+        f"{name}_{kind}.png" for name in OVERLAY["experiments"] for kind in figure_kinds(config, name)
+    }
+    assert expected == {
+        "sweep_curves.png",
+        "sweep_cost.png",
+        "modes_curves.png",
+        "labels_curves.png",
+        "labels_label_efficiency.png",
+        "robust_curves.png",
+        "robust_robustness.png",
+    }
+    on_disk = {p.name for p in (study / "results/figures").glob("*.png")}
+    assert on_disk == expected
+    for name in expected:
+        assert (study / "results/figures" / name).read_bytes()[:4] == b"\x89PNG"
+    report = (study / "results/report.html").read_text()
+    for name in expected:
+        assert name in report, name
+    for name in OVERLAY["experiments"]:
+        assert f"{name}.html" in report
+    assert "summary.html" in report and "SYNTHETIC" in report
+
+
+def test_data_summary_counts_the_manifest(study):
+    manifest = pd.read_parquet(study / "results/data/manifest.parquet")
+    summary = (study / "results/data/summary.md").read_text()
+    ok = int((manifest["status"] == "ok").sum())
+    assert re.search(rf"\| listed\s+\|\s+{len(manifest)} \|", summary)
+    assert re.search(rf"\| ok\s+\|\s+{ok} \|", summary)
+    assert re.search(rf"\| quarantined\s+\|\s+{len(manifest) - ok} \|", summary)
+
+
+def test_rerun_plans_nothing_and_unselected_experiments_build_nothing(study):
+    proc = snakemake(study, "--dry-run", "--configfile", "test.yaml")
+    assert "Nothing to be done" in proc.stdout + proc.stderr
+    write_config(study / "one.yaml", {**OVERLAY, "run_experiments": ["modes"]})
+    proc = snakemake(study, "--dry-run", "--forceall", "--configfile", "one.yaml")
+    planned = proc.stdout + proc.stderr
+    assert "results/tables/modes.csv" in planned and "results/figures/modes_curves.png" in planned
+    for other in ("sweep", "labels", "robust"):
+        assert f"results/tables/{other}.csv" not in planned
+        assert f"results/runs/{other}/" not in planned

@@ -1,0 +1,153 @@
+# Aggregation: rules that only read run outputs -> the data summary, the runs index, one table per experiment and
+# the figures its grid calls for (experiments.figure_kinds). `snakemake --report` gathers them into report.html.
+
+
+rule data_summary:
+    input:
+        manifest="results/data/manifest.parquet",
+        split_report="results/data/split_report.json",
+    output:
+        md="results/data/summary.md",
+        html=report(
+            "results/data/summary.html",
+            caption="../report/data_summary.rst",
+            category="data",
+        ),
+    log:
+        "results/logs/aggregate/data_summary.log",
+    conda:
+        "../../envs/report.yaml"
+    params:
+        code=get_code("aggregate"),
+    script:
+        "../../scripts/data_summary.py"
+
+
+rule runs_index:
+    input:
+        metrics=get_all_metrics(),
+    output:
+        csv="results/runs/index.csv",
+        html=report(
+            "results/runs/index.html",
+            caption="../report/runs_index.rst",
+            category="runs",
+        ),
+    log:
+        "results/logs/aggregate/runs_index.log",
+    conda:
+        "../../envs/report.yaml"
+    params:
+        code=get_code("aggregate"),
+    script:
+        "../../scripts/runs_index.py"
+
+
+rule table:
+    input:
+        metrics=get_experiment_metrics,
+    output:
+        csv="results/tables/{experiment}.csv",
+        md="results/tables/{experiment}.md",
+        tex="results/tables/{experiment}.tex",
+        html=report(
+            "results/tables/{experiment}.html",
+            caption="../report/table.rst",
+            category="tables",
+            labels={"experiment": "{experiment}"},
+        ),
+    log:
+        "results/logs/aggregate/table_{experiment}.log",
+    conda:
+        "../../envs/report.yaml"
+    params:
+        title=get_title,
+        runs=get_experiment_runs,
+        code=get_code("aggregate"),
+    script:
+        "../../scripts/table.py"
+
+
+rule figure_curves:
+    input:
+        metrics=get_experiment_metrics,
+        histories=get_experiment_histories,
+    output:
+        png=report(
+            "results/figures/{experiment}_curves.png",
+            caption="../report/figure_curves.rst",
+            category="figures",
+            subcategory="{experiment}",
+            labels={"experiment": "{experiment}", "figure": "training curves"},
+        ),
+    log:
+        "results/logs/aggregate/figure_{experiment}_curves.log",
+    conda:
+        "../../envs/report.yaml"
+    params:
+        kind="curves",
+        title=get_title,
+        runs=get_experiment_runs,
+        code=get_code("figures"),
+    script:
+        "../../scripts/figure.py"
+
+
+use rule figure_curves as figure_cost with:
+    input:
+        metrics=get_experiment_metrics,
+    output:
+        png=report(
+            "results/figures/{experiment}_cost.png",
+            caption="../report/figure_cost.rst",
+            category="figures",
+            subcategory="{experiment}",
+            labels={"experiment": "{experiment}", "figure": "accuracy vs cost"},
+        ),
+    log:
+        "results/logs/aggregate/figure_{experiment}_cost.log",
+    params:
+        kind="cost",
+        title=get_title,
+        runs=get_experiment_runs,
+        code=get_code("figures"),
+
+
+use rule figure_curves as figure_robustness with:
+    input:
+        metrics=get_experiment_metrics,
+    output:
+        png=report(
+            "results/figures/{experiment}_robustness.png",
+            caption="../report/figure_robustness.rst",
+            category="figures",
+            subcategory="{experiment}",
+            labels={"experiment": "{experiment}", "figure": "robustness heat map"},
+        ),
+    log:
+        "results/logs/aggregate/figure_{experiment}_robustness.log",
+    params:
+        kind="robustness",
+        title=get_title,
+        runs=get_experiment_runs,
+        code=get_code("figures"),
+
+
+use rule figure_curves as figure_label_efficiency with:
+    input:
+        metrics=get_experiment_metrics,
+    output:
+        png=report(
+            "results/figures/{experiment}_label_efficiency.png",
+            caption="../report/figure_label_efficiency.rst",
+            category="figures",
+            subcategory="{experiment}",
+            labels={"experiment": "{experiment}", "figure": "label efficiency"},
+        ),
+    log:
+        "results/logs/aggregate/figure_{experiment}_label_efficiency.log",
+    params:
+        kind="label_efficiency",
+        title=get_title,
+        runs=get_experiment_runs,
+        code=get_code("figures"),
