@@ -27,6 +27,9 @@ localrules:
     runs_index,
     table,
     figure_curves,
+    figure_cost,
+    figure_robustness,
+    figure_label_efficiency,
 
 
 rule all:
