@@ -96,3 +96,17 @@ def finished_study(tmp_path_factory) -> Path:
     write_config(workdir / "config.yaml", config)
     snakemake(workdir)
     return workdir
+
+
+def tiny_dinov2_config():
+    """A 2-layer, 32-wide DINOv2 (14 px patches): the transformers code path at test size."""
+    from transformers import Dinov2Config
+
+    return Dinov2Config(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=56,
+        patch_size=14,
+    )

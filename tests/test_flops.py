@@ -13,6 +13,7 @@ import pytest
 import timm
 import torch
 import yaml
+from conftest import tiny_dinov2_config
 from timm.models.vision_transformer import VisionTransformer
 
 from dermcompress import cli
@@ -76,16 +77,7 @@ def test_classifier_counts_what_the_vit_sees():
 
 
 def test_transformers_dinov2_attention_is_counted(tmp_path):
-    from transformers import Dinov2Config
-
-    config = Dinov2Config(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        image_size=56,
-        patch_size=14,
-    )
+    config = tiny_dinov2_config()
     config.save_pretrained(tmp_path)  # a config alone: FLOPs need no weights
     from dermcompress.models import build_architecture, parse_spec
 

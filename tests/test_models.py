@@ -7,6 +7,7 @@ import time
 import pytest
 import timm
 import torch
+from conftest import REPO, tiny_dinov2_config
 from safetensors.torch import save_file
 
 from dermcompress.config import ConfigError
@@ -48,17 +49,10 @@ def tiny_vit_with_head() -> torch.nn.Module:
 
 @pytest.fixture(scope="module")
 def dinov2_folder(tmp_path_factory) -> tuple:
-    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+    from transformers import BitImageProcessor, Dinov2Model
 
     folder = tmp_path_factory.mktemp("dinov2_tiny")
-    config = Dinov2Config(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        image_size=56,
-        patch_size=14,
-    )
+    config = tiny_dinov2_config()
     torch.manual_seed(0)
     model = Dinov2Model(config).eval()
     model.save_pretrained(folder)
@@ -370,7 +364,6 @@ def test_missing_local_file_is_named(tmp_path):
 def test_config_yaml_registry_matches_the_documented_defaults():
     """config.yaml's study models are DEFAULT_MODELS, so the docs, the registry and the study agree."""
     import yaml
-    from conftest import REPO
 
     study = yaml.safe_load((REPO / "config.yaml").read_text())["models"]
     assert study == {name: DEFAULT_MODELS[name] for name in study}

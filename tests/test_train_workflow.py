@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import timm
 import torch
-from conftest import copy_workflow, snakemake, write_config
+from conftest import copy_workflow, snakemake, tiny_dinov2_config, write_config
 from safetensors.torch import load_file, save_file
 
 from dermcompress.metrics import METRIC_KEYS, compute_metrics
@@ -26,21 +26,14 @@ N_BOOTSTRAP = 50
 
 def save_pretend_pretrained(workdir: Path) -> dict[str, dict]:
     """Tiny ViT weights as a safetensors file and a tiny DINOv2 as a transformers folder; their registry entries."""
-    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+    from transformers import BitImageProcessor, Dinov2Model
 
     models = workdir / "models"
     models.mkdir()
     torch.manual_seed(1)
     vit = timm.create_model("test_vit", pretrained=False, num_classes=1000)
     save_file(vit.state_dict(), str(models / "test_vit.safetensors"))
-    config = Dinov2Config(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        image_size=56,
-        patch_size=14,
-    )
+    config = tiny_dinov2_config()
     Dinov2Model(config).save_pretrained(models / "dinov2_tiny")
     BitImageProcessor(image_mean=[0.5] * 3, image_std=[0.25] * 3).save_pretrained(models / "dinov2_tiny")
     return {
