@@ -10,6 +10,7 @@ import pytest
 import torch
 from torchvision.transforms.functional import normalize as tv_normalize
 
+from dermcompress import augment
 from dermcompress.cache import ChecksumError, run_cache
 from dermcompress.loader import CacheDataset, make_loader, normalize
 from dermcompress.pixeltable import write_pixel_table
@@ -106,6 +107,49 @@ def test_order_is_deterministic_per_seed_and_epoch(cache):
     assert epoch_order(b) == second
     assert epoch_order(make_loader(out, "train", batch_size=8, shuffle=True, seed=2)) != first
     assert first != list(range(30))
+
+
+def test_no_two_seed_epoch_pairs_share_an_order(cache):
+    """Seeds are independent repeats: over 5 seeds x 6 epochs, 30 distinct permutations (with `seed + epoch`,
+    seed 0's epoch 1 would be seed 1's epoch 0)."""
+    out, _ = cache
+    orders = {}
+    for seed in range(5):
+        loader = make_loader(out, "train", batch_size=8, shuffle=True, seed=seed)
+        for epoch in range(6):
+            loader.set_epoch(epoch)
+            orders[seed, epoch] = tuple(epoch_order(loader))
+    assert len(set(orders.values())) == 30
+
+
+def test_augmentation_draws_depend_on_seed_epoch_and_image_only():
+    ops = ["hflip", "vflip", "rot90"]
+    draws = augment.epoch_draws(200, seed=3, epoch=1, ops=ops)
+    assert draws.shape == (200, 3) and torch.equal(draws, augment.epoch_draws(200, seed=3, epoch=1, ops=ops))
+    assert set(draws[:, 0].tolist()) == set(draws[:, 1].tolist()) == {0, 1} and set(draws[:, 2].tolist()) == {
+        0,
+        1,
+        2,
+        3,
+    }
+    assert not torch.equal(draws, augment.epoch_draws(200, seed=3, epoch=2, ops=ops))
+    assert not torch.equal(draws, augment.epoch_draws(200, seed=4, epoch=1, ops=ops))
+    # Enabling one operation leaves the others' draws as they were.
+    only_hflip = augment.epoch_draws(200, seed=3, epoch=1, ops=["hflip"])
+    assert torch.equal(only_hflip[:, 0], draws[:, 0]) and not only_hflip[:, 1:].any()
+    with pytest.raises(ValueError, match="augment"):
+        augment.check(["hflip", "hflip"])
+
+
+def test_augmentation_flips_and_turns_each_image_as_drawn():
+    pixels = torch.arange(4 * 3 * 5 * 5, dtype=torch.int64).reshape(4, 3, 5, 5).to(torch.uint8)
+    draws = torch.tensor([[0, 0, 0], [1, 0, 0], [0, 1, 1], [1, 1, 3]])
+    out = augment.apply(pixels.clone(), draws)
+    assert torch.equal(out[0], pixels[0])
+    assert torch.equal(out[1], pixels[1].flip(-1))
+    assert torch.equal(out[2], torch.rot90(pixels[2].flip(-2), 1, dims=(-2, -1)))
+    assert torch.equal(out[3], torch.rot90(pixels[3].flip(-1).flip(-2), 3, dims=(-2, -1)))
+    assert out.dtype == torch.uint8
 
 
 @pytest.mark.parametrize(("split", "world_size"), [("train", 2), ("val", 2), ("val", 3)])

@@ -66,11 +66,25 @@ class CacheDataset(Dataset):
         return self.pixels[i], int(self.labels[i]), i
 
 
+# Independent random streams of one (seed, epoch): the epoch's order, and its augmentation draws (augment.py).
+PERMUTATION, AUGMENTATION = 0, 1
+
+
+def epoch_generator(seed: int, epoch: int, *, stream: int) -> torch.Generator:
+    """A torch generator that depends on (seed, epoch, stream) jointly.
+
+    numpy's SeedSequence hashes the three together, so no two (seed, epoch) pairs share a stream: with `seed +
+    epoch`, seed 0's epoch 1 would be seed 1's epoch 0, and two "independent" seeds would see the same orders.
+    """
+    state = np.random.SeedSequence([seed, epoch, stream]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
 class BatchLoader:
     """Iterable of {"pixels", "labels", "index"} batches over a CacheDataset.
 
-    The order of an epoch depends only on (seed, epoch): call `set_epoch(e)` before each epoch, as with
-    DistributedSampler. With world_size > 1 each rank takes a disjoint, equal-sized share of the permutation,
+    The order of an epoch depends only on (seed, epoch), jointly (epoch_generator): call `set_epoch(e)` before
+    each epoch, as with DistributedSampler. With world_size > 1 each rank takes a disjoint, equal-sized share of the permutation,
     padded by wrap-around when the split does not divide evenly (the DistributedSampler convention).
     """
 
@@ -107,7 +121,7 @@ class BatchLoader:
         """This rank's row indices for the current epoch, in order."""
         n = len(self.dataset)
         if self.shuffle:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+            order = torch.randperm(n, generator=epoch_generator(self.seed, self.epoch, stream=PERMUTATION))
         else:
             order = torch.arange(n)
         per_rank = math.ceil(n / self.world_size)
