@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 
 import pytest
@@ -258,6 +259,29 @@ def test_local_hf_dinov2_folder(dinov2_folder):
     assert model.feature_dim == 64 and model.pooling == "cls+mean_patch"
     assert model.mean == (0.1, 0.2, 0.3) and model.std == (0.4, 0.5, 0.6)  # from preprocessor_config.json
     assert model.lora_targets == ["q_proj", "v_proj"] and len(model.blocks) == 2
+
+
+def test_half_precision_checkpoint_trains_in_float32(dinov2_folder, tmp_path):
+    """A DINOv2 saved in bf16 (transformers 5 would load it as bf16: dtype="auto") loads as float32 master
+    weights, the same values, and takes a training step on the CPU; so does the bare architecture (FLOPs)."""
+    _, original = dinov2_folder
+    half = copy.deepcopy(original).to(torch.bfloat16)
+    half.save_pretrained(tmp_path / "bf16")
+    spec = parse_spec("dino", {"source": f"local:{tmp_path / 'bf16'}"})
+    for model in (
+        build_model(spec, num_classes=2, resolution=56),
+        build_architecture(spec, num_classes=2, resolution=56),
+    ):
+        assert {p.dtype for p in model.parameters()} == {torch.float32}
+    model = build_model(spec, num_classes=2, resolution=56)
+    tensors_equal(model.backbone.model.state_dict(), {k: v.float() for k, v in half.state_dict().items()})
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loss = torch.nn.functional.cross_entropy(model(torch.randn(2, 3, 56, 56)), torch.tensor([0, 1]))
+    loss.backward()
+    optimizer.step()
+    assert torch.isfinite(loss) and {p.grad.dtype for p in model.parameters() if p.grad is not None} == {
+        torch.float32
+    }
 
 
 def test_dinov2_at_a_non_multiple_resolution_crops(dinov2_folder):

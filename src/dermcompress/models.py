@@ -706,8 +706,14 @@ def _hf_backbone(spec: ModelSpec, folder: Path, *, resolution: int, weights: boo
 
     what = f"{spec.source} (models.{spec.name})"
     if weights:
+        # float32 whatever the checkpoint was saved in (transformers 5 loads dtype="auto"): bf16 master weights
+        # would train badly, and fail on a CPU; autocast gives the speed of bf16 where there is a GPU.
         model, info = AutoModel.from_pretrained(
-            folder, local_files_only=True, trust_remote_code=False, output_loading_info=True
+            folder,
+            local_files_only=True,
+            trust_remote_code=False,
+            output_loading_info=True,
+            dtype=torch.float32,
         )
         _check_keys(what, sorted(info["missing_keys"]), sorted(info["unexpected_keys"]))
         if info.get("mismatched_keys"):
@@ -715,7 +721,8 @@ def _hf_backbone(spec: ModelSpec, folder: Path, *, resolution: int, weights: boo
                 f"{what}: keys with mismatched shapes {sorted(info['mismatched_keys'])}"
             )
     else:
-        model = AutoModel.from_config(AutoConfig.from_pretrained(folder, trust_remote_code=False))
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+        model = AutoModel.from_config(config, dtype=torch.float32)
     config = model.config
     patch = getattr(config, "patch_size", None)
     patch = patch[0] if isinstance(patch, list | tuple) else patch
