@@ -5,38 +5,38 @@ same run, on the same synthetic cache (balanced 2 classes, NV brighter than MEL,
 written with write_pixel_table + run_cache into a temporary folder) and the same model (a registry Classifier
 built by dermcompress.models from the same seed, so both start from identical weights), with the same settings
 (finetune, AdamW, weight decay 0.01, batch 64, a linear schedule without warmup, fp32 on CPU, a loss logged every
-step, no gradient clipping, no evaluation during training), alternately, `--repeats` times each:
+step, gradients clipped to norm 1.0 as the study's Trainer did, no evaluation during training), alternately,
+`--repeats` times each:
 
 - ours: run_training(mode="finetune") as the workflow calls it. Timed from the outside as it is (model build,
   GMACs count, reading and verifying the cache, training, the one evaluation it does after the last epoch on the
-  64-image val split, checkpoints, the final test evaluation of 64 images and metrics.json): nothing subtracted.
+  64-image val split, checkpoints, the final val and test evaluations of 64 images each and metrics.json):
+  nothing subtracted.
   `loop img/s` is its own `train_img_per_s` from metrics.json (the training steps only).
 - trainer: transformers.Trainer on the same Classifier, wrapped to return {"loss", "logits"}, fed by a torch
   Dataset over the same cached pixels (read and verified the same way) that normalizes one image per item, with
   TrainingArguments per_device_train_batch_size, num_train_epochs, learning_rate, weight_decay=0.01,
-  lr_scheduler_type="linear", max_grad_norm=0 (run_training does not clip; the Trainer's default is 1.0),
-  logging_steps=1, report_to="none", save_strategy="no", eval_strategy="no", dataloader_num_workers=0,
-  use_cpu=True, seed; the optimizer is the Trainer's default. The wall time covers building the model, the
-  dataset, the Trainer and train(); `loop img/s` is the Trainer's own train_samples_per_second (its training
-  loop only).
+  lr_scheduler_type="linear", max_grad_norm=1.0 (the Trainer's default, and run_training's), logging_steps=1,
+  report_to="none", save_strategy="no", eval_strategy="no", dataloader_num_workers=0, use_cpu=True, seed; the
+  optimizer is the Trainer's default; its train sampler yields the cache loader's order of each epoch
+  (EpochOrder), so both see the same batches. The wall time covers building the model, the dataset, the
+  Trainer and train(); `loop img/s` is the Trainer's own train_samples_per_second (its training loop only).
 
     .venv/bin/python benchmarks/train_loop.py [--model timm:resnet10t] [--res 56] [--n-train 512] [--epochs 2]
         [--repeats 3] [--threads 1]
 
 Prints, per run, images/s of the training loop and of the whole call, the mean train loss over all steps and the
-last step's loss; then the best of each path, the ratios ours / Trainer, and the per-step losses of the first
-run side by side. Both paths do the same job: the same initial weights and the same batches in the same order
-(accelerate's SeedableRandomSampler draws torch.randperm from a generator seeded with seed + epoch, exactly as
-the cache loader does), so the losses agree up to floating-point differences. Benchmarks CPU code under
+last step's loss; then the best of each path, the ratios ours / Trainer, and the per-step losses and gradient
+norms of the first run side by side. Both paths do the same job: the same initial weights, the same batches in
+the same order and the same clipping, so the losses agree up to floating-point differences. Benchmarks CPU code under
 whatever else the machine runs: repeat, and read the range. TQDM_DISABLE=1 silences the progress bars on stderr.
 
 Known differences that do not change the work done: the Trainer's default optimizer is torch's fused AdamW,
 run_training's torch's default (foreach) AdamW, the same update; the Trainer exempts from weight decay biases and
 parameters named like norms (LayerNorm, `norm1`), run_training every parameter with fewer than 2 dims: for ViTs
 the groups are the same, for ResNets the Trainer also decays BatchNorm scales (`bn1.weight`). Work the Trainer
-does that run_training does not, and that is part of its cost: the gradient norm of every step, for its logs
-(even with clipping off), per-item fetch and collate, and a gc.collect at the start of train() (in its wall time,
-not in its loop time).
+does that run_training does not, and that is part of its cost: per-item fetch and collate, and a gc.collect at
+the start of train() (in its wall time, not in its loop time).
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from dermcompress import models, train
 from dermcompress.cache import run_cache
-from dermcompress.loader import CacheDataset, normalize
+from dermcompress.loader import CacheDataset, make_loader, normalize
 from dermcompress.pixeltable import write_pixel_table
 
 CLASSES = ["MEL", "NV"]
@@ -86,6 +86,10 @@ def make_cache(root: Path, n_train: int, res: int, seed: int = 0) -> Path:
     )
     table = root / "degraded.parquet"
     write_pixel_table(table, meta, pixels, metadata={"resolution": str(res), "variant": "clean"})
+    # Every image its own lesion group: run_training reads the groups for its bootstrap intervals.
+    meta.assign(group_id=meta["image_id"])[["image_id", "group_id", "label", "split"]].to_parquet(
+        root / "splits.parquet", index=False
+    )
     run_cache(degraded=table, out_dir=root / "cache", classes=CLASSES, rows_per_shard=2048, row_group_size=64)
     return root / "cache"
 
@@ -97,6 +101,7 @@ def run_ours(cache: Path, out: Path, args: argparse.Namespace) -> dict:
         "epochs": args.epochs,
         "batch_size": args.batch_size,
         "weight_decay": 0.01,
+        "max_grad_norm": 1.0,
         "schedule": "linear",
         "seed": args.seed,
         "log_every": 1,
@@ -115,15 +120,16 @@ def run_ours(cache: Path, out: Path, args: argparse.Namespace) -> dict:
         checkpoint_dir=str(out / "ckpt"),
         settings=settings,
         resolution=args.res,
+        splits=str(cache.parent / "splits.parquet"),
     )
     wall = time.perf_counter() - start
-    history = pd.read_csv(out / "run" / "history.csv")
-    losses = history.train_loss.dropna()
+    history = pd.read_csv(out / "run" / "history.csv").dropna(subset=["train_loss"])
     return {
         "loop": result["train_img_per_s"],
         "wall": wall,
-        "losses": losses.tolist(),
-        "mean_loss": float(losses.mean()),
+        "losses": history.train_loss.tolist(),
+        "grad_norms": history.grad_norm.tolist(),
+        "mean_loss": float(history.train_loss.mean()),
         "steps": result["steps"],
     }
 
@@ -146,6 +152,33 @@ class PixelDataset(Dataset):
             "pixel_values": normalize(self.data.pixels[i], self.mean, self.std),
             "labels": self.data.labels[i],
         }
+
+
+class EpochOrder(torch.utils.data.Sampler):
+    """The Trainer's train sampler: each epoch, the cache loader's seeded order (loader.BatchLoader)."""
+
+    def __init__(self, cache: Path, seed: int) -> None:
+        self.loader = make_loader(cache, "train", batch_size=1, shuffle=True, seed=seed, verify=False)
+
+    def set_epoch(self, epoch: int) -> None:  # accelerate calls it before each epoch
+        self.loader.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.loader.dataset)
+
+    def __iter__(self):
+        return iter(self.loader.indices().tolist())
+
+
+class OrderedTrainer(Trainer):
+    """transformers' Trainer with the cache loader's epoch order (otherwise exactly the Trainer)."""
+
+    def __init__(self, *args, order: EpochOrder, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.order = order
+
+    def _get_train_sampler(self, train_dataset=None):
+        return self.order
 
 
 class WithLoss(nn.Module):
@@ -182,7 +215,7 @@ def run_trainer(cache: Path, out: Path, args: argparse.Namespace) -> dict:
         weight_decay=0.01,
         lr_scheduler_type="linear",
         warmup_steps=0,
-        max_grad_norm=0.0,
+        max_grad_norm=1.0,
         logging_steps=1,
         report_to="none",
         save_strategy="no",
@@ -193,16 +226,22 @@ def run_trainer(cache: Path, out: Path, args: argparse.Namespace) -> dict:
         seed=args.seed,
         disable_tqdm=True,
     )
-    trainer = Trainer(model=WithLoss(classifier), args=training_args, train_dataset=dataset)
+    trainer = OrderedTrainer(
+        model=WithLoss(classifier),
+        args=training_args,
+        train_dataset=dataset,
+        order=EpochOrder(cache, args.seed),
+    )
     for callback in (PrinterCallback, ProgressCallback):  # no per-step printing
         trainer.remove_callback(callback)
     output = trainer.train()
     wall = time.perf_counter() - start
-    losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
+    logged = [row for row in trainer.state.log_history if "loss" in row]
     return {
         "loop": output.metrics["train_samples_per_second"],
         "wall": wall,
-        "losses": losses,
+        "losses": [row["loss"] for row in logged],
+        "grad_norms": [row["grad_norm"] for row in logged],
         "mean_loss": output.metrics["train_loss"],
         "steps": output.global_step,
         "optim": training_args.optim,
@@ -218,6 +257,8 @@ def line_counts() -> str:
         "_train": getattr(train, "_train", None),  # private: it may be renamed
         "run_training": train.run_training,
         "PixelDataset": PixelDataset,
+        "EpochOrder": EpochOrder,
+        "OrderedTrainer": OrderedTrainer,
         "WithLoss": WithLoss,
         "run_trainer": run_trainer,
     }
@@ -228,12 +269,15 @@ def line_counts() -> str:
     if not all(f" {name}" in lines[0] for name, lines in sources.items()):
         return ""
     n = {name: len(lines) for name, lines in sources.items()}
-    glue = n["PixelDataset"] + n["WithLoss"] + n["run_trainer"]
+    glue = sum(
+        n[name] for name in ("PixelDataset", "EpochOrder", "OrderedTrainer", "WithLoss", "run_trainer")
+    )
     trainer_py = len(Path(inspect.getsourcefile(Trainer)).read_text().splitlines())
     return (
         f"Lines: our loop train._train is {n['_train']} (the steps plus checkpoint/resume and SIGTERM/SIGUSR1"
         f" handling; run_training around it, {n['run_training']} more, adds setup, evaluation and outputs); the"
-        f" Trainer glue here (PixelDataset, WithLoss, run_trainer) is {glue}, for training only, on top of"
+        f" Trainer glue here (PixelDataset, EpochOrder, OrderedTrainer, WithLoss, run_trainer) is {glue}, for"
+        " training only, on top of"
         f" transformers' trainer.py ({trainer_py} lines)."
     )
 
@@ -268,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads;"
         f" {args.model} (random init) at {args.res} px, {args.n_train} train images, {len(CLASSES)} classes,"
         f" batch {args.batch_size}, {args.epochs} epochs ({steps} steps), AdamW lr {args.lr:g} wd 0.01, linear"
-        " schedule, fp32 on CPU"
+        " schedule, gradients clipped to norm 1.0, fp32 on CPU"
     )
     runs: dict[str, list[dict]] = {"run_training": [], "Trainer": []}
     images = args.n_train * args.epochs
@@ -307,12 +351,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     # The same job: same initial weights, same batches in the same order, so the per-step losses agree up to
     # the optimizers' floating-point differences (and, for ResNets, the weight decay on BatchNorm scales).
-    diff = max(abs(a - b) for a, b in zip(ours[0]["losses"], theirs[0]["losses"], strict=True))
-    print(
-        f"per-step train loss, run 1: step 1 {ours[0]['losses'][0]:.6f} vs {theirs[0]['losses'][0]:.6f},"
-        f" last step {ours[0]['losses'][-1]:.6f} vs {theirs[0]['losses'][-1]:.6f},"
-        f" largest difference over the {steps} steps {diff:.2e}"
-    )
+    for key, what in (("losses", "train loss"), ("grad_norms", "gradient norm (before clipping)")):
+        a, b = ours[0][key], theirs[0][key]
+        diff = max(abs(x - y) for x, y in zip(a, b, strict=True))
+        clipped = sum(x > 1.0 for x in a) if key == "grad_norms" else None
+        print(
+            f"per-step {what}, run 1: step 1 {a[0]:.6f} vs {b[0]:.6f}, last step {a[-1]:.6f} vs {b[-1]:.6f},"
+            f" largest difference over the {steps} steps {diff:.2e}"
+            + (f" ({clipped} of {steps} steps clipped)" if clipped is not None else "")
+        )
     if lines:
         print(lines)
     return 0

@@ -21,4 +21,5 @@ with job_logging(snakemake):
         settings=snakemake.params.settings,
         resolution=int(snakemake.wildcards.res),
         splits=snakemake.input.splits,
+        weights_path=snakemake.output.weights,
     )

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import yaml
 
@@ -110,3 +112,40 @@ def tiny_dinov2_config():
         image_size=56,
         patch_size=14,
     )
+
+
+def learnable_cache(root: Path, *, res: int = 32, seed: int = 0, classes=("MEL", "NV")) -> tuple[Path, Path]:
+    """A tiny cache, 48 train / 16 val / 16 test images, balanced, NV brighter than MEL (so a model can learn),
+    in lesion groups of two images of one class; returns (cache folder, splits.parquet with those groups)."""
+    from dermcompress.cache import run_cache
+    from dermcompress.pixeltable import write_pixel_table
+
+    rng = np.random.default_rng(seed)
+    splits = ["train"] * 48 + ["val"] * 16 + ["test"] * 16
+    labels = np.tile([0, 1], len(splits) // 2)
+    base = np.where(labels == 1, 150, 40)[:, None, None, None]
+    pixels = (base + rng.integers(0, 70, (len(splits), res, res, 3))).astype(np.uint8)
+    meta = pd.DataFrame(
+        {
+            "image_id": [f"ISIC_{i:07d}" for i in rng.permutation(len(splits))],
+            "label": [classes[i] for i in labels],
+            "split": splits,
+            "degradation": "none",
+            "degradation_params": "{}",
+        }
+    )
+    # Rows i and i + 2 share a class (labels alternate), and blocks of four never straddle two splits.
+    groups = [f"IL_{(i // 4) * 2 + i % 2:07d}" for i in range(len(splits))]
+    split_table = meta[["image_id", "label", "split"]].assign(group_id=groups)
+    split_table[["image_id", "group_id", "label", "split"]].to_parquet(root / "splits.parquet", index=False)
+    write_pixel_table(
+        root / "pixels.parquet", meta, pixels, metadata={"resolution": str(res), "variant": "clean"}
+    )
+    run_cache(
+        degraded=root / "pixels.parquet",
+        out_dir=root / "cache",
+        classes=list(classes),
+        rows_per_shard=32,
+        row_group_size=16,
+    )
+    return root / "cache", root / "splits.parquet"

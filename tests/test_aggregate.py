@@ -97,18 +97,34 @@ def test_epochs_schedules_and_label_fractions_are_grid_dimensions_with_defaults(
     assert experiments.figure_kinds(config, "wide") == ["curves", "label_efficiency"]
 
 
-def test_lr_per_mode_and_conflicting_overrides_are_reported():
+def test_lr_per_mode_and_model_and_conflicting_overrides_are_reported():
+    """lr keyed by mode, or by mode:model (the most specific key wins): the from-scratch ResNet-18 finetunes at
+    a rate that suits random weights, the pretrained models at the study's."""
     config = study_config()
     grid = copy.deepcopy(config["experiments"]["frozen_vs_finetuned"])
     runs = experiments.runs_of(config, "frozen_vs_finetuned")
-    assert {(r.mode, r.lr) for r in runs} == {("linear", "0.001"), ("finetune", "1e-05"), ("knn", "0")}
+    rates = {(r.mode, r.model, r.lr) for r in runs}
+    assert {(mode, lr) for mode, _, lr in rates} == {
+        ("linear", "0.001"),
+        ("finetune", "1e-05"),
+        ("finetune", "0.001"),
+        ("knn", "0"),
+    }
+    assert {model for mode, model, lr in rates if (mode, lr) == ("finetune", "0.001")} == {"resnet18_scratch"}
+    assert {lr for mode, model, lr in rates if model == "resnet18_scratch"} == {"0.001", "0"}
+    assert experiments.check_experiments(config) == []
     config["experiments"]["frozen_vs_finetuned"] = {
         **grid,
-        "lr": {"finetune": [1e-5]},
+        "lr": {"finetune": [1e-5], "linear:vit_b16": [1e-3], "finetune:nope": [1e-3]},
         "training": {"epochs": 2},
     }
     problems = experiments.check_experiments(config)
-    assert "experiments.frozen_vs_finetuned.lr: no learning rates for modes ['linear']" in problems
+    missing = next(p for p in problems if "no learning rates for" in p)
+    assert "'linear:dinov2_b14'" in missing and "linear:vit_b16" not in missing and "finetune:" not in missing
+    assert "experiments.frozen_vs_finetuned.lr.finetune:nope: no model 'nope' in models" in problems
+    # A key for a model the grid does not run is no error: an overlay may narrow the grid.
+    config["experiments"]["frozen_vs_finetuned"] = {**grid, "models": ["vit_b16"]}
+    assert experiments.check_experiments(config) == []
     assert any(
         p.startswith("experiments.frozen_vs_finetuned.training.epochs: set by the grid") for p in problems
     )
@@ -183,8 +199,9 @@ def test_cache_dataset_keeps_only_requested_images(tmp_path):
 # ------------------------------------------------------------------------------------- tables, figures
 
 
-def fake_runs(root: Path, points: list[dict], seeds=(0, 1)) -> list[str]:
-    """Run folders with a metrics.json and history.csv each (accuracy from the grid point, so rows differ)."""
+def fake_runs(root: Path, points: list[dict], seeds=(0, 1), val_auc=None) -> list[str]:
+    """Run folders with a metrics.json and history.csv each (accuracy from the grid point, so rows differ;
+    validation AUC too, or `val_auc[i]` for point i)."""
     base = {
         "experiment": "exp",
         "model": "m",
@@ -209,6 +226,9 @@ def fake_runs(root: Path, points: list[dict], seeds=(0, 1)) -> list[str]:
                 "f1_macro": accuracy - 0.01,
                 "auc": accuracy + 0.1,
                 "balanced_accuracy": accuracy,
+                "val_accuracy": accuracy - 0.02,
+                "val_auc": (accuracy + 0.05) if val_auc is None else val_auc[i] + 0.01 * seed,
+                "val_balanced_accuracy": accuracy - 0.02,
                 "gmacs": 0.1 * run.res / 64,
                 "params_m": 5.0,
                 "peak_train_mem_mb": None,
@@ -254,8 +274,30 @@ def test_table_rows_are_means_and_stds_over_seeds_with_their_runs(tmp_path):
         assert {asdict(experiments.parse_run_dir(r))["res"] for r in runs} == {row.res}
     md = Path(out["md"]).read_text()
     assert "A sweep" in md and "0.605 ± 0.007" in md and aggregate.CPU_NOTE in md
+    header = md.splitlines()[2]
+    assert "|   n |" in header and "Val AUC" in header and "| AUC " in header and "Val-selected" not in header
+    assert not csv[aggregate.SELECTED].any()  # nothing swept: nothing to choose
     assert r"\caption{A sweep." in Path(out["tex"]).read_text()
     assert "<table" in Path(out["html"]).read_text()
+
+
+def test_a_sweep_marks_the_setting_best_on_validation_never_on_test(tmp_path):
+    """Among rows that differ only in lr, the one with the best mean validation AUC is marked, per resolution,
+    although another lr has the best test AUC; a tie on validation AUC goes to validation balanced accuracy."""
+    points = [{"res": 64, "lr": lr} for lr in ("0.01", "0.001", "0.0001")]
+    points += [{"res": 32, "lr": lr} for lr in ("0.01", "0.001", "0.0001")]
+    # Test accuracy (and AUC) rise with the point's index: the last lr of each resolution is best on test.
+    dirs = fake_runs(tmp_path, points, val_auc=[0.70, 0.90, 0.80, 0.85, 0.85, 0.60])
+    out = {ext: str(tmp_path / f"t.{ext}") for ext in ("csv", "md", "tex", "html")}
+    table = aggregate.run_table(metrics=[f"{d}/metrics.json" for d in dirs], title="lr", label="lr", **out)
+    chosen = table.loc[table[aggregate.SELECTED], ["res", "lr"]]
+    # 64 px: best val AUC at 0.001. 32 px: 0.01 and 0.001 tie on val AUC; 0.001 has the higher val bal. acc.
+    assert list(chosen.itertuples(index=False, name=None)) == [(64, "0.001"), (32, "0.001")]
+    best_on_test = table.loc[table.groupby("res")["auc_mean"].idxmax(), "lr"]
+    assert set(best_on_test) == {"0.0001"}
+    md = Path(out["md"]).read_text()
+    assert "Val-selected" in md and md.count(aggregate.SELECTED_MARK) == 3  # two rows and the note
+    assert pd.read_csv(out["csv"])[aggregate.SELECTED].sum() == 2
 
 
 @pytest.mark.parametrize(

@@ -9,10 +9,13 @@ import pandas as pd
 import pytest
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
+from dermcompress import bootstrap
 from dermcompress.metrics import (
     EXTRA_KEYS,
     METRIC_KEYS,
+    VAL_PREFIX,
     compute_metrics,
+    compute_run_metrics,
     metrics_from_file,
     predictions_frame,
     write_metrics,
@@ -22,11 +25,12 @@ BINARY = ["MEL", "NV"]
 THREE = ["A", "B", "C"]
 
 
-def frame(labels, probs, classes):
+def frame(labels, probs, classes, groups=None):
+    """A test split's predictions; each image its own lesion group unless `groups` says otherwise."""
     labels = np.asarray(labels)
-    return predictions_frame(
-        [f"ISIC_{i:07d}" for i in range(len(labels))], labels, np.asarray(probs), classes
-    )
+    ids = [f"ISIC_{i:07d}" for i in range(len(labels))]
+    groups = ids if groups is None else [f"IL_{g:07d}" for g in groups]
+    return predictions_frame(ids, labels, np.asarray(probs), classes, group_ids=groups, split="test")
 
 
 def one_hot_probs(preds, n_classes, confidence=0.9):
@@ -137,7 +141,10 @@ def test_bad_inputs_are_refused():
 def test_predictions_frame_round_trips_through_parquet(tmp_path):
     labels, probs = random_predictions(40, THREE)
     preds = frame(labels, probs.astype(np.float32), THREE)  # float32 rounding is renormalised away
-    assert list(preds.columns) == ["image_id", "label", "pred", "prob_A", "prob_B", "prob_C"]
+    assert list(preds.columns) == [
+        *("split", "image_id", "group_id", "label", "pred"),
+        *("prob_A", "prob_B", "prob_C"),
+    ]
     assert (preds["label"] == np.asarray(THREE)[labels]).all()
     assert (preds["pred"] == np.asarray(THREE)[probs.argmax(1)]).all()
     path = tmp_path / "predictions.parquet"
@@ -146,6 +153,71 @@ def test_predictions_frame_round_trips_through_parquet(tmp_path):
     pd.testing.assert_frame_equal(back, preds)
     np.testing.assert_allclose(back[["prob_A", "prob_B", "prob_C"]].sum(axis=1), 1.0, atol=1e-12)
     assert metrics_from_file(path, THREE, n_bootstrap=30) == compute_metrics(preds, THREE, n_bootstrap=30)
+
+
+def test_run_metrics_hold_test_and_val_scores():
+    labels, probs = random_predictions(120, BINARY, seed=5)
+    test = frame(labels[:80], probs[:80], BINARY)
+    val = frame(labels[80:], probs[80:], BINARY).assign(split="val")
+    scores = compute_run_metrics(pd.concat([test, val], ignore_index=True), BINARY, n_bootstrap=30)
+    assert {k: scores[k] for k in METRIC_KEYS} == compute_metrics(test, BINARY, n_bootstrap=30)
+    assert {k: scores[f"{VAL_PREFIX}{k}"] for k in METRIC_KEYS} == compute_metrics(
+        val, BINARY, n_bootstrap=30
+    )
+    assert scores["n_eval"] == 80 and scores["val_n_eval"] == 40
+    with pytest.raises(ValueError, match="train"):
+        compute_run_metrics(test.assign(split="train"), BINARY)
+
+
+def grouped_predictions(n_groups=80, seed=2):
+    """A test split of lesion groups of 1-4 images each; images of a group share label and, roughly, score."""
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(1, 5, n_groups)
+    group_labels = rng.integers(0, 2, n_groups)
+    group_scores = rng.normal(size=n_groups) + group_labels
+    groups = np.repeat(np.arange(n_groups), sizes)
+    labels = group_labels[groups]
+    p_nv = 1 / (1 + np.exp(-(group_scores[groups] + 0.3 * rng.normal(size=len(groups)))))
+    return frame(labels, np.stack([1 - p_nv, p_nv], 1), BINARY, groups=groups)
+
+
+def test_bootstrap_resamples_lesion_groups_not_images():
+    """Duplicating every image within its lesion adds no evidence: the group-bootstrap intervals stay exactly
+    the same, while an image bootstrap (every image its own group) would take the copies as new data and
+    shrink them."""
+    preds = grouped_predictions()
+    copies = preds.assign(image_id=preds["image_id"] + "_copy")
+    doubled = pd.concat([preds, copies], ignore_index=True)
+    once = compute_metrics(preds, BINARY, n_bootstrap=400, seed=3)
+    twice = compute_metrics(doubled, BINARY, n_bootstrap=400, seed=3)
+    assert once["n_groups"] == twice["n_groups"] == 80 and twice["n_eval"] == 2 * once["n_eval"]
+    for key in ("accuracy", "auc", "balanced_accuracy"):
+        assert twice[key] == pytest.approx(once[key])
+        np.testing.assert_allclose(twice[f"{key}_ci95"], once[f"{key}_ci95"], rtol=0, atol=1e-12)
+
+    def width(m, key):
+        return m[f"{key}_ci95"][1] - m[f"{key}_ci95"][0]
+
+    by_image = compute_metrics(doubled.assign(group_id=doubled["image_id"]), BINARY, n_bootstrap=400, seed=3)
+    for key in ("accuracy", "auc"):
+        assert width(by_image, key) < 0.85 * width(once, key)
+
+
+def test_weighted_auc_matches_sklearn_sample_weights():
+    """The vectorised weighted AUC of each resample equals scikit-learn's roc_auc_score(sample_weight=...),
+    ties included (scores rounded to force them)."""
+    rng = np.random.default_rng(0)
+    labels, probs = random_predictions(90, THREE, seed=6)
+    probs = np.round(probs, 1)
+    probs /= probs.sum(axis=1, keepdims=True)
+    weights = bootstrap.group_weights(rng.integers(0, 30, 90), 25, seed=1)
+    binary = bootstrap.weighted_binary_auc(labels == 1, probs[:, 1], weights)
+    macro = bootstrap.weighted_auc(labels, probs, weights)
+    for b, w in enumerate(weights):
+        assert binary[b] == pytest.approx(roc_auc_score(labels == 1, probs[:, 1], sample_weight=w))
+        present = [c for c in range(3) if w[labels == c].sum() > 0]
+        expected = np.mean([roc_auc_score(labels == c, probs[:, c], sample_weight=w) for c in present])
+        assert macro[b] == pytest.approx(expected)
 
 
 def test_write_metrics_nulls_nan_and_keeps_extras(tmp_path):

@@ -5,9 +5,11 @@ tiny model, and their aggregation into tables and figures)."""
 from __future__ import annotations
 
 import copy
+import re
 import shutil
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 from conftest import snakemake, write_config
@@ -99,6 +101,28 @@ def test_edit_to_degradation_module_reruns_degradation_and_downstream(finished_s
     assert {t["experiment"] for t in jobs_of(jobs, "train")} == {"base", "other"}
     assert {t["experiment"] for t in jobs_of(jobs, "table")} == {"base", "other"}
     assert "data_summary" not in rules_of(jobs)
+
+
+def test_edit_to_training_code_retrains_from_step_zero(finished_study, tmp_path):
+    """A finished run rerun because its training code changed trains again, from step 0: no checkpoint of the
+    old code is left to stand in for the training (results/checkpoints/ held finished runs before)."""
+    workdir = tmp_path / "study"
+    shutil.copytree(finished_study, workdir, symlinks=True)
+    assert not list((workdir / "results/checkpoints").rglob("*.pt"))
+    module = workdir / "src/dermcompress/train.py"
+    module.write_text(module.read_text() + "\n# an edit to the training code\n")
+    proc = snakemake(workdir)
+    assert "rule train:" in proc.stdout + proc.stderr
+    for log in (workdir / "results/logs/runs").rglob("*.log"):
+        text = log.read_text()
+        if "mode finetune" not in text and "mode linear" not in text:
+            continue
+        assert "resuming" not in text, log
+        assert re.search(r"step 1/\d+ lr", text), log  # trained from the first step
+    history = pd.read_csv(next((workdir / "results/runs/base").rglob("history.csv")))
+    steps = history.dropna(subset=["train_loss"])["step"].tolist()
+    assert steps == list(range(1, len(steps) + 1)) and steps, "a loss row per step (log_every 1)"
+    assert not list((workdir / "results/checkpoints").rglob("*.pt"))
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ package's own metrics code; the report must exist and name every figure.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from pathlib import Path
@@ -90,28 +91,38 @@ def test_each_table_number_equals_a_recomputation_from_the_predictions(study):
         for row in table.itertuples():
             runs = row.runs.split(";")
             assert row.n_runs == len(runs)
-            for metric, score in RECOMPUTE.items():
+            # Test scores under the plain names, validation scores as val_* (where the table has them).
+            for (split, prefix), (metric, score) in itertools.product(
+                [("test", ""), ("val", "val_")], RECOMPUTE.items()
+            ):
+                column = f"{prefix}{metric}"
+                if f"{column}_mean" not in table.columns:
+                    continue
                 values = []
                 for run in runs:
-                    predictions = pd.read_parquet(study / run / "predictions.parquet")
+                    predictions = pd.read_parquet(study / run / "predictions.parquet").query(
+                        f"split == '{split}'"
+                    )
                     y, pred = predictions["label"].to_numpy(), predictions["pred"].to_numpy()
                     values.append(score(y, pred, predictions["prob_NV"].to_numpy()))
-                assert getattr(row, f"{metric}_mean") == pytest.approx(np.mean(values), abs=1e-12), (
+                assert getattr(row, f"{column}_mean") == pytest.approx(np.mean(values), abs=1e-12), (
                     name,
-                    metric,
+                    column,
                 )
                 if len(values) > 1:
-                    assert getattr(row, f"{metric}_std") == pytest.approx(np.std(values, ddof=1), abs=1e-12)
+                    assert getattr(row, f"{column}_std") == pytest.approx(np.std(values, ddof=1), abs=1e-12)
                 else:
-                    assert np.isnan(getattr(row, f"{metric}_std"))
+                    assert np.isnan(getattr(row, f"{column}_std"))
             # The row's grid point is the one its runs' folders name.
             points = {parse_run_dir(r) for r in runs}
             for dim in ("model", "res", "mode", "lr", "eval_variant", "label_fraction"):
                 if dim in table.columns:
                     same = float if dim in ("res", "lr", "label_fraction") else str  # the CSV reads numbers
                     assert {same(getattr(p, dim)) for p in points} == {same(getattr(row, dim))}
+        assert {"val_auc_mean", "val_balanced_accuracy_mean", "auc_mean"} <= set(table.columns)
         md = (study / f"results/tables/{name}.md").read_text()
         assert len(re.findall(r"^\| ", md, flags=re.MULTILINE)) == len(table) + 1  # header + one line per row
+        assert re.search(r"^\|.*\|\s+n \|\s+Val AUC\s.*\|\s+AUC\s", md, flags=re.MULTILINE), md
         assert "tabular" in (study / f"results/tables/{name}.tex").read_text()
 
 

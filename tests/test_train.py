@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,12 +14,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from torch.optim.optimizer import register_optimizer_step_post_hook
+from conftest import learnable_cache
+from safetensors.torch import load_file
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from dermcompress import models
-from dermcompress.cache import run_cache
-from dermcompress.metrics import EXTRA_KEYS, METRIC_KEYS, compute_metrics
-from dermcompress.pixeltable import write_pixel_table
+from dermcompress.metrics import EXTRA_KEYS, METRIC_KEYS, VAL_PREFIX, compute_run_metrics
 from dermcompress.train import CHECKPOINT, HISTORY_COLUMNS, resolve_settings, run_training
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,51 +43,38 @@ SETTINGS = {
     "n_bootstrap": 20,
 }
 STEPS = 9
-PREDICTION_COLUMNS = ["image_id", "label", "pred", "prob_MEL", "prob_NV"]
+PREDICTION_COLUMNS = ["split", "image_id", "group_id", "label", "pred", "prob_MEL", "prob_NV"]
 
 
 @pytest.fixture(scope="module")
-def caches(tmp_path_factory) -> Path:
-    """A 32 px cache (48 train / 16 val / 16 test, balanced) where NV images are brighter than MEL ones."""
-    tmp = tmp_path_factory.mktemp("train_cache")
-    rng = np.random.default_rng(0)
-    splits = ["train"] * 48 + ["val"] * 16 + ["test"] * 16
-    labels = np.tile([0, 1], len(splits) // 2)
-    base = np.where(labels == 1, 150, 40)[:, None, None, None]
-    pixels = (base + rng.integers(0, 70, (len(splits), RES, RES, 3))).astype(np.uint8)
-    meta = pd.DataFrame(
-        {
-            "image_id": [f"ISIC_{i:07d}" for i in rng.permutation(len(splits))],
-            "label": [CLASSES[i] for i in labels],
-            "split": splits,
-            "degradation": "none",
-            "degradation_params": "{}",
-        }
-    )
-    write_pixel_table(
-        tmp / "degraded.parquet", meta, pixels, metadata={"resolution": str(RES), "variant": "clean"}
-    )
-    run_cache(
-        degraded=tmp / "degraded.parquet",
-        out_dir=tmp / "cache",
-        classes=CLASSES,
-        rows_per_shard=32,
-        row_group_size=16,
-    )
-    return tmp / "cache"
+def data(tmp_path_factory) -> tuple[Path, Path]:
+    """A 32 px cache (48 train / 16 val / 16 test, balanced, NV brighter) and its splits table (conftest)."""
+    return learnable_cache(tmp_path_factory.mktemp("train_cache"), res=RES, seed=0)
 
 
-def train(caches: Path, out: Path, *, model=MODEL, entry=ENTRY, **overrides) -> dict:
-    return run_training(
-        model_name=model,
-        model_entry=entry,
-        train_cache=str(caches),
-        eval_cache=str(caches),
-        run_dir=str(out / "run"),
-        checkpoint_dir=str(out / "ckpt"),
-        settings={**SETTINGS, **overrides},
-        resolution=RES,
-    )
+@pytest.fixture(scope="module")
+def caches(data) -> Path:
+    return data[0]
+
+
+def run_args(caches: Path, out: Path, *, model=MODEL, entry=ENTRY, **overrides) -> dict:
+    """run_training's arguments for a run of `model` in `out` (run/, ckpt/, weights.safetensors)."""
+    return {
+        "model_name": model,
+        "model_entry": entry,
+        "train_cache": str(caches),
+        "eval_cache": str(caches),
+        "run_dir": str(out / "run"),
+        "checkpoint_dir": str(out / "ckpt"),
+        "settings": {**SETTINGS, **overrides},
+        "resolution": RES,
+        "splits": str(caches.parent / "splits.parquet"),
+        "weights_path": str(out / "weights.safetensors"),
+    }
+
+
+def train(caches: Path, out: Path, **kwargs) -> dict:
+    return run_training(**run_args(caches, out, **kwargs))
 
 
 def initial_state(model=MODEL, entry=ENTRY, seed=0) -> dict[str, torch.Tensor]:
@@ -97,7 +85,7 @@ def initial_state(model=MODEL, entry=ENTRY, seed=0) -> dict[str, torch.Tensor]:
 
 
 def final_state(out: Path) -> dict[str, torch.Tensor]:
-    return torch.load(out / "ckpt" / CHECKPOINT, weights_only=True)["model"]
+    return load_file(str(out / "weights.safetensors"))
 
 
 def check_outputs(run: Path, mode: str) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
@@ -107,17 +95,23 @@ def check_outputs(run: Path, mode: str) -> tuple[pd.DataFrame, pd.DataFrame, dic
     history = pd.read_csv(run / "history.csv")
     assert list(history.columns) == list(HISTORY_COLUMNS)
     predictions = pd.read_parquet(run / "predictions.parquet")
-    assert list(predictions.columns) == PREDICTION_COLUMNS and len(predictions) == 16
+    assert list(predictions.columns) == PREDICTION_COLUMNS
+    # The final model scored on val and on test, every image of each once, with its lesion group.
+    assert predictions.groupby("split").size().to_dict() == {"test": 16, "val": 16}
+    assert predictions["image_id"].is_unique and predictions["group_id"].str.startswith("IL_").all()
     metrics = json.loads((run / "metrics.json").read_text())
-    assert set(METRIC_KEYS) | set(EXTRA_KEYS) | {"mode", "trainable_params_m"} <= set(metrics)
-    assert metrics["mode"] == mode and metrics["n_eval"] == 16
+    val_keys = {f"{VAL_PREFIX}{k}" for k in METRIC_KEYS}
+    assert set(METRIC_KEYS) | val_keys | set(EXTRA_KEYS) | {"mode", "trainable_params_m"} <= set(metrics)
+    assert metrics["mode"] == mode and metrics["n_eval"] == metrics["val_n_eval"] == 16
+    assert metrics["n_groups"] == 8  # lesion groups of two images
     assert metrics["peak_train_mem_mb"] is None and metrics["peak_eval_mem_mb"] is None  # CPU
     assert metrics["gmacs"] > 0 and metrics["params_m"] > 0 and metrics["effective_input_px"] > 0
     assert metrics["eval_img_per_s"] > 0
-    recomputed = compute_metrics(
+    recomputed = compute_run_metrics(
         predictions, CLASSES, n_bootstrap=SETTINGS["n_bootstrap"], seed=SETTINGS["seed"]
     )
-    assert {k: metrics[k] for k in METRIC_KEYS} == json.loads(json.dumps(recomputed))
+    assert {k: metrics[k] for k in recomputed} == json.loads(json.dumps(recomputed))
+    assert metrics["train_img_per_s"] == pytest.approx(metrics["train_images"] / metrics["train_seconds"])
     return history, predictions, metrics
 
 
@@ -219,10 +213,66 @@ def test_knn_needs_no_training(caches, tmp_path):
     np.testing.assert_allclose(probs.sum(axis=1), 1.0)
 
 
-# The interrupted run: a real SIGTERM to itself right after optimizer step K (torch's global step hook).
+def test_knn_train_rate_counts_train_images(caches, tmp_path):
+    """kNN's "training" is extracting the 48 train images' features: its rate divides those, not the 16
+    validation images scored afterwards, by the time it took."""
+    train(caches, tmp_path, mode="knn", knn={"k": 5})
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["train_images"] == 48
+    assert metrics["train_img_per_s"] == pytest.approx(48 / metrics["train_seconds"])
+
+
+def test_finished_run_deletes_its_checkpoint(finetuned):
+    """results/checkpoints/ holds runs in progress only: a finished run leaves no checkpoint (nor its folder)."""
+    assert (finetuned / "run" / "metrics.json").is_file()
+    assert not (finetuned / "ckpt").exists()
+
+
+def test_gradients_are_clipped_to_max_grad_norm_and_the_norm_is_logged(caches, tmp_path):
+    """Each step's gradient reaches the optimizer with total norm min(norm, max_grad_norm); history.csv logs
+    the norm before clipping. With max_grad_norm null nothing is clipped."""
+    seen = []
+
+    def norm_at_step(optimizer, args, kwargs):
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        seen.append(
+            torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()
+        )
+
+    hook = register_optimizer_step_pre_hook(norm_at_step)
+    try:
+        train(caches, tmp_path / "clipped", max_grad_norm=0.05)
+        clipped, seen[:] = list(seen), []
+        train(caches, tmp_path / "free", max_grad_norm=None)
+        free = list(seen)
+    finally:
+        hook.remove()
+    logged = pd.read_csv(tmp_path / "clipped/run/history.csv").dropna(subset=["train_loss"])["grad_norm"]
+    assert len(logged) == len(clipped) == STEPS and (logged > 0.05).sum() >= 3
+    np.testing.assert_allclose(clipped, np.minimum(logged, 0.05), rtol=1e-4)
+    logged_free = pd.read_csv(tmp_path / "free/run/history.csv").dropna(subset=["train_loss"])["grad_norm"]
+    np.testing.assert_allclose(free, logged_free, rtol=1e-5)
+    assert logged_free.iloc[0] == pytest.approx(logged.iloc[0])  # the same first step, before any update
+
+
+def test_augmentation_is_seeded_and_changes_training(caches, finetuned, tmp_path):
+    train(caches, tmp_path / "a", augment=["hflip", "vflip", "rot90"])
+    train(caches, tmp_path / "b", augment=["hflip", "vflip", "rot90"])
+    a, b, plain = (
+        pd.read_parquet(d / "run" / "predictions.parquet")
+        for d in (tmp_path / "a", tmp_path / "b", finetuned)
+    )
+    pd.testing.assert_frame_equal(a, b, check_exact=True)
+    assert not np.array_equal(a["prob_NV"], plain["prob_NV"])
+    with pytest.raises(ValueError, match="augment"):
+        resolve_settings({"augment": ["hflip", "zoom"]})
+
+
+# A run in its own process, optionally sent a real SIGTERM right after optimizer step K (torch's global step
+# hook; 0: never); prints the number of optimizer steps it took.
 INTERRUPTED = """
 import json, os, signal, sys, torch
-from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from dermcompress.train import run_training
 args, threads, stop_at = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 torch.set_num_threads(threads)
@@ -234,28 +284,32 @@ def hook(optimizer, a, kw):
         os.kill(os.getpid(), signal.SIGTERM)
 register_optimizer_step_post_hook(hook)
 run_training(**args)
+print(f"optimizer steps: {steps}")
 """
+
+
+def run_in_process(args: dict, stop_at: int = 0, src: Path = REPO / "src") -> subprocess.CompletedProcess:
+    """run_training in a fresh interpreter that imports the package from `src`."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-c", INTERRUPTED, json.dumps(args), str(torch.get_num_threads()), str(stop_at)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+
+
+def preempt(args: dict, stop_at: int, src: Path = REPO / "src") -> None:
+    """Start a run and SIGTERM it after step `stop_at`: it saves its checkpoint and fails."""
+    proc = run_in_process(args, stop_at, src)
+    assert proc.returncode != 0 and f"Preempted: SIGTERM at step {stop_at}" in proc.stderr, proc.stderr[
+        -3000:
+    ]
+    assert not (Path(args["run_dir"]) / "metrics.json").exists()
 
 
 def test_resume_after_sigterm_matches_uninterrupted_run(caches, lora_run, tmp_path, caplog):
     stop_at = 4  # epoch 2, one optimizer step (two micro batches) into it
-    args = {
-        "model_name": VIT,
-        "model_entry": VIT_ENTRY,
-        "train_cache": str(caches),
-        "eval_cache": str(caches),
-        "run_dir": str(tmp_path / "run"),
-        "checkpoint_dir": str(tmp_path / "ckpt"),
-        "settings": {**SETTINGS, **LORA},
-        "resolution": RES,
-    }
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-c", INTERRUPTED, json.dumps(args), str(torch.get_num_threads()), str(stop_at)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode != 0 and "Preempted: SIGTERM at step 4" in proc.stderr, proc.stderr[-3000:]
+    args = run_args(caches, tmp_path, model=VIT, entry=VIT_ENTRY, **LORA)
+    preempt(args, stop_at)
     state = torch.load(tmp_path / "ckpt" / CHECKPOINT, weights_only=True)["state"]
     assert (state["step"], state["epoch"], state["batches_done"]) == (4, 1, 1)
-    assert not (tmp_path / "run" / "metrics.json").exists()
 
     steps = []
     hook = register_optimizer_step_post_hook(lambda *a: steps.append(1))
@@ -276,20 +330,40 @@ def test_resume_after_sigterm_matches_uninterrupted_run(caches, lora_run, tmp_pa
         pd.read_csv(lora_run / "run" / "history.csv"),
         check_exact=True,
     )
+    assert not (tmp_path / "ckpt").exists()  # done: the checkpoint is gone
 
 
-def test_checkpoint_of_other_settings_is_ignored(caches, finetuned, tmp_path, caplog):
-    """A finished checkpoint resumes to evaluation only; with another lr it is ignored and training starts over."""
-    ckpt = tmp_path / "ckpt"
-    ckpt.mkdir()
-    (ckpt / CHECKPOINT).write_bytes((finetuned / "ckpt" / CHECKPOINT).read_bytes())
+def test_checkpoint_of_other_code_is_not_resumed(caches, finetuned, tmp_path):
+    """A run preempted under one version of the training code restarts from step 0 under another: its
+    checkpoint serves only the code that wrote it. (The package is copied, so the edit stays in the test.)"""
+    src = tmp_path / "src"
+    shutil.copytree(REPO / "src", src, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    args = run_args(caches, tmp_path)
+    preempt(args, stop_at=4, src=src)
+    module = src / "dermcompress" / "train.py"
+    module.write_text(module.read_text() + "\n# an edit to the training code\n")
+    proc = run_in_process(args, src=src)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"optimizer steps: {STEPS}" in proc.stdout, "it trains from step 0"
+    assert "ignoring checkpoint" in proc.stderr and "code" in proc.stderr and "resuming" not in proc.stderr
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(tmp_path / "run" / "predictions.parquet"),
+        pd.read_parquet(finetuned / "run" / "predictions.parquet"),
+        check_exact=True,
+    )
+
+
+def test_checkpoint_of_other_settings_is_ignored(caches, tmp_path, caplog):
+    """A run preempted with one lr restarts from step 0 when asked for another."""
+    args = run_args(caches, tmp_path)
+    preempt(args, stop_at=4)
     steps = []
     hook = register_optimizer_step_post_hook(lambda *a: steps.append(1))
     try:
-        train(caches, tmp_path, epochs=1, lr=1e-3)
+        train(caches, tmp_path, lr=1e-3)
     finally:
         hook.remove()
-    assert len(steps) == 3 and "ignoring checkpoint" in caplog.text
+    assert len(steps) == STEPS and "ignoring checkpoint" in caplog.text and "settings" in caplog.text
 
 
 def test_settings_are_checked():

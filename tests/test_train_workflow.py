@@ -16,8 +16,8 @@ import torch
 from conftest import copy_workflow, snakemake, tiny_dinov2_config, write_config
 from safetensors.torch import load_file, save_file
 
-from dermcompress.metrics import METRIC_KEYS, compute_metrics
-from dermcompress.train import CHECKPOINT, HISTORY_COLUMNS, MODES
+from dermcompress.metrics import METRIC_KEYS, VAL_PREFIX, compute_run_metrics
+from dermcompress.train import HISTORY_COLUMNS, MODES
 
 pytestmark = pytest.mark.workflow
 
@@ -108,17 +108,25 @@ def test_every_mode_writes_contracted_outputs_recomputable_from_predictions(fini
         config = json.loads((run / "config.json").read_text())
         classes = config["classes"]
         predictions = pd.read_parquet(run / "predictions.parquet")
-        assert list(predictions.columns) == ["image_id", "label", "pred"] + [f"prob_{c}" for c in classes]
+        assert list(predictions.columns) == [
+            *("split", "image_id", "group_id", "label", "pred"),
+            *(f"prob_{c}" for c in classes),
+        ]
         metrics = json.loads((run / "metrics.json").read_text())
-        recomputed = compute_metrics(predictions, classes, n_bootstrap=N_BOOTSTRAP, seed=0)
-        assert {k: metrics[k] for k in METRIC_KEYS} == json.loads(json.dumps(recomputed)), (model, mode)
-        assert metrics["n_eval"] == len(predictions) > 0
+        recomputed = compute_run_metrics(predictions, classes, n_bootstrap=N_BOOTSTRAP, seed=0)
+        assert {k: metrics[k] for k in recomputed} == json.loads(json.dumps(recomputed)), (model, mode)
+        assert {f"{VAL_PREFIX}{k}" for k in METRIC_KEYS} <= set(metrics)
+        assert metrics["n_eval"] + metrics["val_n_eval"] == len(predictions) > 0
         assert metrics["mode"] == mode and metrics["gmacs"] > 0 and metrics["params_m"] > 0
-        # The test split of the cache, every image once.
-        test_ids = set(
-            pd.read_parquet(finished / "results/data/splits.parquet").query("split == 'test'").image_id
-        )
-        assert set(predictions["image_id"]) == test_ids and predictions["image_id"].is_unique
+        # The val and test splits of the cache, every image once, with the lesion group of the split table.
+        splits = pd.read_parquet(finished / "results/data/splits.parquet").set_index("image_id")
+        for split in ("val", "test"):
+            scored = predictions[predictions["split"] == split]
+            assert set(scored["image_id"]) == set(splits.index[splits["split"] == split])
+            assert (
+                scored["group_id"].to_numpy() == splits.loc[scored["image_id"], "group_id"].to_numpy()
+            ).all()
+        assert predictions["image_id"].is_unique
         history = pd.read_csv(run / "history.csv")
         assert list(history.columns) == list(HISTORY_COLUMNS)
         assert history["eval_accuracy"].notna().any()
@@ -139,8 +147,9 @@ def test_effective_input_is_recorded(finished):
 
 
 def checkpoint_of(run: Path, workdir: Path) -> dict[str, torch.Tensor]:
-    path = workdir / "results/checkpoints" / run.relative_to(workdir / "results/runs") / CHECKPOINT
-    return torch.load(path, weights_only=True)["model"]
+    """The trained weights of a run; its resume checkpoint is gone, the run being finished."""
+    assert not (workdir / "results/checkpoints" / run.relative_to(workdir / "results/runs")).exists()
+    return load_file(str(run / "weights.safetensors"))
 
 
 def test_pretrained_weights_were_loaded_and_frozen_only_where_the_mode_says(finished):

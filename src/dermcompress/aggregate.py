@@ -1,8 +1,14 @@
 """The study's tables, from the runs' own outputs only (metrics.json; the grid point is read from the run's path).
 
 One table per experiment: a row per setting of the grid dimensions that vary in it (the model always shown),
-mean and sample standard deviation over its seeds. So the resolution sweep gives Table 1 (model x resolution),
-the learning-rate sweeps Tables 2 and 3, and so on, without a table definition per experiment.
+mean and sample standard deviation over its seeds, and `n`, the number of runs behind the mean. So the
+resolution sweep gives Table 1 (model x resolution), the learning-rate sweeps Tables 2 and 3, and so on, without
+a table definition per experiment.
+
+Validation chooses, test reports. Every run is scored on both splits (metrics.json: `val_*` and plain keys).
+Where an experiment sweeps a hyperparameter (lr, schedule or epochs vary), the rows that differ only in it form
+a family, and the row with the best mean validation AUC over seeds (ties: validation balanced accuracy) is
+marked `selected_by_val`: the setting a study would report, chosen without looking at the test split.
 
 Every table is written as CSV (numbers, for analysis), Markdown and LaTeX (formatted, mean ± std) and HTML (for
 the report). The CSV's `runs` column lists, separated by ';', the run folders (relative to the workflow
@@ -43,7 +49,15 @@ METRICS = {
     "f1_macro": "F1 (macro)",
     "auc": "AUC",
     "balanced_accuracy": "Balanced acc.",
+    "val_accuracy": "Val accuracy",
+    "val_auc": "Val AUC",
+    "val_balanced_accuracy": "Val balanced acc.",
 }
+# Hyperparameters a sweep tunes on the validation split; the other dimensions are what a table compares.
+TUNED = ("lr", "schedule", "epochs")
+# The validation score that selects among a sweep's rows, then the tie-break.
+SELECT_BY = ("val_auc_mean", "val_balanced_accuracy_mean")
+SELECTED = "selected_by_val"
 COSTS = {
     "gmacs": "GMACs",
     "peak_train_mem_mb": "Peak train mem. (MB)",
@@ -52,12 +66,16 @@ COSTS = {
 }
 # What the Markdown / LaTeX / HTML tables show (the study's Table 1 columns); the CSV has every metric and cost.
 SHOWN = {
+    "val_auc": "Val AUC",
+    "val_balanced_accuracy": "Val bal. acc.",
     "accuracy": "Accuracy",
     "f1_macro": "F1 (macro)",
     "auc": "AUC",
+    "balanced_accuracy": "Bal. acc.",
     "gmacs": "GMACs",
     "peak_train_mem_mb": "Peak GPU mem. (MB)",
 }
+SELECTED_MARK = "✓"
 NOT_MEASURED = "n/a"
 CPU_NOTE = "Peak GPU memory is not measured on a CPU (n/a)."
 TABLE_CSS = [
@@ -94,8 +112,9 @@ def varying_dims(runs: pd.DataFrame) -> list[str]:
 def summarize(runs: pd.DataFrame, dims: list[str] | None = None) -> pd.DataFrame:
     """Mean and std over seeds per setting of `dims` (default: the varying ones), in the runs' (grid) order.
 
-    Columns: the dims, n_runs, <metric>_mean and <metric>_std per metric, the mean of each cost, and `runs`.
-    The std is the sample standard deviation (NaN with one seed).
+    Columns: the dims, n_runs, <metric>_mean and <metric>_std per metric (test, and val_<metric>), the mean of
+    each cost, `selected_by_val` (select_by_val) and `runs`. The std is the sample standard deviation (NaN with
+    one seed).
     """
     dims = dims or varying_dims(runs)
     grouped = runs.groupby(dims, sort=False)
@@ -105,7 +124,29 @@ def summarize(runs: pd.DataFrame, dims: list[str] | None = None) -> pd.DataFrame
         **{c: (c, "mean") for c in COSTS},
         runs=("run", RUNS_SEPARATOR.join),
     ).reset_index()
+    runs_column = table.pop(RUNS_COLUMN)
+    table[SELECTED] = select_by_val(table, dims)
+    table[RUNS_COLUMN] = runs_column
     return table
+
+
+def select_by_val(table: pd.DataFrame, dims: list[str]) -> pd.Series:
+    """Per family of rows that differ only in the tuned hyperparameters (TUNED) among `dims`: True on the row
+    with the best mean validation AUC (ties: validation balanced accuracy; then the first), False on the others.
+    Without a tuned dimension among `dims` nothing is chosen: all False."""
+    tuned = [d for d in dims if d in TUNED]
+    selected = pd.Series(False, index=table.index)
+    if not tuned or table.empty:
+        return selected
+    others = [d for d in dims if d not in TUNED]
+    families = table.groupby(others, sort=False).groups.values() if others else [table.index]
+    for rows in families:
+        scores = table.loc[rows, list(SELECT_BY)]
+        if len(rows) < 2 or scores[SELECT_BY[0]].isna().all():  # nothing to choose, or no validation scores
+            continue
+        best = scores.fillna(-np.inf).sort_values(list(SELECT_BY), ascending=False, kind="stable").index[0]
+        selected[best] = True
+    return selected
 
 
 def _mean_std(mean: float, std: float, n: int) -> str:
@@ -132,7 +173,9 @@ def display_table(table: pd.DataFrame) -> pd.DataFrame:
     out = pd.DataFrame({DIMS[d]: table[d].astype(str) for d in dims})
     if "label_fraction" in dims:
         out[DIMS["label_fraction"]] = [f"{float(f) * 100:g}%" for f in table["label_fraction"]]
-    out["Runs"] = table["n_runs"]
+    out["n"] = table["n_runs"]
+    if table[SELECTED].any():
+        out["Val-selected"] = [SELECTED_MARK if chosen else "" for chosen in table[SELECTED]]
     for column, header in SHOWN.items():
         if column in METRICS:
             means, stds = table[f"{column}_mean"], table[f"{column}_std"]
@@ -144,9 +187,15 @@ def display_table(table: pd.DataFrame) -> pd.DataFrame:
 
 def table_notes(table: pd.DataFrame) -> list[str]:
     notes = [
-        "Test split; mean ± sample std over seeds (Runs: how many). GMACs per image; peak GPU memory in training. "
-        "The CSV has every metric and cost, and the run folders of every row."
+        "Mean ± sample std over n runs (seeds). Val: the validation split, which chooses; the other metrics are "
+        "the test split's, which only reports. GMACs per image; peak GPU memory in training. The CSV has every "
+        "metric and cost, and the run folders of every row."
     ]
+    if table[SELECTED].any():
+        notes.append(
+            f"{SELECTED_MARK}: among rows that differ only in {'/'.join(TUNED)}, the one with the best mean "
+            "validation AUC (ties: validation balanced accuracy), chosen without the test split."
+        )
     if table["peak_train_mem_mb"].isna().all():
         notes.append(CPU_NOTE)
     return notes

@@ -25,7 +25,7 @@ RUN_DIR = (
     "lr{lr}_{schedule}_{epochs}ep/labels{label_fraction}/seed{seed}"
 )
 CHECKPOINT_DIR = RUN_DIR.replace("results/runs/", "results/checkpoints/", 1)
-RUN_FILES = ("metrics.json", "predictions.parquet", "history.csv", "config.json")
+RUN_FILES = ("metrics.json", "predictions.parquet", "history.csv", "config.json", "weights.safetensors")
 # Grid key in config.yaml -> Run field. Seeds last: repeats of one setting sit together.
 GRID_KEYS = {
     "models": "model",
@@ -127,11 +127,17 @@ def grid_values(config: dict[str, Any], name: str) -> dict[str, Any]:
     return {field: grid.get(key, defaults.get(key)) for key, field in GRID_KEYS.items()}
 
 
-def learning_rates(lr: list | dict, mode: str) -> list[str]:
-    """The learning rates of one mode, spelt as in paths. kNN trains nothing: its runs carry lr 0."""
+def learning_rates(lr: list | dict, mode: str, model: str) -> list[str]:
+    """The learning rates of one mode and model, spelt as in paths. kNN trains nothing: its runs carry lr 0.
+
+    `lr` is a list, or a mapping whose keys are a mode (`finetune`) or a mode and a model (`finetune:resnet18`);
+    the most specific key wins, so a model trained from random weights can get a rate of its own.
+    """
     if mode == "knn":
         return [format_number(0)]
-    return [format_number(x) for x in (lr[mode] if isinstance(lr, dict) else lr)]
+    if isinstance(lr, dict):
+        lr = lr.get(f"{mode}:{model}", lr.get(mode))
+    return [format_number(x) for x in lr]
 
 
 def expand_runs(config: dict[str, Any]) -> list[Run]:
@@ -142,7 +148,7 @@ def expand_runs(config: dict[str, Any]) -> list[Run]:
         lr = values.pop("lr")
         for point in itertools.product(*values.values()):
             v = dict(zip(values, point, strict=True))
-            for rate in learning_rates(lr, v["mode"]):
+            for rate in learning_rates(lr, v["mode"], v["model"]):
                 run = Run(
                     experiment=name,
                     model=v["model"],
@@ -210,14 +216,28 @@ def check_experiments(config: dict[str, Any]) -> list[str]:
             if missing := sorted(values - allowed, key=str):
                 source = where.get(key, "degrade.variants")
                 problems.append(f"experiments.{name}.{key}: {missing} not in {source}")
-        if isinstance(grid["lr"], dict) and (
-            missing := sorted(set(grid["modes"]) - set(grid["lr"]) - {"knn"})
-        ):
-            problems.append(f"experiments.{name}.lr: no learning rates for modes {missing}")
+        if isinstance(grid["lr"], dict):
+            problems += _check_lr_keys(name, grid, config["models"])
         for key in sorted(GRID_SETTINGS & set(grid.get("training", {}))):
             problems.append(
                 f"experiments.{name}.training.{key}: set by the grid (experiments.{name}.{_grid_key(key)})"
             )
+    return problems
+
+
+def _check_lr_keys(name: str, grid: dict[str, Any], registry: dict[str, Any]) -> list[str]:
+    """An lr mapping: a `mode:model` key names a registered model (a typo is an error; a model this grid does not
+    run is not, so that an overlay can narrow a grid), and every mode and model the grid trains has rates."""
+    problems = [
+        f"experiments.{name}.lr.{key}: no model {key.partition(':')[2]!r} in models"
+        for key in grid["lr"]
+        if ":" in key and key.partition(":")[2] not in registry
+    ]
+    pairs = {(mode, model) for mode in grid["modes"] if mode != "knn" for model in grid["models"]}
+    if missing := sorted(
+        f"{m}:{n}" for m, n in pairs if f"{m}:{n}" not in grid["lr"] and m not in grid["lr"]
+    ):
+        problems.append(f"experiments.{name}.lr: no learning rates for {missing}")
     return problems
 
 

@@ -1,15 +1,19 @@
 """Scoring one run: the predictions table every run writes, and the metrics.json computed from it.
 
-`predictions.parquet` has one row per evaluated image: `image_id`, `label` and `pred` (class names), and one
-`prob_<CLASS>` column per class (rows sum to 1). Every number in metrics.json is recomputed from that file,
-so a reviewer can rescore a run without the model.
+`predictions.parquet` has one row per evaluated image: `split` (val or test), `image_id`, `group_id` (its lesion
+or patient group), `label` and `pred` (class names), and one `prob_<CLASS>` column per class (rows sum to 1).
+Every number in metrics.json is recomputed from that file, so a reviewer can rescore a run without the model:
+the test split's scores under the plain keys, the validation split's under `val_<key>` (the validation split
+chooses among runs, e.g. a learning rate; the test split only reports).
 
 AUC convention: binary tasks score `prob_<classes[1]>` against `label == classes[1]` (ROC AUC is unchanged
 when the positive class and its score are swapped together, so the choice is only bookkeeping); more classes
 give the one-vs-rest macro AUC over the classes that are present in the labels. With a single class in the
 labels AUC is undefined and reported as null.
 
-Confidence intervals are 95% percentile bootstraps over images (seeded, so a rerun gives the same numbers).
+Confidence intervals are 95% percentile bootstraps over lesion groups (bootstrap.py: images of one lesion are
+not independent, so resampling images would give intervals that are too narrow), seeded, so a rerun gives the
+same numbers.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ from sklearn.metrics import (
     recall_score,
     roc_auc_score,
 )
-from tqdm import tqdm
+
+from . import bootstrap
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +49,14 @@ METRIC_KEYS = (
     "per_class_recall",
     "confusion_matrix",
     "n_eval",
+    "n_groups",
     "accuracy_ci95",
     "auc_ci95",
+    "balanced_accuracy_ci95",
 )
+# metrics.json holds METRIC_KEYS of the test split, and of the validation split with this prefix.
+VAL_PREFIX = "val_"
+SPLITS = ("val", "test")
 # Supplied by the training code (DESIGN.md, metrics.json contract); GPU memory is null on CPU.
 EXTRA_KEYS = (
     "gmacs",
@@ -64,9 +74,16 @@ def prob_columns(classes: list[str]) -> list[str]:
 
 
 def predictions_frame(
-    image_ids: list[str], labels: np.ndarray, probs: np.ndarray, classes: list[str]
+    image_ids: list[str],
+    labels: np.ndarray,
+    probs: np.ndarray,
+    classes: list[str],
+    *,
+    group_ids: list[str],
+    split: str,
 ) -> pd.DataFrame:
-    """The predictions table: image_id, label, pred (argmax; first class wins a tie), prob_<CLASS> per class.
+    """The predictions table of one split: split, image_id, group_id, label, pred (argmax; first class wins a
+    tie), prob_<CLASS> per class.
 
     `labels` are class indices into `classes`; `probs` is (N, C) and must already be probabilities (softmax or
     kNN votes): rows are checked to sum to 1 and renormalised only to remove float rounding.
@@ -76,9 +93,10 @@ def predictions_frame(
     n, n_classes = len(image_ids), len(classes)
     if len(set(classes)) != n_classes:
         raise ValueError(f"duplicate class names in {classes}")
-    if labels.shape != (n,) or probs.shape != (n, n_classes):
+    if labels.shape != (n,) or probs.shape != (n, n_classes) or len(group_ids) != n:
         raise ValueError(
-            f"shape mismatch: {n} image ids, labels {labels.shape}, probs {probs.shape}, {n_classes} classes"
+            f"shape mismatch: {n} image ids, {len(group_ids)} group ids, labels {labels.shape}, probs"
+            f" {probs.shape}, {n_classes} classes"
         )
     if n and (not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0 or labels.max() >= n_classes):
         raise ValueError(f"labels must be integer class indices in [0, {n_classes})")
@@ -89,7 +107,9 @@ def predictions_frame(
     names = np.asarray(classes, dtype=object)
     frame = pd.DataFrame(
         {
+            "split": pd.Series([split] * n, dtype="string"),
             "image_id": pd.Series(image_ids, dtype="string"),
+            "group_id": pd.Series(group_ids, dtype="string"),
             "label": pd.Series(names[labels], dtype="string"),
             "pred": pd.Series(names[probs.argmax(axis=1)] if n else [], dtype="string"),
         }
@@ -119,25 +139,19 @@ def _auc(y_true: np.ndarray, probs: np.ndarray) -> float | None:
     return float(np.mean([roc_auc_score(y_true == c, probs[:, c]) for c in present]))
 
 
-def _percentile_ci(values: np.ndarray) -> list[float] | None:
-    if len(values) == 0:
-        return None
-    low, high = np.percentile(values, [2.5, 97.5])
-    return [float(low), float(high)]
-
-
 def compute_metrics(
     predictions: pd.DataFrame, classes: list[str], *, n_bootstrap: int = 1000, seed: int = 0
 ) -> dict:
     """Every metric of the metrics.json contract that follows from the predictions (keys: METRIC_KEYS).
 
-    Values are plain Python (JSON-ready); undefined values (AUC with one class, recall of a class absent
-    from the labels, CIs with n_bootstrap=0) are None.
+    `predictions` are one split's rows. Values are plain Python (JSON-ready); undefined values (AUC with one
+    class, recall of a class absent from the labels, CIs with n_bootstrap=0) are None. Intervals resample the
+    lesion groups of `group_id` (bootstrap.py).
     """
     n = len(predictions)
     if n == 0:
         raise ValueError("no predictions to score")
-    missing = {"label", "pred", *prob_columns(classes)} - set(predictions.columns)
+    missing = {"group_id", "label", "pred", *prob_columns(classes)} - set(predictions.columns)
     if missing:
         raise ValueError(f"predictions lack columns {sorted(missing)}")
     y_true = _class_indices(predictions["label"], classes, "label")
@@ -160,32 +174,47 @@ def compute_metrics(
         "n_eval": int(n),
     }
 
-    # One (n_bootstrap, N) matrix of resampled row indices serves both intervals.
-    rng = np.random.default_rng(seed)
-    resamples = rng.integers(0, n, size=(n_bootstrap, n), dtype=np.int32 if n < 2**31 else np.int64)
-    correct = y_true == y_pred
-    metrics["accuracy_ci95"] = _percentile_ci(correct[resamples].mean(axis=1))
-    aucs = []
-    if metrics["auc"] is not None:
-        for idx in tqdm(resamples, desc="auc bootstrap", unit="resample", mininterval=5):
-            value = _auc(y_true[idx], probs[idx])
-            if value is not None:  # resamples holding one class have no AUC
-                aucs.append(value)
-        if len(aucs) < n_bootstrap:
-            log.warning(
-                "AUC bootstrap: %d of %d resamples had one class and were skipped",
-                n_bootstrap - len(aucs),
-                n_bootstrap,
-            )
-    metrics["auc_ci95"] = _percentile_ci(np.asarray(aucs))
+    groups = predictions["group_id"].astype(str).to_numpy()
+    metrics["n_groups"] = len(np.unique(groups))
+    # One (n_bootstrap, N) matrix of group-resample weights serves every interval.
+    weights = bootstrap.group_weights(groups, n_bootstrap, seed)
+    metrics["accuracy_ci95"] = bootstrap.percentile_ci(
+        bootstrap.weighted_mean((y_true == y_pred).astype(float), weights)
+    )
+    aucs = bootstrap.weighted_auc(y_true, probs, weights) if metrics["auc"] is not None else np.array([])
+    if skipped := int(np.isnan(aucs).sum()):  # resamples holding one class have no AUC
+        log.warning("AUC bootstrap: %d of %d resamples had one class and were skipped", skipped, n_bootstrap)
+    metrics["auc_ci95"] = bootstrap.percentile_ci(aucs)
+    metrics["balanced_accuracy_ci95"] = bootstrap.percentile_ci(
+        bootstrap.weighted_balanced_accuracy(y_true, y_pred, weights)
+    )
     return metrics
+
+
+def compute_run_metrics(
+    predictions: pd.DataFrame, classes: list[str], *, n_bootstrap: int = 1000, seed: int = 0
+) -> dict:
+    """metrics.json's scores: the test split's under the plain keys, the validation split's as `val_<key>`
+    (when the predictions hold val rows)."""
+    unknown = sorted(set(predictions["split"].astype(str)) - set(SPLITS))
+    if unknown:
+        raise ValueError(f"predictions hold rows of splits {unknown}; expected {list(SPLITS)}")
+    scores = {}
+    for split, prefix in (("test", ""), ("val", VAL_PREFIX)):
+        rows = predictions[predictions["split"] == split]
+        if split == "test" or len(rows):
+            part = compute_metrics(rows, classes, n_bootstrap=n_bootstrap, seed=seed)
+            scores.update({f"{prefix}{key}": value for key, value in part.items()})
+    return scores
 
 
 def metrics_from_file(
     predictions_parquet: str | Path, classes: list[str], *, n_bootstrap: int = 1000, seed: int = 0
 ) -> dict:
-    """compute_metrics on a predictions.parquet written from predictions_frame."""
-    return compute_metrics(pd.read_parquet(predictions_parquet), classes, n_bootstrap=n_bootstrap, seed=seed)
+    """compute_run_metrics on a predictions.parquet written from predictions_frame."""
+    return compute_run_metrics(
+        pd.read_parquet(predictions_parquet), classes, n_bootstrap=n_bootstrap, seed=seed
+    )
 
 
 def _json_ready(value):

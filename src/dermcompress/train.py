@@ -5,8 +5,9 @@ The loop is written out once (nanoGPT / timm style) and every mode goes through 
     finetune       every weight trains.
     linear         the backbone is frozen (and in eval mode); only the linear head trains. The backbone's
                    features of the train split are computed once and the head trains on them, batch by batch in
-                   the same seeded order as the other modes. There is no augmentation, so this is exactly the
-                   frozen backbone run every step, at a fraction of the cost.
+                   the same seeded order as the other modes: exactly the frozen backbone run every step, at a
+                   fraction of the cost (so `augment` does not apply: the features are those of the cached
+                   images as they are).
     knn            nothing trains: features of the train split vote for the eval images (knn.knn_predict).
     freeze_blocks  the stem (every backbone parameter registered before the first of `model.blocks`: patch or
                    stem embedding, class and position tokens) and the first `freeze_blocks` blocks are frozen.
@@ -20,13 +21,23 @@ on weight matrices only (biases and norm scales get none, as the Trainer does), 
 warmup, cross-entropy. `batch_size` is the global batch; a smaller `micro_batch_size` splits it for memory and
 accumulates gradients, with the loss scaled so that the step equals the full-batch step. Autocast (bf16) on CUDA.
 
+Gradients are clipped to a total norm of `max_grad_norm` (the Trainer's default, 1.0; null: no clipping), over the
+summed gradient of the whole optimizer step (after the all-reduce over ranks, before the step); `history.csv`
+logs the norm before clipping (`grad_norm`). Optional flips and quarter turns (`augment`, augment.py) apply to
+the uint8 batch on the device in the modes that train through the backbone.
+
 Checkpoints (`checkpoint_dir/checkpoint.pt`, written to a temporary name then renamed) hold the model, optimizer,
 scheduler, step, epoch, the position inside the epoch, the RNG states and the history so far, at every epoch end
 and every `checkpoint_every_steps` steps. SIGTERM or SIGUSR1 (what SLURM sends before a time limit or a
 preemption) only sets a flag: the loop finishes the optimizer step it is in, saves a checkpoint and raises
 `Preempted`, so the job fails and a rerun resumes exactly where it stopped (same epoch order, the batches already
-done skipped, RNG restored). A checkpoint written with other settings, model or data is ignored. The checkpoint is
-kept after a successful run (a rerun of the final evaluation then needs no training).
+done skipped, RNG restored). A checkpoint serves only the run that wrote it: same settings, model and data, and
+the same code (the fingerprint of this module's closure and the versions of the packages it imports), so a code
+change or a new timm that makes Snakemake rerun a run trains it again. It is deleted once the run has written
+its outputs: `results/checkpoints/` holds runs in progress only.
+
+After training the final model scores the validation and the test split (predictions.parquet holds both,
+metrics.json the test scores and the validation ones as `val_*`): validation chooses, test reports.
 
 On N GPUs the job runs this under torchrun, one process per GPU (distributed.py): every step takes the same
 global batch and micro batches as one process would, dealt to the ranks, with the gradients summed over them;
@@ -47,7 +58,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +69,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from . import cache, distributed, flops, knn, metrics, models, subsample
+from . import augment, cache, distributed, flops, knn, metrics, models, subsample
+from .fingerprint import code_fingerprint
 from .loader import make_loader, normalize, step_batches
 
 log = logging.getLogger(__name__)
@@ -66,7 +78,7 @@ log = logging.getLogger(__name__)
 MODES = ("finetune", "linear", "knn", "freeze_blocks", "lora")
 SCHEDULES = ("linear", "cosine")
 PRECISIONS = ("auto", "fp32", "bf16")
-HISTORY_COLUMNS = ("step", "epoch", "lr", "train_loss", "eval_loss", "eval_accuracy")
+HISTORY_COLUMNS = ("step", "epoch", "lr", "train_loss", "grad_norm", "eval_loss", "eval_accuracy")
 CHECKPOINT = "checkpoint.pt"
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 KNN_CHUNK = 1024
@@ -78,6 +90,8 @@ DEFAULTS: dict[str, Any] = {
     "batch_size": 256,
     "micro_batch_size": None,  # None: the whole batch at once
     "weight_decay": 0.01,
+    "max_grad_norm": 1.0,  # the Hugging Face Trainer's default; None: no clipping
+    "augment": [],  # any of augment.AUGMENTATIONS; the study used none
     "schedule": "linear",
     "warmup_ratio": 0.0,
     "min_lr_ratio": 0.0,  # cosine only: the floor, as a fraction of lr
@@ -133,11 +147,19 @@ def resolve_settings(settings: dict[str, Any]) -> dict[str, Any]:
             "checkpoint_every_steps must be >= 1 or null",
         ),
         (s["freeze_blocks"] >= 0, f"freeze_blocks must be >= 0, got {s['freeze_blocks']}"),
+        (
+            s["max_grad_norm"] is None or s["max_grad_norm"] > 0,
+            f"max_grad_norm must be > 0 or null, got {s['max_grad_norm']}",
+        ),
         (0 < s["label_fraction"] <= 1, f"label_fraction must be in (0, 1], got {s['label_fraction']}"),
     ]
     for ok, problem in checks:
         if not ok:
             raise ValueError(f"training settings: {problem}")
+    try:
+        resolved["augment"] = augment.check(s["augment"])
+    except ValueError as err:
+        raise ValueError(f"training settings: {err}") from None
     return resolved
 
 
@@ -346,8 +368,15 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     os.replace(tmp, path)  # atomic: a crash mid-save leaves the previous checkpoint intact
 
 
+def checkpoint_identity(**parts: Any) -> str:
+    """What a checkpoint must match to be resumed: the run's parts (model, settings, data) and the code that
+    trains it (this module's closure and the versions of the packages it imports), as canonical JSON."""
+    parts["code"] = code_fingerprint(__name__)
+    return json.dumps(parts, sort_keys=True, default=str)
+
+
 def load_checkpoint(path: Path, identity: str) -> dict[str, Any] | None:
-    """The checkpoint at `path` if it exists and was written by this very run configuration, else None."""
+    """The checkpoint at `path` if it exists and was written by this very run and code, else None."""
     if not path.is_file():
         return None
     try:
@@ -356,11 +385,23 @@ def load_checkpoint(path: Path, identity: str) -> dict[str, Any] | None:
         log.warning("ignoring unreadable checkpoint %s (%s); starting from scratch", path, err)
         return None
     if state.get("identity") != identity:
+        try:
+            saved, wanted = json.loads(state.get("identity") or "{}"), json.loads(identity)
+            differ = sorted(k for k in wanted.keys() | saved.keys() if saved.get(k) != wanted.get(k))
+        except (TypeError, ValueError):
+            differ = ["everything"]
         log.warning(
-            "ignoring checkpoint %s: written for other settings, model or data; starting from scratch", path
+            "ignoring checkpoint %s: written for another %s; starting from scratch", path, ", ".join(differ)
         )
         return None
     return state
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Delete a finished run's checkpoint, and its folders up the tree as long as they are empty."""
+    path.unlink(missing_ok=True)
+    with suppress(OSError):  # a parent holds other runs' checkpoints (or the folder is gone)
+        os.removedirs(path.parent)
 
 
 def _data_fingerprint(cache_dir: str | Path) -> str:
@@ -413,10 +454,13 @@ def run_training(
     checkpoint_dir: str,
     settings: dict,
     resolution: int,
-    splits: str | None = None,
+    splits: str,
+    weights_path: str | None = None,
 ) -> dict:
     """Train (or, for knn, fit) one model per `settings`; write config.json, history.csv, predictions.parquet and
-    metrics.json into run_dir; return the metrics. Raises Preempted after checkpointing on SIGTERM/SIGUSR1.
+    metrics.json into run_dir (and the trained weights to `weights_path`, if given); return the metrics.
+    `splits`: the splits table, for the lesion groups (bootstrap intervals, label fractions). Raises Preempted
+    after checkpointing on SIGTERM/SIGUSR1.
 
     Under torchrun every rank calls this (distributed.py); rank 0 alone writes files and returns the metrics,
     the others return {} once training is done."""
@@ -469,26 +513,20 @@ def run_training(
 
     micro = s["micro_batch_size"] or s["batch_size"]
     # Label efficiency: only a seeded, grouped share of the train split (None: all of it).
-    train_ids = subsample.train_subset(splits, s["label_fraction"], s["seed"]) if splits else None
-    if s["label_fraction"] < 1 and train_ids is None:
-        raise ValueError("label_fraction < 1 needs the splits table (run_training(splits=...))")
+    train_ids = subsample.train_subset(splits, s["label_fraction"], s["seed"])
     eval_loader = make_loader(eval_cache, eval_split, batch_size=micro, shuffle=False, seed=s["seed"])
     if s["mode"] == "knn":
         history, train = _fit_knn(
             model, s, train_cache, eval_loader, device=device, autocast=autocast, train_ids=train_ids
         )
     else:
-        identity = json.dumps(
-            {
-                "model": model_name,
-                "model_entry": model_entry,
-                "resolution": resolution,
-                "settings": {k: v for k, v in s.items() if k != "n_bootstrap"},
-                "train_data": _data_fingerprint(train_cache),
-                "eval_data": _data_fingerprint(eval_cache),
-            },
-            sort_keys=True,
-            default=str,
+        identity = checkpoint_identity(
+            model=model_name,
+            model_entry=model_entry,
+            resolution=resolution,
+            settings={k: v for k, v in s.items() if k != "n_bootstrap"},
+            train_data=_data_fingerprint(train_cache),
+            eval_data=_data_fingerprint(eval_cache),
         )
         history, train = _train(
             model,
@@ -504,35 +542,25 @@ def run_training(
     if not distributed.is_main():  # training is done; rank 0 evaluates and writes for the job
         return {}
     _write_history(run_dir / "history.csv", history)
+    if weights_path is not None:
+        save_weights(model, weights_path)
 
-    # Final evaluation on the test split, with the full model on pixels (also in linear and knn mode, whose
-    # eval cost is what deployment would pay).
-    test_loader = make_loader(eval_cache, "test", batch_size=micro, shuffle=False, seed=s["seed"])
-    _reset_peak(device)
-    _sync(device)
-    start = time.perf_counter()
-    if s["mode"] == "knn":
-        feats, _ = extract_features(model, test_loader, device=device, autocast=autocast)
-        probs = _knn_probs(train["bank"], feats, s, len(classes))
-        labels = test_loader.dataset.labels.numpy()
-    else:
-        result = evaluate(model, test_loader, device=device, autocast=autocast)
-        probs, labels = result["probs"], result["labels"]
-    _sync(device)
-    eval_seconds = time.perf_counter() - start
-    peak_eval = _peak_mb(device)
-
-    predictions = metrics.predictions_frame(test_loader.dataset.image_ids, labels, probs, classes)
+    predictions, evaluation = _final_evaluation(
+        model, s, eval_cache, splits, train, classes, device=device, autocast=autocast
+    )
     predictions.to_parquet(run_dir / "predictions.parquet", index=False)
-    scores = metrics.compute_metrics(predictions, classes, n_bootstrap=s["n_bootstrap"], seed=s["seed"])
+    scores = metrics.compute_run_metrics(predictions, classes, n_bootstrap=s["n_bootstrap"], seed=s["seed"])
     extra = {
         "gmacs": gmacs,
         "params_m": params_m,
         "effective_input_px": model.effective_input_px,
         "peak_train_mem_mb": train["peak_mem_mb"],
-        "peak_eval_mem_mb": peak_eval,
+        "peak_eval_mem_mb": evaluation["peak_mem_mb"],
         "train_img_per_s": train["images"] / train["seconds"] if train["seconds"] > 0 else None,
-        "eval_img_per_s": len(predictions) / eval_seconds if eval_seconds > 0 else None,
+        "eval_img_per_s": len(predictions) / evaluation["seconds"] if evaluation["seconds"] > 0 else None,
+        # What the rates divide: images through the model while training (kNN: the feature bank), and seconds.
+        "train_images": train["images"],
+        "train_seconds": train["seconds"],
         "mode": s["mode"],
         "trainable_params_m": trainable_m,
         "steps": train["steps"],
@@ -541,8 +569,62 @@ def run_training(
         "world_size": distributed.world_size(),
     }
     payload = metrics.write_metrics(run_dir / "metrics.json", scores, extra)
-    log.info("test accuracy %.4f, AUC %s (n=%d)", scores["accuracy"], scores["auc"], scores["n_eval"])
+    log.info(
+        "test accuracy %.4f, AUC %s (n=%d); val accuracy %s, AUC %s",
+        scores["accuracy"],
+        scores["auc"],
+        scores["n_eval"],
+        scores.get("val_accuracy"),
+        scores.get("val_auc"),
+    )
+    remove_checkpoint(ckpt_path)  # the run is complete: its checkpoint would only go stale
     return payload
+
+
+def _final_evaluation(
+    model, s, eval_cache, splits, train, classes, *, device, autocast
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The final model's predictions on the val (if the cache has one) and test splits, with the full model on
+    pixels (in linear and knn mode too: their eval cost is what deployment would pay), and the cost of it."""
+    micro = s["micro_batch_size"] or s["batch_size"]
+    groups = pd.read_parquet(splits, columns=["image_id", "group_id"]).set_index("image_id")["group_id"]
+    frames = []
+    _reset_peak(device)
+    _sync(device)
+    start = time.perf_counter()
+    for split in [x for x in metrics.SPLITS if x in cache.load_info(eval_cache)["rows"]]:
+        loader = make_loader(eval_cache, split, batch_size=micro, shuffle=False, seed=s["seed"])
+        if s["mode"] == "knn":
+            feats, _ = extract_features(model, loader, device=device, autocast=autocast)
+            probs = _knn_probs(train["bank"], feats, s, len(classes))
+            labels = loader.dataset.labels.numpy()
+        else:
+            result = evaluate(model, loader, device=device, autocast=autocast)
+            probs, labels = result["probs"], result["labels"]
+        ids = loader.dataset.image_ids
+        if missing := sorted(set(ids) - set(groups.index)):
+            raise ValueError(
+                f"{len(missing)} {split} images of {eval_cache} are not in {splits}: {missing[:5]}"
+            )
+        frame = metrics.predictions_frame(
+            ids, labels, probs, classes, group_ids=groups.loc[ids].tolist(), split=split
+        )
+        frames.append(frame)
+    _sync(device)
+    cost = {"seconds": time.perf_counter() - start, "peak_mem_mb": _peak_mb(device)}
+    return pd.concat(frames, ignore_index=True), cost
+
+
+def save_weights(model: nn.Module, path: str | Path) -> None:
+    """The trained model's state dict as safetensors (written to a temporary name, then renamed)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp))
+    os.replace(tmp, path)
 
 
 def _knn_probs(
@@ -583,7 +665,9 @@ def _fit_knn(
     log.info("kNN on %s: accuracy %.4f", eval_loader.dataset.split, accuracy)
     # kNN votes are often exactly 0 for the true class, so no eval_loss (cross-entropy) is reported.
     history = [{"step": 0, "epoch": 0.0, "eval_accuracy": accuracy}]
-    return history, {"bank": bank, "seconds": seconds, "images": len(labels), "peak_mem_mb": peak, "steps": 0}
+    # Its "training" is the feature bank: train images over the time taken to extract them.
+    images = len(bank[1])
+    return history, {"bank": bank, "seconds": seconds, "images": images, "peak_mem_mb": peak, "steps": 0}
 
 
 def _train(
@@ -610,7 +694,7 @@ def _train(
         "epoch": 0,
         "batches_done": 0,  # global batches (optimizer steps) of `epoch` already trained on
         "history": [],
-        "loss_window": [0.0, 0],  # sum and count of step losses since the last history row
+        "loss_window": [0.0, 0.0, 0],  # sums of step losses and gradient norms, and steps, since the last row
         "seconds": 0.0,
         "images": 0,
         "peak_mem_mb": None,
@@ -668,15 +752,26 @@ def _train(
         )
         features, _ = extract_features(model, plain, device=device, autocast=autocast)
 
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    max_norm = s["max_grad_norm"] or math.inf  # inf: measure the norm, clip nothing
+    draws = None  # this epoch's augmentation draws, per dataset row (augment.py)
+
     def forward(batch) -> torch.Tensor:
         if features is not None:
             return model.head(features[batch["index"].to(device)])
-        return model(normalize(batch["pixels"], model.mean, model.std, device=device))
+        pixels = batch["pixels"].to(device, non_blocking=True)
+        if draws is not None:
+            pixels = augment.apply(pixels, draws[batch["index"]])
+        return model(normalize(pixels, model.mean, model.std))
 
     bar = tqdm(total=total_steps, initial=state["step"], desc="train", unit="step", mininterval=5)
     with preemption_flag() as flag, bar:
         for epoch in range(state["epoch"], s["epochs"]):
             loader.set_epoch(epoch)
+            if s["augment"] and features is None:
+                draws = augment.epoch_draws(len(loader.dataset), s["seed"], epoch, s["augment"])
+            elif s["augment"] and epoch == state["epoch"]:
+                log.warning("augment %s does not apply to linear probes on frozen features", s["augment"])
             set_train_mode(model)
             steps = step_batches(
                 loader, s["batch_size"], rank=distributed.rank(), world_size=distributed.world_size()
@@ -692,6 +787,8 @@ def _train(
                     loss.backward()
                     step_loss += loss.detach()
                 distributed.all_reduce_gradients(model.parameters())
+                # On the summed gradient of the whole step (every rank holds the same one), before the step.
+                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm).item()
                 lr = optimizer.param_groups[0]["lr"]
                 optimizer.step()
                 scheduler.step()
@@ -705,21 +802,29 @@ def _train(
                 state["step"] += 1
                 state["batches_done"] += 1
                 state["images"] += step_size
-                state["loss_window"][0] += loss_sum
-                state["loss_window"][1] += 1
+                window = state["loss_window"]
+                window[0], window[1], window[2] = window[0] + loss_sum, window[1] + grad_norm, window[2] + 1
                 bar.update()
                 if state["step"] % s["log_every"] == 0:
-                    mean_loss = state["loss_window"][0] / state["loss_window"][1]
-                    state["loss_window"] = [0.0, 0]
+                    mean_loss, mean_norm = window[0] / window[2], window[1] / window[2]
+                    state["loss_window"] = [0.0, 0.0, 0]
                     state["history"].append(
                         {
                             "step": state["step"],
                             "epoch": state["step"] / steps_per_epoch,
                             "lr": lr,
                             "train_loss": mean_loss,
+                            "grad_norm": mean_norm,
                         }
                     )
-                    log.info("step %d/%d lr %.3g train_loss %.4f", state["step"], total_steps, lr, mean_loss)
+                    log.info(
+                        "step %d/%d lr %.3g train_loss %.4f grad_norm %.3g",
+                        state["step"],
+                        total_steps,
+                        lr,
+                        mean_loss,
+                        mean_norm,
+                    )
                 every = s["checkpoint_every_steps"]
                 if flag["signal"] or (every and state["step"] % every == 0):
                     _account(state, start, device)

@@ -13,6 +13,7 @@ rule train:
         predictions=f"{RUN_DIR}/predictions.parquet",
         history=f"{RUN_DIR}/history.csv",
         config=f"{RUN_DIR}/config.json",
+        weights=f"{RUN_DIR}/weights.safetensors",
     log:
         f"results/logs/runs/{RUN_ID}.log",
     benchmark:
