@@ -18,7 +18,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from dermcompress import cli
 from dermcompress.flops import count_gmacs, model_cost
-from dermcompress.models import WeightsUnavailableError
+from dermcompress.weights import WeightsUnavailableError
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 

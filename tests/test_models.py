@@ -12,18 +12,13 @@ from conftest import REPO, tiny_dinov2_config
 from safetensors.torch import save_file
 
 from dermcompress.config import ConfigError
-from dermcompress.models import (
-    DEFAULT_MODELS,
-    Classifier,
-    LoraUnsupportedError,
+from dermcompress.models import Classifier, LoraUnsupportedError, build_architecture, build_model
+from dermcompress.registry import DEFAULT_MODELS, effective_input, parse_spec
+from dermcompress.weights import (
     UnsafeCheckpointError,
     WeightsMismatchError,
     WeightsUnavailableError,
-    build_architecture,
-    build_model,
     convert_simclr_checkpoint,
-    effective_input,
-    parse_spec,
 )
 
 TINY_VIT = "vit_tiny_patch16_224"

@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from dermcompress.config import ConfigError
-from dermcompress.models import DEFAULT_MODELS, ModelSpec, build_architecture, parse_spec
+from dermcompress.models import build_architecture
+from dermcompress.registry import DEFAULT_MODELS, ModelSpec, parse_spec
 
 log = logging.getLogger(__name__)
 
@@ -108,11 +109,13 @@ def model_cost(
     registry: dict[str, dict] | None = None,
     num_classes: int = 2,
 ) -> dict[str, float | int]:
-    """{"gmacs", "params_m", "effective_input_px"} of the classifier at `resolution`, built without weights."""
+    """{"gmacs", "params_m", "effective_input_px", "feature_dim"} of the classifier at `resolution`, built
+    without weights."""
     spec = resolve_spec(spec_or_name, registry)
     model = build_architecture(spec, num_classes=num_classes, resolution=resolution)
     return {
         "gmacs": round(count_gmacs(model, resolution), 9),  # exact to one MAC
         "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 6),
         "effective_input_px": model.effective_input_px,
+        "feature_dim": model.feature_dim,
     }
