@@ -32,6 +32,7 @@ rule ingest:
         "../../envs/data.yaml"
     params:
         max_pixels=config["data"]["max_pixels"],
+        max_file_bytes=config["data"]["max_file_bytes"],
         synthetic=SYNTHETIC,
         code=get_code("ingest"),
     script:
