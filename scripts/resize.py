@@ -13,5 +13,6 @@ with job_logging(snakemake):
         policy=snakemake.params.policy,
         reduced_decode=snakemake.params.reduced_decode,
         max_pixels=snakemake.params.max_pixels,
+        max_file_bytes=snakemake.params.max_file_bytes,
         threads=snakemake.threads,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import zipfile
 
@@ -49,9 +50,10 @@ def write_dataset(folder, n_small: int = 40, n_large: int = 3, seed: int = 0):
         w, h = (300, 200) if i < n_small else (1024, 1024)
         member = f"sub/{image_id}.jpg"
         (folder / "sub").mkdir(exist_ok=True)
-        (folder / member).write_bytes(photo_jpeg(rng, w, h))
-        rows.append((image_id, member))
-    ids = [image_id for image_id, _ in rows]
+        data = photo_jpeg(rng, w, h)
+        (folder / member).write_bytes(data)
+        rows.append((image_id, member, hashlib.sha256(data).hexdigest()))
+    ids = [image_id for image_id, _, _ in rows]
     splits = pd.DataFrame(
         {
             "image_id": ids[::-1],  # not sorted: the stage must sort
@@ -61,7 +63,13 @@ def write_dataset(folder, n_small: int = 40, n_large: int = 3, seed: int = 0):
         }
     )
     manifest = pd.DataFrame(
-        {"image_id": ids, "status": "ok", "member": [m for _, m in rows], "sha256": "x", "reason": None}
+        {
+            "image_id": ids,
+            "status": "ok",
+            "member": [m for _, m, _ in rows],
+            "sha256": [sha for _, _, sha in rows],
+            "reason": None,
+        }
     )
     return splits, manifest
 
@@ -194,6 +202,24 @@ def test_changed_raw_file_names_the_image(tmp_path):
             splits=splits, manifest=manifest, images=tmp_path / "images", out=tmp_path / "r.parquet",
             resolution=16, policy="squash", reduced_decode=True, max_pixels=MAX_PIXELS, threads=1,
         )  # fmt: skip
+
+
+def test_raw_file_rewritten_in_place_fails_resize_naming_every_changed_image(tmp_path):
+    """A raw image replaced after ingest by another valid JPEG decodes fine: only its sha256 can tell."""
+    splits, manifest = write_dataset(tmp_path / "images", n_small=6, n_large=0)
+    rng = np.random.default_rng(99)
+    for image_id in ("ISIC_0000001", "ISIC_0000004"):
+        (tmp_path / "images" / "sub" / f"{image_id}.jpg").write_bytes(photo_jpeg(rng, 300, 200))
+    settings = dict(resolution=16, policy="squash", reduced_decode=True, max_pixels=MAX_PIXELS)
+    for threads in (1, 2):
+        with pytest.raises(SourceChangedError, match="2 raw image") as err:
+            run_resize(
+                splits=splits, manifest=manifest, images=tmp_path / "images", out=tmp_path / "r.parquet",
+                threads=threads, **settings,
+            )  # fmt: skip
+        assert err.value.image_ids == ["ISIC_0000001", "ISIC_0000004"]
+        assert "ISIC_0000001" in str(err.value) and "is not the file ingest read" in str(err.value)
+    assert not (tmp_path / "r.parquet").exists()
 
 
 def test_split_images_must_be_ok_in_the_manifest(tmp_path):

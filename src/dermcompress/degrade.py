@@ -153,8 +153,8 @@ def _degrade_task(
     reduced_decode: bool,
     max_pixels: int,
 ) -> np.ndarray:
-    image_id, member, op, params = task
-    data = read_member(images, image_id, member)
+    image_id, member, sha256, op, params = task
+    data = read_member(images, image_id, member, sha256)
     try:
         if op == NONE:  # exactly what the resize stage makes of it (reduced decode included)
             return load_resized(
@@ -220,7 +220,12 @@ def run_degrade(
         )
         tasks = list(
             zip(
-                rows["image_id"], rows["member"], rows["degradation"], rows["degradation_params"], strict=True
+                rows["image_id"],
+                rows["member"],
+                rows["sha256"],
+                rows["degradation"],
+                rows["degradation_params"],
+                strict=True,
             )
         )
         pixels = map_images(

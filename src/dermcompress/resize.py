@@ -8,6 +8,7 @@ release the GIL while they decode, resample and filter).
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import math
 import os
@@ -25,7 +26,7 @@ from tqdm import tqdm
 
 from dermcompress.images import ImageError, decode_image
 from dermcompress.pixeltable import write_pixel_table
-from dermcompress.sources import ImageSource
+from dermcompress.sources import DEFAULT_MAX_FILE_BYTES, ImageSource, SourceError
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,17 @@ PathOrFrame = str | Path | pd.DataFrame  # the stage reads parquet files; tests 
 
 
 class SourceChangedError(RuntimeError):
-    """An image that passed ingest no longer reads or decodes: the raw data changed under the pipeline."""
+    """An image that passed ingest no longer reads, matches its sha256 or decodes: the raw data changed under
+    the pipeline. `image_ids` names them (all of them, when raised by map_images)."""
+
+    def __init__(self, message: str, image_ids: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.image_ids = list(image_ids)
+
+
+RERUN_INGEST = (
+    "the raw data changed since ingest: rerun the workflow from ingest (snakemake --forcerun ingest)"
+)
 
 
 def resize_image(img: Image.Image, size: int, policy: str) -> np.ndarray:
@@ -94,32 +105,50 @@ def available_threads() -> int:
 
 
 @functools.cache
-def _source(path: str, thread: int) -> ImageSource:
+def _source(path: str, max_bytes: int, thread: int) -> ImageSource:
     """One open image source per thread: threads sharing a zip handle would also share its file offset."""
-    return ImageSource(path)
+    return ImageSource(path, max_bytes=max_bytes)
 
 
-def read_member(images: str | Path, image_id: str, member: str) -> bytes:
-    """Raw bytes of one image, opening the source once per thread; a missing file is a clear error."""
+def read_member(
+    images: str | Path,
+    image_id: str,
+    member: str,
+    sha256: str,
+    max_bytes: int = DEFAULT_MAX_FILE_BYTES,
+) -> bytes:
+    """Raw bytes of one image, checked against the sha256 ingest recorded (the bytes are in memory: cheap).
+
+    Opens the source once per thread. A missing, unreadable or changed file is a SourceChangedError.
+    """
     try:
-        return _source(str(images), threading.get_ident()).read(member)
-    except (OSError, KeyError) as err:
+        data = _source(str(images), max_bytes, threading.get_ident()).read(member)
+    except (OSError, KeyError, SourceError) as err:
         raise SourceChangedError(
-            f"{image_id}: cannot read {member!r} from {images} ({err}); it was there at ingest, so the raw data "
-            "changed since: rerun the workflow from ingest"
+            f"{image_id}: cannot read {member!r} from {images} ({err}); it was read at ingest, so {RERUN_INGEST}",
+            [image_id],
         ) from None
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise SourceChangedError(
+            f"{image_id}: {member!r} in {images} is not the file ingest read (sha256 {sha256[:16]}...); "
+            + RERUN_INGEST,
+            [image_id],
+        )
+    return data
 
 
 def source_changed(image_id: str, member: str, err: ImageError) -> SourceChangedError:
     return SourceChangedError(
-        f"{image_id}: {member!r} no longer decodes ({err}); it decoded at ingest, so the raw file changed since: "
-        "rerun the workflow from ingest"
+        f"{image_id}: {member!r} no longer decodes ({err}); it decoded at ingest, so {RERUN_INGEST}",
+        [image_id],
     )
 
 
-def _resize_task(task: tuple[str, str], *, images: str, **settings: Any) -> np.ndarray:
-    image_id, member = task
-    data = read_member(images, image_id, member)
+def _resize_task(
+    task: tuple[str, str, str], *, images: str, max_file_bytes: int, **settings: Any
+) -> np.ndarray:
+    image_id, member, sha256 = task
+    data = read_member(images, image_id, member, sha256, max_file_bytes)
     try:
         (pixels,) = load_resized(data, **settings).values()
     except ImageError as err:
@@ -135,31 +164,49 @@ def map_images(
     Threads, not processes: the work runs in Pillow and OpenCV with the GIL released (1.7x on 2 cores against
     1.3x for a process pool, which pays for pickling every image), and nothing is forked, so no thread pool's
     lock can be copied in a held state into a child that then hangs. The output is allocated once and filled
-    as results arrive, so memory stays at one copy of the table.
+    as results arrive, so memory stays at one copy of the table. Images whose raw file changed since ingest
+    (SourceChangedError) are all collected, then named together in one error.
     """
+    changed: list[SourceChangedError] = []
+
+    def guarded(task: Any) -> np.ndarray | None:
+        try:
+            return fn(task)
+        except SourceChangedError as err:
+            changed.append(err)
+            return None
+
     out = np.empty((len(tasks), *shape), dtype=np.uint8)
     threads = max(1, min(threads, len(tasks)))
     if threads > 1:
-        cv2.setNumThreads(
-            1
-        )  # one of our threads per core already; OpenCV's own pool would oversubscribe them
+        # One of our threads per core already; OpenCV's own pool would oversubscribe them.
+        cv2.setNumThreads(1)
     with (
         ThreadPoolExecutor(max_workers=threads) as pool,
         tqdm(total=len(tasks), desc=desc, unit="img", mininterval=5) as bar,
     ):
-        results = pool.map(fn, tasks) if threads > 1 else map(fn, tasks)
+        results = pool.map(guarded, tasks) if threads > 1 else map(guarded, tasks)
         for i, pixels in enumerate(results):
-            out[i] = pixels
+            if pixels is not None:
+                out[i] = pixels
             bar.update()
+    if changed:
+        ids = sorted(i for err in changed for i in err.image_ids)
+        shown = "\n  ".join(str(err) for err in sorted(changed, key=lambda e: e.image_ids)[:20])
+        more = f"\n  ... and {len(changed) - 20} more" if len(changed) > 20 else ""
+        raise SourceChangedError(
+            f"{len(changed)} raw image(s) changed since ingest: {', '.join(ids[:20])}\n  {shown}{more}", ids
+        )
     return out
 
 
 def split_members(splits: PathOrFrame, manifest: PathOrFrame) -> pd.DataFrame:
-    """The split's rows (image_id, split, label, member), sorted by image_id; every one must be ok at ingest."""
+    """The split's rows (image_id, split, label, member, sha256), sorted by image_id; every one must be ok at
+    ingest."""
     split_df = splits if isinstance(splits, pd.DataFrame) else pd.read_parquet(splits)
     man = manifest if isinstance(manifest, pd.DataFrame) else pd.read_parquet(manifest)
     rows = split_df[["image_id", "split", "label"]].merge(
-        man[["image_id", "status", "member"]], on="image_id", how="left", validate="one_to_one"
+        man[["image_id", "status", "member", "sha256"]], on="image_id", how="left", validate="one_to_one"
     )
     missing = rows.loc[rows["member"].isna(), "image_id"].tolist()
     if missing:
@@ -180,9 +227,13 @@ def run_resize(
     policy: str,
     reduced_decode: bool,
     max_pixels: int,
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
     threads: int | None = None,
 ) -> None:
-    """Every image of splits.parquet -> `out`: image_id, split, label + (res x res) pixels, sorted by image_id."""
+    """Every image of splits.parquet -> `out`: image_id, split, label + (res x res) pixels, sorted by image_id.
+
+    Each raw file is checked against the sha256 ingest recorded; any that changed fail the job, all named.
+    """
     if policy not in POLICIES:
         raise ValueError(f"unknown resize policy {policy!r}; expected one of {', '.join(POLICIES)}")
     rows = split_members(splits, manifest)
@@ -198,8 +249,9 @@ def run_resize(
         policy=policy,
         reduced_decode=reduced_decode,
         max_pixels=max_pixels,
+        max_file_bytes=max_file_bytes,
     )
-    tasks = list(zip(rows["image_id"], rows["member"], strict=True))
+    tasks = list(zip(rows["image_id"], rows["member"], rows["sha256"], strict=True))
     pixels = map_images(
         fn, tasks, shape=(resolution, resolution, 3), threads=threads, desc=f"resize {resolution}px"
     )

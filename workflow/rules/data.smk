@@ -96,6 +96,7 @@ rule resize:
         policy=config["resize"]["policy"],
         reduced_decode=config["resize"]["reduced_decode"],
         max_pixels=config["data"]["max_pixels"],
+        max_file_bytes=config["data"]["max_file_bytes"],
         code=get_code("resize"),
     script:
         "../../scripts/resize.py"
