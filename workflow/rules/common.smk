@@ -1,22 +1,15 @@
 # Helpers shared by every rule: where the raw data are, what the final targets are, code fingerprints.
-import os
-import sys
+# (setup.smk, included by the Snakefile before validation, has made the package importable.)
 from pathlib import Path
-
-# The package under src/ holds all logic. Make it importable here and in every job, installed or not.
-SRC = str(Path(workflow.basedir) / "src")
-sys.path.insert(0, SRC)
-# (This sets PYTHONPATH rather than requiring it: jobs inherit it, locally and through SLURM.)
-os.environ.update(
-    PYTHONPATH=os.pathsep.join(p for p in (SRC, os.getenv("PYTHONPATH")) if p)
-)
 
 from dermcompress import config as dc_config
 from dermcompress import experiments, lineage, sources
 from dermcompress.fingerprint import code_fingerprint
 from snakemake_interface_executor_plugins.settings import DeploymentMethod
 
-dc_config.check(config)
+# What the schema cannot say, and each experiment's `training:` overrides against the training section's.
+SCHEMA = Path(workflow.basedir) / "workflow/schemas/config.schema.yaml"
+dc_config.check(config, schema=SCHEMA)
 
 SYNTHETIC = config["data"]["isic_root"] is None
 ISIC_ROOT = "results/data/synthetic" if SYNTHETIC else config["data"]["isic_root"]
