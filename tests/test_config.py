@@ -107,7 +107,10 @@ def test_yaml_alias_bomb_is_refused_quickly_naming_its_key(workflow_dir):
     proc = snakemake(workflow_dir, "--dry-run", "--configfile", "bomb.yaml", check=False, timeout=120)
     assert proc.returncode != 0
     output = proc.stdout + proc.stderr
-    assert "config key 'experiments.resolution_sweep.training.lora.targets': expands to 435,848,050 values" in output
+    assert (
+        "config key 'experiments.resolution_sweep.training.lora.targets': expands to 435,848,050 values"
+        in output
+    )
     assert "alias bomb" in output
 
 
