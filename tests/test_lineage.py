@@ -160,10 +160,12 @@ def test_table_row_names_the_raw_image_hashes_of_its_test_split(finished_study):
         assert digest == sha256(raw)  # hashed here, independently of the pipeline
     # Every stage from the table back to the synthetic raw files, with the parameters that made this row.
     stages = {s["rule"]: s for s in report["stages"]}
-    assert set(stages) == {"table", "train", "cache", "degrade", "resize", "split", "task", "ingest", "synth"}
+    assert set(stages) == {"table", "train", "degrade", "resize", "split", "task", "ingest", "synth"}
     assert stages["train"]["params"]["settings"]["lr"] == 1.0e-3
+    # Trained on the degraded variant (degrade's cache), evaluated on the clean one (resize's cache).
     degrades = {s["wildcards"]["variant"]: s for s in report["stages"] if s["rule"] == "degrade"}
-    assert set(degrades) == {"degraded", "clean"}  # trained on one, evaluated on the other
+    assert set(degrades) == {"degraded"}
+    assert stages["resize"]["outputs"][0]["path"].endswith("results/cache/16px/clean")
     assert degrades["degraded"]["params"]["variant"]["jpeg_quality"] == 75
     assert stages["split"]["params"]["test_fraction"] == 0.2
     assert stages["resize"]["wildcards"] == {"res": "16"}
@@ -197,7 +199,7 @@ def test_run_folder_and_cache_shard_walk_back_to_the_raw_images(finished_study):
 
     shard = sorted((finished_study / "results/cache/32px/degraded/train").glob("*.parquet"))[0]
     report = lineage.trace(shard)
-    assert [s["rule"] for s in report["stages"][:2]] == ["cache", "degrade"]
+    assert [s["rule"] for s in report["stages"][:2]] == ["degrade", "resize"]
     shard_ids = set(pd.read_parquet(shard, columns=["image_id"])["image_id"])
     assert {r["image_id"] for r in report["images"]["by_split"]["train"]} == shard_ids
     assert set(report["images"]["by_split"]) == {"train"}
@@ -226,7 +228,8 @@ def test_tampered_cache_shard_is_a_broken_link(study_copy):
     assert broken[shard]["sha256_now"] == sha256(shard)
     assert broken[shard]["recorded"][0]["sha256"] != sha256(shard)
     cache = broken[study_copy / "results/cache/16px/clean"]
-    assert {r["by"].split("[")[0] for r in cache["recorded"]} == {"train", "cache"}
+    # Written by resize, read by the run and by the degrade job that made the run's training cache.
+    assert {r["by"].split("[")[0] for r in cache["recorded"]} == {"train", "resize", "degrade"}
     text = cli(study_copy, str(shard.relative_to(study_copy))).stdout
     assert "BROKEN LINKS" in text and str(shard.relative_to(study_copy)) in text
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import ast
 import hashlib
 import importlib.metadata
+import json
+import os
 import platform
 import sys
 from functools import cache
@@ -21,6 +23,9 @@ PACKAGE = "dermcompress"
 PACKAGE_DIR = Path(__file__).resolve().parent
 # Imported, but they only draw progress bars or fetch files: a new version changes no number.
 NO_EFFECT = frozenset({"tqdm", "huggingface_hub"})
+# Which distribution provides which top-level module, remembered between processes (results/ of the workflow
+# being run): finding out reads every installed package's file list, ~0.7 s that every job would pay.
+DISTRIBUTIONS_MEMO = Path("results/.lineage/distributions.json")
 
 
 def _module_path(module: str) -> Path:
@@ -29,6 +34,7 @@ def _module_path(module: str) -> Path:
     return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
 
 
+@cache
 def _imports(module: str) -> tuple[frozenset[str], frozenset[str]]:
     """(package modules, other top-level names) that `module` imports, function-level imports included."""
     tree = ast.parse(_module_path(module).read_text())
@@ -88,11 +94,48 @@ def package_fingerprint() -> str:
     return digest.hexdigest()[:16]
 
 
+def _installed_state() -> list:
+    """What the import-name -> distribution map depends on: the interpreter and the package metadata folders
+    (*.dist-info, *.egg-info) on sys.path, with their times (installing, upgrading or removing a package adds,
+    renames or removes one)."""
+    folders = []
+    for entry in sys.path:
+        try:
+            with os.scandir(entry or ".") as listing:
+                found = sorted(
+                    [e.name, e.stat().st_mtime_ns]
+                    for e in listing
+                    if e.name.endswith((".dist-info", ".egg-info"))
+                )
+        except OSError:
+            continue
+        if found:
+            folders.append([entry, found])
+    return [sys.executable, sys.version, folders]
+
+
 @cache
 def _distributions() -> dict[str, list[str]]:
-    return importlib.metadata.packages_distributions()
+    """importlib.metadata.packages_distributions(), reused from DISTRIBUTIONS_MEMO while nothing was installed."""
+    state = _installed_state()
+    try:
+        memo = json.loads(DISTRIBUTIONS_MEMO.read_text())
+        if memo["state"] == state:
+            return memo["distributions"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    found = importlib.metadata.packages_distributions()
+    try:
+        DISTRIBUTIONS_MEMO.parent.mkdir(parents=True, exist_ok=True)
+        tmp = DISTRIBUTIONS_MEMO.with_name(f".{DISTRIBUTIONS_MEMO.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"state": state, "distributions": found}))
+        os.replace(tmp, DISTRIBUTIONS_MEMO)
+    except OSError:  # a read-only folder: no memo, the same answer
+        pass
+    return found
 
 
+@cache
 def _version(distribution: str) -> str | None:
     try:
         return importlib.metadata.version(distribution)

@@ -1,8 +1,10 @@
-"""Resize stage: every image of the split, decoded once, to one square resolution (a pixel table per resolution).
+"""Resize stage: every image of the split, decoded once, to one square resolution: the `clean` variant's cache.
 
-Decoding the JPEG is the bottleneck, so a JPEG is decoded at reduced scale (libjpeg's 1/2, 1/4, 1/8 DCT scaling)
-when the target is far smaller than the source, and images are spread over a thread pool (Pillow and OpenCV
-release the GIL while they decode, resample and filter).
+The resized pixels are the clean variant (it has no degradation), so they are written straight into its cache
+(cache.CacheWriter), shard by shard: one stored copy, and one shard in memory at a time. Decoding the JPEG is
+the bottleneck, so a JPEG is decoded at reduced scale (libjpeg's 1/2, 1/4, 1/8 DCT scaling) when the target is
+far smaller than the source, and images are spread over a thread pool (Pillow and OpenCV release the GIL while
+they decode, resample and filter).
 """
 
 from __future__ import annotations
@@ -21,11 +23,12 @@ from typing import Any
 import cv2
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+from dermcompress.cache import CacheWriter, check_rows, shard_plan
 from dermcompress.images import ImageError, decode_image
-from dermcompress.pixeltable import write_pixel_table
 from dermcompress.sources import DEFAULT_MAX_FILE_BYTES, ImageSource, SourceError
 
 log = logging.getLogger(__name__)
@@ -40,7 +43,8 @@ RESAMPLE = Image.Resampling.LANCZOS
 # a real 2x+ Lanczos reduction, which stays within ~0.35 grey levels (mean absolute) of a full-resolution decode
 # on photo-like 1024 px JPEGs (margin 1 lets it drift to ~1 grey level; 3 often forgoes the 1/2 scale entirely).
 DRAFT_MARGIN = 2.0
-ROW_GROUP_SIZE = 64
+CLEAN = "clean"
+NONE = "none"  # the degradation of every clean row
 PathOrFrame = str | Path | pd.DataFrame  # the stage reads parquet files; tests and scripts may pass frames
 
 
@@ -48,9 +52,12 @@ class SourceChangedError(RuntimeError):
     """An image that passed ingest no longer reads, matches its sha256 or decodes: the raw data changed under
     the pipeline. `image_ids` names them (all of them, when raised by map_images)."""
 
-    def __init__(self, message: str, image_ids: Sequence[str] = ()) -> None:
+    def __init__(
+        self, message: str, image_ids: Sequence[str] = (), errors: Sequence[SourceChangedError] = ()
+    ) -> None:
         super().__init__(message)
         self.image_ids = list(image_ids)
+        self.errors = list(errors) or [self]  # one per image
 
 
 RERUN_INGEST = (
@@ -156,8 +163,25 @@ def _resize_task(
     return pixels
 
 
+def changed_error(errors: Sequence[SourceChangedError]) -> SourceChangedError:
+    """One error that names every image of `errors` (the first 20 with their reasons)."""
+    each = sorted((e for err in errors for e in err.errors), key=lambda e: e.image_ids)
+    ids = [i for err in each for i in err.image_ids]
+    shown = "\n  ".join(str(err) for err in each[:20])
+    more = f"\n  ... and {len(each) - 20} more" if len(each) > 20 else ""
+    return SourceChangedError(
+        f"{len(ids)} raw image(s) changed since ingest: {', '.join(ids[:20])}\n  {shown}{more}", ids, each
+    )
+
+
 def map_images(
-    fn: Callable[[Any], np.ndarray], tasks: Sequence[Any], *, shape: tuple[int, ...], threads: int, desc: str
+    fn: Callable[[Any], np.ndarray],
+    tasks: Sequence[Any],
+    *,
+    shape: tuple[int, ...],
+    threads: int,
+    desc: str = "",
+    bar: tqdm | None = None,
 ) -> np.ndarray:
     """Apply `fn` to every task, in order, over a thread pool; results stacked into one (N, *shape) uint8 array.
 
@@ -165,7 +189,8 @@ def map_images(
     1.3x for a process pool, which pays for pickling every image), and nothing is forked, so no thread pool's
     lock can be copied in a held state into a child that then hangs. The output is allocated once and filled
     as results arrive, so memory stays at one copy of the table. Images whose raw file changed since ingest
-    (SourceChangedError) are all collected, then named together in one error.
+    (SourceChangedError) are all collected, then named together in one error. `bar`: a progress bar to advance
+    (else one of its own, labelled `desc`).
     """
     changed: list[SourceChangedError] = []
 
@@ -181,22 +206,18 @@ def map_images(
     if threads > 1:
         # One of our threads per core already; OpenCV's own pool would oversubscribe them.
         cv2.setNumThreads(1)
-    with (
-        ThreadPoolExecutor(max_workers=threads) as pool,
-        tqdm(total=len(tasks), desc=desc, unit="img", mininterval=5) as bar,
-    ):
+    own_bar = bar is None
+    bar = tqdm(total=len(tasks), desc=desc, unit="img", mininterval=5) if own_bar else bar
+    with ThreadPoolExecutor(max_workers=threads) as pool:
         results = pool.map(guarded, tasks) if threads > 1 else map(guarded, tasks)
         for i, pixels in enumerate(results):
             if pixels is not None:
                 out[i] = pixels
             bar.update()
+    if own_bar:
+        bar.close()
     if changed:
-        ids = sorted(i for err in changed for i in err.image_ids)
-        shown = "\n  ".join(str(err) for err in sorted(changed, key=lambda e: e.image_ids)[:20])
-        more = f"\n  ... and {len(changed) - 20} more" if len(changed) > 20 else ""
-        raise SourceChangedError(
-            f"{len(changed)} raw image(s) changed since ingest: {', '.join(ids[:20])}\n  {shown}{more}", ids
-        )
+        raise changed_error(changed)
     return out
 
 
@@ -217,26 +238,35 @@ def split_members(splits: PathOrFrame, manifest: PathOrFrame) -> pd.DataFrame:
     return rows.drop(columns="status").sort_values("image_id", ignore_index=True)
 
 
+def clean_rows(rows: pd.DataFrame) -> pd.DataFrame:
+    """The cache columns of undegraded rows."""
+    return rows[["image_id", "label", "split"]].assign(degradation=NONE, degradation_params="{}")
+
+
 def run_resize(
     *,
     splits: PathOrFrame,
     manifest: PathOrFrame,
     images: str | Path,
-    out: str | Path,
+    out_dir: str | Path,
     resolution: int,
     policy: str,
     reduced_decode: bool,
     max_pixels: int,
+    classes: list[str],
+    rows_per_shard: int,
+    row_group_size: int,
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
     threads: int | None = None,
-) -> None:
-    """Every image of splits.parquet -> `out`: image_id, split, label + (res x res) pixels, sorted by image_id.
+) -> dict[str, Any]:
+    """Every image of splits.parquet at (res x res) -> the clean variant's cache in `out_dir`; its _info.
 
     Each raw file is checked against the sha256 ingest recorded; any that changed fail the job, all named.
     """
     if policy not in POLICIES:
         raise ValueError(f"unknown resize policy {policy!r}; expected one of {', '.join(POLICIES)}")
     rows = split_members(splits, manifest)
+    check_rows(pa.Table.from_pandas(rows[["image_id", "split", "label"]]), splits, [str(c) for c in classes])
     threads = threads or available_threads()
     log.info(
         "resizing %d images from %s to %dpx (policy=%s, reduced_decode=%s, %d threads)",
@@ -252,18 +282,32 @@ def run_resize(
         max_file_bytes=max_file_bytes,
     )
     tasks = list(zip(rows["image_id"], rows["member"], rows["sha256"], strict=True))
-    pixels = map_images(
-        fn, tasks, shape=(resolution, resolution, 3), threads=threads, desc=f"resize {resolution}px"
-    )
-    write_pixel_table(
-        out,
-        rows[["image_id", "split", "label"]],
-        pixels,
-        row_group_size=ROW_GROUP_SIZE,
+    writer = CacheWriter(
+        out_dir,
+        classes=classes,
+        rows_per_shard=rows_per_shard,
+        row_group_size=row_group_size,
         metadata={
-            "resolution": str(resolution),
+            "resolution": resolution,
+            "variant": CLEAN,
             "policy": policy,
-            "reduced_decode": str(bool(reduced_decode)),
+            "reduced_decode": bool(reduced_decode),
         },
     )
-    log.info("wrote %s (%d images, %s per split)", out, len(rows), rows["split"].value_counts().to_dict())
+    changed: list[SourceChangedError] = []
+    with tqdm(total=len(rows), desc=f"resize {resolution}px", unit="img", mininterval=5) as bar:
+        for split, shard in shard_plan(rows["image_id"], rows["split"], rows_per_shard):
+            try:
+                pixels = map_images(
+                    fn, [tasks[i] for i in shard], shape=(resolution, resolution, 3), threads=threads, bar=bar
+                )
+            except SourceChangedError as err:  # look at every image before failing, to name them all
+                changed.append(err)
+                continue
+            if not changed:
+                writer.write(split, clean_rows(rows.iloc[shard]), pixels)
+    if changed:
+        raise changed_error(changed)
+    info = writer.close(input={"images": str(images)})
+    log.info("wrote the clean cache %s (%d images, %s per split)", out_dir, len(rows), info["rows"])
+    return info

@@ -15,6 +15,8 @@ SYNTHETIC = config["data"]["isic_root"] is None
 ISIC_ROOT = "results/data/synthetic" if SYNTHETIC else config["data"]["isic_root"]
 RESOLUTIONS = [int(r) for r in config["resize"]["resolutions"]]
 VARIANTS = list(config["degrade"]["variants"])
+# The variants the degrade rule makes (clean is the resize rule's output); a pattern that matches nothing if none.
+DEGRADED_VARIANTS = "|".join(v for v in VARIANTS if v != "clean") or "(?!)"
 EXPERIMENTS = experiments.selected_experiments(config)
 RUNS = experiments.expand_runs(config)
 RUN_DIR = experiments.RUN_DIR
@@ -64,14 +66,11 @@ def get_raw_inputs():
 
 
 def get_degrade_input(wildcards):
-    """Degrading after resizing reads the resized images; before resizing, the raw ones."""
-    inputs = {
-        "splits": "results/data/splits.parquet",
-        "manifest": "results/data/manifest.parquet",
-    }
-    if config["degrade"]["order"] == "after_resize":
-        inputs["resized"] = f"results/resized/{wildcards.res}px.parquet"
-    else:
+    """A variant is made from the clean cache of its resolution; degrading before resizing also reads the raw
+    images (and the manifest's sha256 of each)."""
+    inputs = {"clean": f"results/cache/{wildcards.res}px/clean"}
+    if config["degrade"]["order"] == "before_resize":
+        inputs["manifest"] = "results/data/manifest.parquet"
         inputs["images"] = get_raw_inputs()["images"]
     return inputs
 
