@@ -609,3 +609,40 @@ def test_quarantine_csv_neutralises_spreadsheet_formulas(tmp_path):
         cell = value.replace('"', '""')
         assert f'\n"\'{cell}",' in text or f"\n'{cell}," in text, text
     assert sorted(quarantine["image_id"]) == sorted(f"'{v}" for v in hostile)
+
+
+def test_reduced_decode_verification_catches_what_a_full_decode_catches(tmp_path):
+    """Ingest decodes JPEGs at 1/8 scale; truncation and damage anywhere must still fail as in a full decode."""
+    from test_resize import photo_jpeg
+
+    from dermcompress.images import decode_image
+    from dermcompress.ingest import VERIFY_DRAFT, inspect_image
+
+    rng = np.random.default_rng(7)
+    originals = {"baseline": photo_jpeg(rng, 1024, 1024)}
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(photo_jpeg(rng, 1504, 1128))).save(buf, "JPEG", quality=90, progressive=True)
+    originals["progressive"] = buf.getvalue()
+    damaged = {}
+    for kind, data in originals.items():
+        small = decode_image(data, max_pixels=BIG, draft_size=VERIFY_DRAFT)
+        full = decode_image(data, max_pixels=BIG)
+        assert small.width * 8 == full.width  # the check really decodes at 1/8 scale
+        for cut in (0.3, 0.9, 0.999):
+            damaged[f"{kind} cut at {cut}"] = data[: int(len(data) * cut)]
+        noisy = bytearray(data)
+        noisy[len(data) // 2 : len(data) // 2 + 64] = bytes(64)
+        damaged[f"{kind} zeroed in the middle"] = bytes(noisy)
+    for name, data in damaged.items():
+        try:
+            decode_image(data, max_pixels=BIG)
+            full_reason = None
+        except Exception as err:  # whatever a full decode raises
+            full_reason = getattr(err, "reason", type(err).__name__)
+        info = inspect_image(data, max_pixels=BIG)
+        assert info["reason"] == full_reason, name
+        if "cut" in name:
+            assert info["reason"] == "truncated", name
+    for data in originals.values():
+        info = inspect_image(data, max_pixels=BIG)
+        assert info["reason"] is None and (info["width"], info["height"]) == Image.open(io.BytesIO(data)).size

@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from dermcompress import config as dc_config
-from dermcompress import experiments, lineage, sources
+from dermcompress import experiments, fingerprint, lineage, sources
 from dermcompress.fingerprint import code_fingerprint
 from snakemake_interface_executor_plugins.settings import DeploymentMethod
 
@@ -43,6 +43,11 @@ wildcard_constraints:
 onstart:
     if SYNTHETIC:
         logger.warning(sources.SYNTHETIC_BANNER)
+
+
+# Where the package remembers what it works out about its code and the installed packages (fingerprint.MEMO):
+# made now, so that this process, not the first job, fills it.
+Path(fingerprint.MEMO.parent).mkdir(parents=True, exist_ok=True)
 
 
 def get_code(module):
