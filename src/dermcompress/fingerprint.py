@@ -124,9 +124,10 @@ def _installed_state() -> list:
     (*.dist-info, *.egg-info) on sys.path, with their times (installing, upgrading or removing a package adds,
     renames or removes one)."""
     folders = []
-    for entry in sys.path:
+    # Each folder once, whatever order or how often it is on the path (a Snakemake job's script adds some again).
+    for entry in sorted({os.path.realpath(p or ".") for p in sys.path}):
         try:
-            with os.scandir(entry or ".") as listing:
+            with os.scandir(entry) as listing:
                 found = sorted(
                     [e.name, e.stat().st_mtime_ns]
                     for e in listing
