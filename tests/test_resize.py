@@ -143,7 +143,7 @@ def test_reduced_decode_is_close_to_full_decode():
     for res in (224, 112, 56):
         draft = decode_image(data, max_pixels=MAX_PIXELS, draft_size=draft_size_for([res], True))
         assert draft.width < 1024  # the decoder really skipped work
-        assert min(draft.size) >= 2 * res
+        assert min(draft.size) >= res  # ... but never below the target
         fast = load_resized(data, [res], policy="squash", reduced_decode=True, max_pixels=MAX_PIXELS)[res]
         full = load_resized(data, [res], policy="squash", reduced_decode=False, max_pixels=MAX_PIXELS)[res]
         assert np.abs(fast.astype(float) - full).mean() < 1.5, res

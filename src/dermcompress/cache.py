@@ -40,6 +40,7 @@ SPLITS = ("train", "val", "test")
 COLUMNS = ("image_id", "label", "label_idx", "split", "degradation", "degradation_params", PIXELS)
 INPUT_COLUMNS = tuple(c for c in COLUMNS if c != "label_idx")
 FORMAT_VERSION = 1
+RERUN = "rerun the job that writes it (resize for the clean variant, degrade for the others)"
 
 
 class CacheError(Exception):
@@ -264,14 +265,12 @@ def load_info(cache_dir: str | Path) -> dict[str, Any]:
     try:
         info = json.loads(path.read_text())
     except FileNotFoundError:
-        raise CacheError(
-            f"{path} is missing: the cache was never completed (rerun the cache stage)"
-        ) from None
+        raise CacheError(f"{path} is missing: the cache was never completed ({RERUN})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CacheError(f"{path} is not valid JSON ({err}): rerun the cache stage") from None
+        raise CacheError(f"{path} is not valid JSON ({err}): {RERUN}") from None
     required = ("classes", "height", "width", "rows", "shards")
     if not isinstance(info, dict) or any(k not in info for k in required):
-        raise CacheError(f"{path} lacks required keys {list(required)}: rerun the cache stage")
+        raise CacheError(f"{path} lacks required keys {list(required)}: {RERUN}")
     return info
 
 

@@ -116,7 +116,7 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def _info_hashes(directory: Path) -> dict[str, str]:
-    """Shard hashes a cache's _info.json vouches for (the cache stage hashed them as it wrote them)."""
+    """Shard hashes a cache's _info.json vouches for (the job that wrote the cache hashed them as it wrote them)."""
     info = _read_json(directory / INFO)
     shards = info.get("shards", []) if isinstance(info, dict) else []
     return {s["path"]: s["sha256"] for s in shards if isinstance(s, dict) and "path" in s and "sha256" in s}

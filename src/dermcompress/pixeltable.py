@@ -1,4 +1,5 @@
-"""Parquet tables of fixed-size images: the format shared by the resize, degrade and cache stages.
+"""Parquet columns of fixed-size images: how the caches store pixels, and pixel tables that cache.run_cache turns
+into a cache.
 
 Pixels are stored raw (uint8 RGB, row-major H x W x 3) in a fixed_size_binary column, so what is stored is
 exactly what the model gets, and reading a batch back is one memory copy, no decode.
