@@ -207,8 +207,8 @@ class ImageSource:
         if info.file_size > self.max_bytes:
             raise self._too_large(member, info.file_size)
         try:
-            with self._zip.open(info) as entry:
-                data = entry.read(self.max_bytes + 1)
+            with self._zip.open(info) as entry:  # a declared size that lies still stops at the cap
+                data = entry.read(min(info.file_size, self.max_bytes) + 1)
         except (
             zipfile.BadZipFile,
             zlib.error,
@@ -234,7 +234,10 @@ class ImageSource:
                 raise OSError(errno.EINVAL, "not a regular file", str(path))
             if st.st_size > self.max_bytes:
                 raise self._too_large(member, st.st_size)
-            data = f.read(self.max_bytes + 1)
-        if len(data) > self.max_bytes:  # it grew after the size check
+            # One byte more than its size, not the cap: read(cap) would allocate the whole cap for every file.
+            data = f.read(st.st_size + 1)
+            if len(data) > st.st_size:  # it grew after the size check: the rest, up to the cap
+                data += f.read(self.max_bytes + 1 - len(data))
+        if len(data) > self.max_bytes:
             raise self._too_large(member, f"more than {self.max_bytes}")
         return data
