@@ -20,16 +20,19 @@ import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 from .pixeltable import PIXELS, arrow_to_pixels, pixels_to_arrow, read_table_metadata, table_shape
 
@@ -112,7 +115,9 @@ class CacheWriter:
     """Writes one cache folder shard by shard (what the stages hold in memory is one shard), then _info.json.
 
     Each shard and, last, _info.json go through a temporary name and an atomic rename, and a previous cache's
-    _info.json is removed first: a crash never leaves an _info.json that vouches for partial shards.
+    _info.json is removed first: a crash never leaves an _info.json that vouches for partial shards. A shard is
+    compressed, written and hashed on a thread of its own (zstd and sha256 release the GIL) while the caller
+    makes the next one; so a shard's pixels must not change after write(), and at most two are in memory.
     """
 
     def __init__(
@@ -135,6 +140,8 @@ class CacheWriter:
         self.shards: list[dict[str, Any]] = []
         self.shape: tuple[int, int] | None = None
         self._counters: dict[str, int] = {}
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-writer")
+        self._writing: Future | None = None
         _clear_old_cache(self.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -154,7 +161,18 @@ class CacheWriter:
         table = table.append_column(PIXELS, pixels_to_arrow(pixels))
         number = self._counters.get(split, 0)
         self._counters[split] = number + 1
-        rel = f"{split}/part-{number:05d}.parquet"
+        self._wait()
+        self._writing = self._pool.submit(
+            self._write, f"{split}/part-{number:05d}.parquet", split, table, shape
+        )
+
+    def _wait(self) -> None:
+        """Let the shard being written finish (its error, if any, is raised here)."""
+        if self._writing is not None:
+            writing, self._writing = self._writing, None
+            self.shards.append(writing.result())
+
+    def _write(self, rel: str, split: str, table: pa.Table, shape: tuple[int, int]) -> dict[str, Any]:
         path = self.out_dir / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
@@ -178,10 +196,12 @@ class CacheWriter:
             write_statistics=small_columns,
         )
         os.replace(tmp, path)
-        self.shards.append({"path": rel, "split": split, "rows": table.num_rows, "sha256": file_sha256(path)})
+        return {"path": rel, "split": split, "rows": table.num_rows, "sha256": file_sha256(path)}
 
     def close(self, *, input: dict[str, Any]) -> dict[str, Any]:
         """Write _info.json (shape, classes, rows per split, every shard and its sha256); return it."""
+        self._wait()
+        self._pool.shutdown()
         rows_per_split = {
             split: n for split in SPLITS if (n := sum(s["rows"] for s in self.shards if s["split"] == split))
         }

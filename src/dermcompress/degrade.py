@@ -15,12 +15,14 @@ import hashlib
 import io
 import json
 import logging
+from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
-import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 from tqdm import tqdm
@@ -37,6 +39,7 @@ from dermcompress.resize import (
     changed_error,
     map_images,
     read_member,
+    read_table,
     resize_image,
     source_changed,
 )
@@ -108,17 +111,23 @@ def apply_degradation(pixels: np.ndarray, op: str, params: dict[str, Any]) -> np
     raise ValueError(f"unknown degradation {op!r}; expected none or one of {', '.join(DEGRADATIONS)}")
 
 
-def plan_rows(rows: pd.DataFrame, variant: dict[str, Any]) -> pd.DataFrame:
-    """Add `degradation` and `degradation_params` (JSON, sorted keys); rows outside the variant's splits: none."""
+def plan_images(
+    image_ids: Sequence[str], splits: Sequence[str], variant: dict[str, Any]
+) -> tuple[list[str], list[str]]:
+    """(degradation, degradation_params as JSON with sorted keys) per image; images outside the variant's
+    splits: none."""
     degraded_splits = set(variant.get("splits", ()))
     plans = [
         plan_degradation(image_id, variant) if split in degraded_splits else (NONE, {})
-        for image_id, split in zip(rows["image_id"], rows["split"], strict=True)
+        for image_id, split in zip(image_ids, splits, strict=True)
     ]
-    rows = rows.copy()
-    rows["degradation"] = [op for op, _ in plans]
-    rows["degradation_params"] = [json.dumps(params, sort_keys=True) for _, params in plans]
-    return rows
+    return [op for op, _ in plans], [json.dumps(params, sort_keys=True) for _, params in plans]
+
+
+def plan_rows(rows: Any, variant: dict[str, Any]) -> Any:
+    """A pandas frame with image_id and split, with its `degradation` and `degradation_params` added."""
+    ops, params = plan_images(rows["image_id"].tolist(), rows["split"].tolist(), variant)
+    return rows.assign(degradation=ops, degradation_params=params)
 
 
 def _apply_task(task: tuple[np.ndarray, str, str]) -> np.ndarray:
@@ -147,16 +156,21 @@ def _degrade_task(
     return resize_image(Image.fromarray(degraded), size, policy)
 
 
-def _plan_counts(clean: Path, variant: dict[str, Any]) -> pd.DataFrame:
-    """Images per operation and split (from the image ids alone, before any pixel is read)."""
-    rows = pd.concat(
-        [
-            pq.read_table(clean / s["path"], columns=["image_id", "split"]).to_pandas()
-            for s in load_info(clean)["shards"]
-        ]
-    )
-    planned = plan_rows(rows, variant)
-    return pd.crosstab(planned["degradation"], planned["split"], margins=True, margins_name="all")
+def _plan_counts(clean: Path, variant: dict[str, Any]) -> str:
+    """Images per operation and split, as a small table (from the image ids alone, before any pixel is read)."""
+    tables = [
+        pq.read_table(clean / s["path"], columns=["image_id", "split"]) for s in load_info(clean)["shards"]
+    ]
+    ids = [i for t in tables for i in t["image_id"].to_pylist()]
+    splits = [x for t in tables for x in t["split"].to_pylist()]
+    counts = Counter(zip(plan_images(ids, splits, variant)[0], splits, strict=True))
+    columns = [s for s in ("train", "val", "test") if s in splits]
+    lines = [f"{'':<12}" + "".join(f"{c:>7}" for c in [*columns, "all"])]
+    for op in [NONE, *DEGRADATIONS]:
+        row = [counts[(op, c)] for c in columns]
+        if sum(row):
+            lines.append(f"{op:<12}" + "".join(f"{n:>7}" for n in [*row, sum(row)]))
+    return "\n".join(lines)
 
 
 def run_degrade(
@@ -194,9 +208,12 @@ def run_degrade(
         _plan_counts(clean, variant),
     )
     threads = threads or available_threads()
+    if threads > 1:  # one of our threads per core already; OpenCV's own pool (blur) would oversubscribe them
+        cv2.setNumThreads(1)
     if order == "before_resize":
-        man = manifest if isinstance(manifest, pd.DataFrame) else pd.read_parquet(manifest)
-        raw = man.set_index("image_id")[["member", "sha256"]]
+        man = read_table(manifest, ["image_id", "member", "sha256"])
+        files = zip(man["member"].to_pylist(), man["sha256"].to_pylist(), strict=True)
+        raw = dict(zip(man["image_id"].to_pylist(), files, strict=True))
         fn = functools.partial(
             _degrade_task,
             images=str(images),
@@ -219,43 +236,34 @@ def run_degrade(
             "variant_settings": json.dumps(variant, sort_keys=True),
         },
     )
-    columns = ["image_id", "label", "split", "degradation", "degradation_params"]
     changed: list[SourceChangedError] = []
     with tqdm(
         total=sum(info["rows"].values()), desc=f"degrade {variant['name']}", unit="img", mininterval=5
     ) as bar:
         for shard, table in iter_shards(clean, verify=False):
-            rows = plan_rows(table.select(["image_id", "label", "split"]).to_pandas(), variant)
+            ids = table["image_id"].to_pylist()
+            ops, params = plan_images(ids, table["split"].to_pylist(), variant)
             pixels = arrow_to_pixels(table.column(PIXELS), resolution, resolution).copy()
-            todo = np.flatnonzero(rows["degradation"].to_numpy() != NONE)
-            bar.update(len(rows) - len(todo))
-            if len(todo) and order == "after_resize":
+            todo = [i for i, op in enumerate(ops) if op != NONE]
+            bar.update(len(ids) - len(todo))
+            if todo and order == "after_resize":
                 # jpeg and blur take < 1 ms at <= 224 px, MAXCOVERAGE quantize ~50-100 ms (most of this stage's
                 # time), and Pillow releases the GIL while it quantizes: a thread pool pays.
-                tasks = [
-                    (pixels[i], rows["degradation"].iat[i], rows["degradation_params"].iat[i]) for i in todo
-                ]
+                tasks = [(pixels[i], ops[i], params[i]) for i in todo]
                 pixels[todo] = map_images(
                     _apply_task, tasks, shape=pixels.shape[1:], threads=threads, bar=bar
                 )
-            elif len(todo):
-                ids = rows["image_id"].iloc[todo]
-                tasks = list(
-                    zip(
-                        ids,
-                        raw.loc[ids, "member"],
-                        raw.loc[ids, "sha256"],
-                        rows["degradation"].iloc[todo],
-                        rows["degradation_params"].iloc[todo],
-                        strict=True,
-                    )
-                )
+            elif todo:
+                tasks = [(ids[i], *raw[ids[i]], ops[i], params[i]) for i in todo]
                 try:
                     pixels[todo] = map_images(fn, tasks, shape=pixels.shape[1:], threads=threads, bar=bar)
                 except SourceChangedError as err:  # look at every image before failing, to name them all
                     changed.append(err)
             if not changed:
-                writer.write(shard["split"], rows[columns], pixels)
+                rows = table.select(["image_id", "label", "split"])
+                rows = rows.append_column("degradation", pa.array(ops, pa.string()))
+                rows = rows.append_column("degradation_params", pa.array(params, pa.string()))
+                writer.write(shard["split"], rows, pixels)
     if changed:
         raise changed_error(changed)
     out = writer.close(input={"clean": clean.as_posix()})

@@ -8,11 +8,14 @@ exactly what the model gets, and reading a batch back is one memory copy, no dec
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+if TYPE_CHECKING:  # pandas only where a frame is asked for: the stage jobs never import it
+    import pandas as pd
 
 PIXELS = "pixels"
 

@@ -20,10 +20,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
-import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
@@ -47,7 +47,9 @@ RESAMPLE = Image.Resampling.LANCZOS
 DRAFT_MARGIN = 1.0
 CLEAN = "clean"
 NONE = "none"  # the degradation of every clean row
-PathOrFrame = str | Path | pd.DataFrame  # the stage reads parquet files; tests and scripts may pass frames
+# The stages read parquet files; tests and notebooks may pass pandas frames. The jobs themselves never import
+# pandas (half a second of every job's start-up): tables are pyarrow's.
+PathOrFrame = Any
 
 
 class SourceChangedError(RuntimeError):
@@ -205,9 +207,6 @@ def map_images(
 
     out = np.empty((len(tasks), *shape), dtype=np.uint8)
     threads = max(1, min(threads, len(tasks)))
-    if threads > 1:
-        # One of our threads per core already; OpenCV's own pool would oversubscribe them.
-        cv2.setNumThreads(1)
     own_bar = bar is None
     bar = tqdm(total=len(tasks), desc=desc, unit="img", mininterval=5) if own_bar else bar
     with ThreadPoolExecutor(max_workers=threads) as pool:
@@ -223,26 +222,43 @@ def map_images(
     return out
 
 
-def split_members(splits: PathOrFrame, manifest: PathOrFrame) -> pd.DataFrame:
+def read_table(source: PathOrFrame, columns: list[str]) -> pa.Table:
+    """`columns` of a parquet file, or of a pandas frame (tests, notebooks), as a pyarrow table."""
+    if isinstance(source, str | Path):
+        return pq.read_table(source, columns=columns)
+    return pa.Table.from_pandas(source[columns], preserve_index=False)
+
+
+def split_members(splits: PathOrFrame, manifest: PathOrFrame) -> pa.Table:
     """The split's rows (image_id, split, label, member, sha256), sorted by image_id; every one must be ok at
     ingest."""
-    split_df = splits if isinstance(splits, pd.DataFrame) else pd.read_parquet(splits)
-    man = manifest if isinstance(manifest, pd.DataFrame) else pd.read_parquet(manifest)
-    rows = split_df[["image_id", "split", "label"]].merge(
-        man[["image_id", "status", "member", "sha256"]], on="image_id", how="left", validate="one_to_one"
-    )
-    missing = rows.loc[rows["member"].isna(), "image_id"].tolist()
+    rows = read_table(splits, ["image_id", "split", "label"])
+    man = read_table(manifest, ["image_id", "status", "member", "sha256"])
+    for name, table in (("split", rows), ("manifest", man)):
+        if pc.count_distinct(table["image_id"]).as_py() != table.num_rows:
+            raise ValueError(f"the {name} lists some image_id more than once")
+    rows = rows.join(man, keys="image_id", join_type="left outer").sort_by("image_id")
+    missing = rows.filter(pc.is_null(rows["status"]))["image_id"].to_pylist()
     if missing:
         raise ValueError(f"{len(missing)} image(s) of the split are not in the manifest, e.g. {missing[:5]}")
-    bad = rows.loc[rows["status"] != "ok", "image_id"].tolist()
+    bad = rows.filter(pc.not_equal(rows["status"], "ok"))["image_id"].to_pylist()
     if bad:
         raise ValueError(f"{len(bad)} image(s) of the split are not 'ok' in the manifest, e.g. {bad[:5]}")
-    return rows.drop(columns="status").sort_values("image_id", ignore_index=True)
+    return rows.drop_columns(["status"])
 
 
-def clean_rows(rows: pd.DataFrame) -> pd.DataFrame:
+def clean_rows(rows: pa.Table) -> pa.Table:
     """The cache columns of undegraded rows."""
-    return rows[["image_id", "label", "split"]].assign(degradation=NONE, degradation_params="{}")
+    n = rows.num_rows
+    return pa.table(
+        {
+            "image_id": rows["image_id"],
+            "label": rows["label"],
+            "split": rows["split"],
+            "degradation": pa.array([NONE] * n, pa.string()),
+            "degradation_params": pa.array(["{}"] * n, pa.string()),
+        }
+    )
 
 
 def run_resize(
@@ -268,11 +284,11 @@ def run_resize(
     if policy not in POLICIES:
         raise ValueError(f"unknown resize policy {policy!r}; expected one of {', '.join(POLICIES)}")
     rows = split_members(splits, manifest)
-    check_rows(pa.Table.from_pandas(rows[["image_id", "split", "label"]]), splits, [str(c) for c in classes])
+    check_rows(rows, splits, [str(c) for c in classes])
     threads = threads or available_threads()
     log.info(
         "resizing %d images from %s to %dpx (policy=%s, reduced_decode=%s, %d threads)",
-        len(rows), images, resolution, policy, reduced_decode, threads,
+        rows.num_rows, images, resolution, policy, reduced_decode, threads,
     )  # fmt: skip
     fn = functools.partial(
         _resize_task,
@@ -283,7 +299,8 @@ def run_resize(
         max_pixels=max_pixels,
         max_file_bytes=max_file_bytes,
     )
-    tasks = list(zip(rows["image_id"], rows["member"], rows["sha256"], strict=True))
+    ids = rows["image_id"].to_pylist()
+    tasks = list(zip(ids, rows["member"].to_pylist(), rows["sha256"].to_pylist(), strict=True))
     writer = CacheWriter(
         out_dir,
         classes=classes,
@@ -297,8 +314,8 @@ def run_resize(
         },
     )
     changed: list[SourceChangedError] = []
-    with tqdm(total=len(rows), desc=f"resize {resolution}px", unit="img", mininterval=5) as bar:
-        for split, shard in shard_plan(rows["image_id"], rows["split"], rows_per_shard):
+    with tqdm(total=rows.num_rows, desc=f"resize {resolution}px", unit="img", mininterval=5) as bar:
+        for split, shard in shard_plan(ids, rows["split"].to_pylist(), rows_per_shard):
             try:
                 pixels = map_images(
                     fn, [tasks[i] for i in shard], shape=(resolution, resolution, 3), threads=threads, bar=bar
@@ -307,9 +324,9 @@ def run_resize(
                 changed.append(err)
                 continue
             if not changed:
-                writer.write(split, clean_rows(rows.iloc[shard]), pixels)
+                writer.write(split, clean_rows(rows.take(shard)), pixels)
     if changed:
         raise changed_error(changed)
     info = writer.close(input={"images": str(images)})
-    log.info("wrote the clean cache %s (%d images, %s per split)", out_dir, len(rows), info["rows"])
+    log.info("wrote the clean cache %s (%d images, %s per split)", out_dir, rows.num_rows, info["rows"])
     return info
