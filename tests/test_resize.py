@@ -243,6 +243,28 @@ def test_raw_file_rewritten_in_place_fails_resize_naming_every_changed_image(tmp
     assert not (tmp_path / "r" / "_info.json").exists()
 
 
+def test_split_members_reads_the_files_ingest_and_split_write(tmp_path):
+    """The manifest is written by pyarrow (string), the split by pandas (large_string): both must join."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dermcompress.resize import split_members
+
+    splits, manifest = write_dataset(tmp_path / "images", n_small=4, n_large=0)
+    splits.to_parquet(tmp_path / "splits.parquet")
+    table = pa.Table.from_pandas(manifest, preserve_index=False)
+    pq.write_table(
+        table.cast(pa.schema([f.with_type(pa.string()) if f.name != "reason" else f for f in table.schema])),
+        tmp_path / "manifest.parquet",
+    )
+    rows = split_members(tmp_path / "splits.parquet", tmp_path / "manifest.parquet")
+    assert rows["image_id"].to_pylist() == sorted(splits["image_id"])
+    assert (
+        rows["member"].to_pylist()
+        == manifest.set_index("image_id").loc[sorted(splits["image_id"]), "member"].tolist()
+    )
+
+
 def test_split_images_must_be_ok_in_the_manifest(tmp_path):
     splits, manifest = write_dataset(tmp_path / "images", n_small=4, n_large=0)
     manifest.loc[1, "status"] = "quarantined"

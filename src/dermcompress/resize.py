@@ -223,10 +223,16 @@ def map_images(
 
 
 def read_table(source: PathOrFrame, columns: list[str]) -> pa.Table:
-    """`columns` of a parquet file, or of a pandas frame (tests, notebooks), as a pyarrow table."""
+    """`columns` of a parquet file, or of a pandas frame (tests, notebooks), as a pyarrow table; text as plain
+    `string` (pandas writes `large_string`, which a join cannot match with `string`)."""
     if isinstance(source, str | Path):
-        return pq.read_table(source, columns=columns)
-    return pa.Table.from_pandas(source[columns], preserve_index=False)
+        table = pq.read_table(source, columns=columns)
+    else:
+        table = pa.Table.from_pandas(source[columns], preserve_index=False)
+    schema = pa.schema(
+        [f.with_type(pa.string()) if pa.types.is_large_string(f.type) else f for f in table.schema]
+    )
+    return table.cast(schema)
 
 
 def split_members(splits: PathOrFrame, manifest: PathOrFrame) -> pa.Table:
