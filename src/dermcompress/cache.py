@@ -34,7 +34,14 @@ from tqdm import tqdm
 if TYPE_CHECKING:
     import pandas as pd
 
-from .pixeltable import PIXELS, arrow_to_pixels, pixels_to_arrow, read_table_metadata, table_shape
+from .pixeltable import (
+    PIXELS,
+    arrow_to_pixels,
+    pixels_to_arrow,
+    read_parquet,
+    read_table_metadata,
+    table_shape,
+)
 
 log = logging.getLogger(__name__)
 
@@ -249,7 +256,7 @@ def run_cache(
     The workflow's stages write their caches directly (CacheWriter); this turns any pixel table into one.
     """
     classes = [str(c) for c in classes]
-    table = pq.read_table(degraded)
+    table = read_parquet(degraded)
     missing = [c for c in INPUT_COLUMNS if c not in table.column_names]
     if missing:
         raise ValueError(f"{degraded}: missing column(s) {missing}; expected a degraded pixel table")
@@ -277,7 +284,7 @@ def iter_shards(cache_dir: str | Path, *, verify: bool = True) -> Iterator[tuple
     for shard in load_info(cache_dir)["shards"]:
         if verify:
             _verify_shards(cache_dir, [shard])
-        yield shard, pq.read_table(cache_dir / shard["path"])
+        yield shard, read_parquet(cache_dir / shard["path"])
 
 
 def load_info(cache_dir: str | Path) -> dict[str, Any]:
@@ -341,7 +348,7 @@ def read_split(cache_dir: str | Path, split: str, *, verify: bool = True) -> Cac
         if missing:
             raise CacheError(f"shard(s) {missing} listed in {cache_dir / INFO} are missing")
     columns = ["image_id", "label_idx", "degradation", PIXELS]
-    table = pa.concat_tables(pq.read_table(cache_dir / s["path"], columns=columns) for s in shards)
+    table = pa.concat_tables(read_parquet(cache_dir / s["path"], columns=columns) for s in shards)
     if table.num_rows != info["rows"][split]:
         raise CacheError(f"{cache_dir}/{split}: {table.num_rows} rows, but {INFO} says {info['rows'][split]}")
     return CacheSplit(

@@ -23,14 +23,13 @@ from typing import Any
 import cv2
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image
 from tqdm import tqdm
 
 from dermcompress.cache import CacheWriter, iter_shards, load_info, verify_cache
 from dermcompress.config import DEGRADATIONS
 from dermcompress.images import ImageError, decode_image
-from dermcompress.pixeltable import PIXELS, arrow_to_pixels, read_table_metadata
+from dermcompress.pixeltable import PIXELS, arrow_to_pixels, read_parquet, read_table_metadata
 from dermcompress.resize import (
     NONE,
     PathOrFrame,
@@ -159,7 +158,7 @@ def _degrade_task(
 def _plan_counts(clean: Path, variant: dict[str, Any]) -> str:
     """Images per operation and split, as a small table (from the image ids alone, before any pixel is read)."""
     tables = [
-        pq.read_table(clean / s["path"], columns=["image_id", "split"]) for s in load_info(clean)["shards"]
+        read_parquet(clean / s["path"], columns=["image_id", "split"]) for s in load_info(clean)["shards"]
     ]
     ids = [i for t in tables for i in t["image_id"].to_pylist()]
     splits = [x for t in tables for x in t["split"].to_pylist()]

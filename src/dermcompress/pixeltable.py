@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-if TYPE_CHECKING:  # pandas only where a frame is asked for: the stage jobs never import it
+if TYPE_CHECKING:  # pandas only where a frame is asked for
     import pandas as pd
 
 PIXELS = "pixels"
@@ -68,6 +68,19 @@ def write_pixel_table(
     pq.write_table(table, path, row_group_size=row_group_size, compression="zstd")
 
 
+def read_parquet(path: str | Path, columns: list[str] | None = None) -> pa.Table:
+    """One parquet file as a table (with its key/value metadata).
+
+    pq.ParquetFile, not pq.read_table: that one imports pyarrow.dataset to read a single file, half a second of
+    every job's start-up.
+    """
+    file = pq.ParquetFile(path)
+    try:
+        return file.read(columns=columns)
+    finally:
+        file.close()
+
+
 def table_shape(table_or_schema: pa.Table | pa.Schema) -> tuple[int, int]:
     schema = table_or_schema.schema if isinstance(table_or_schema, pa.Table) else table_or_schema
     meta = schema.metadata or {}
@@ -76,7 +89,7 @@ def table_shape(table_or_schema: pa.Table | pa.Schema) -> tuple[int, int]:
 
 def read_pixel_table(path: str | Path, columns: list[str] | None = None) -> tuple[pd.DataFrame, np.ndarray]:
     """(metadata frame, (N, H, W, 3) uint8 pixels) of a table written by write_pixel_table."""
-    table = pq.read_table(path, columns=None if columns is None else [*columns, PIXELS])
+    table = read_parquet(path, columns=None if columns is None else [*columns, PIXELS])
     height, width = table_shape(table)
     pixels = arrow_to_pixels(table.column(PIXELS), height, width)
     meta = table.drop_columns([PIXELS]).to_pandas()

@@ -23,12 +23,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from dermcompress.cache import CacheWriter, check_rows, shard_plan
 from dermcompress.images import ImageError, decode_image
+from dermcompress.pixeltable import read_parquet
 from dermcompress.sources import DEFAULT_MAX_FILE_BYTES, ImageSource, SourceError
 
 log = logging.getLogger(__name__)
@@ -47,8 +47,7 @@ RESAMPLE = Image.Resampling.LANCZOS
 DRAFT_MARGIN = 1.0
 CLEAN = "clean"
 NONE = "none"  # the degradation of every clean row
-# The stages read parquet files; tests and notebooks may pass pandas frames. The jobs themselves never import
-# pandas (half a second of every job's start-up): tables are pyarrow's.
+# The stages read parquet files (pixeltable.read_parquet); tests and notebooks may pass pandas frames.
 PathOrFrame = Any
 
 
@@ -226,7 +225,7 @@ def read_table(source: PathOrFrame, columns: list[str]) -> pa.Table:
     """`columns` of a parquet file, or of a pandas frame (tests, notebooks), as a pyarrow table; text as plain
     `string` (pandas writes `large_string`, which a join cannot match with `string`)."""
     if isinstance(source, str | Path):
-        table = pq.read_table(source, columns=columns)
+        table = read_parquet(source, columns=columns)
     else:
         table = pa.Table.from_pandas(source[columns], preserve_index=False)
     schema = pa.schema(
@@ -238,19 +237,23 @@ def read_table(source: PathOrFrame, columns: list[str]) -> pa.Table:
 def split_members(splits: PathOrFrame, manifest: PathOrFrame) -> pa.Table:
     """The split's rows (image_id, split, label, member, sha256), sorted by image_id; every one must be ok at
     ingest."""
-    rows = read_table(splits, ["image_id", "split", "label"])
+    rows = read_table(splits, ["image_id", "split", "label"]).sort_by("image_id")
     man = read_table(manifest, ["image_id", "status", "member", "sha256"])
     for name, table in (("split", rows), ("manifest", man)):
         if pc.count_distinct(table["image_id"]).as_py() != table.num_rows:
             raise ValueError(f"the {name} lists some image_id more than once")
-    rows = rows.join(man, keys="image_id", join_type="left outer").sort_by("image_id")
-    missing = rows.filter(pc.is_null(rows["status"]))["image_id"].to_pylist()
+    # A lookup, not Table.join: that one loads pyarrow's query engine (acero, dataset) for a dict's work.
+    known = dict(zip(man["image_id"].to_pylist(), man.drop_columns(["image_id"]).to_pylist(), strict=True))
+    found = [known.get(image_id) for image_id in rows["image_id"].to_pylist()]
+    missing = [i for i, row in zip(rows["image_id"].to_pylist(), found, strict=True) if row is None]
     if missing:
         raise ValueError(f"{len(missing)} image(s) of the split are not in the manifest, e.g. {missing[:5]}")
-    bad = rows.filter(pc.not_equal(rows["status"], "ok"))["image_id"].to_pylist()
+    bad = [i for i, row in zip(rows["image_id"].to_pylist(), found, strict=True) if row["status"] != "ok"]
     if bad:
         raise ValueError(f"{len(bad)} image(s) of the split are not 'ok' in the manifest, e.g. {bad[:5]}")
-    return rows.drop_columns(["status"])
+    for column in ("member", "sha256"):
+        rows = rows.append_column(column, pa.array([row[column] for row in found], pa.string()))
+    return rows
 
 
 def clean_rows(rows: pa.Table) -> pa.Table:
