@@ -273,3 +273,18 @@ def test_split_images_must_be_ok_in_the_manifest(tmp_path):
             splits=splits, manifest=manifest, images=tmp_path / "images", out_dir=tmp_path / "r",
             resolution=16, policy="squash", reduced_decode=True, max_pixels=MAX_PIXELS, **CACHE,
         )  # fmt: skip
+
+
+def test_small_jobs_ask_for_one_thread_large_ones_one_per_thousand_images(tmp_path):
+    from dermcompress.resize import images_in, job_threads
+
+    assert [job_threads(n) for n in (1, 60, 1000, 1001, 2400, 25_331)] == [1, 1, 1, 2, 3, 26]
+    splits, manifest = write_dataset(tmp_path / "images", n_small=6, n_large=0)
+    assert images_in(tmp_path / "splits.parquet") is None  # not made yet: Snakemake asks again later
+    splits.to_parquet(tmp_path / "splits.parquet")
+    assert images_in(tmp_path / "splits.parquet") == 6
+    run_resize(
+        splits=splits, manifest=manifest, images=tmp_path / "images", out_dir=tmp_path / "clean",
+        resolution=16, policy="squash", reduced_decode=True, max_pixels=MAX_PIXELS, **CACHE,
+    )  # fmt: skip
+    assert images_in(tmp_path / "clean") == 6

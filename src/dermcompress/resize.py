@@ -23,10 +23,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from dermcompress.cache import CacheWriter, check_rows, shard_plan
+from dermcompress.cache import CacheError, CacheWriter, check_rows, load_info, shard_plan
 from dermcompress.images import ImageError, decode_image
 from dermcompress.pixeltable import read_parquet
 from dermcompress.sources import DEFAULT_MAX_FILE_BYTES, ImageSource, SourceError
@@ -45,6 +46,8 @@ RESAMPLE = Image.Resampling.LANCZOS
 # 224 / 112 / 56 px, at 12 ms of CPU per image for the three; a margin of 2 gives 0.1 / 0.3 / 0.4 grey levels at
 # 16 ms, because the 600x450 images can then not be decoded at 1/2 scale for 224 px.
 DRAFT_MARGIN = 1.0
+# Measured on 2 cores: below ~1000 images a job's work is shorter than its start-up (see job_threads).
+IMAGES_PER_THREAD = 1000
 CLEAN = "clean"
 NONE = "none"  # the degradation of every clean row
 # The stages read parquet files (pixeltable.read_parquet); tests and notebooks may pass pandas frames.
@@ -104,6 +107,27 @@ def load_resized(
     """Decode the image bytes once and resize the result to every resolution."""
     img = decode_image(data, max_pixels=max_pixels, draft_size=draft_size_for(resolutions, reduced_decode))
     return {int(res): resize_image(img, int(res), policy) for res in resolutions}
+
+
+def job_threads(images: int) -> int:
+    """Threads a resize or degrade job asks for: one per IMAGES_PER_THREAD images (at least one).
+
+    A small job is mostly its interpreter's start-up (~1 s), which no thread shortens: on a few cores two such
+    jobs side by side finish sooner than one after the other with two threads each. Snakemake caps the answer
+    at --cores; a profile's set-threads replaces it.
+    """
+    return max(1, math.ceil(images / IMAGES_PER_THREAD))
+
+
+def images_in(path: str | Path) -> int | None:
+    """Images in a split table or a cache folder (its _info.json), None while it does not exist yet."""
+    path = Path(path)
+    try:
+        if path.is_dir():
+            return sum(load_info(path)["rows"].values())
+        return pq.ParquetFile(path).metadata.num_rows
+    except (OSError, CacheError):
+        return None
 
 
 def available_threads() -> int:

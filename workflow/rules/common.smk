@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from dermcompress import config as dc_config
-from dermcompress import experiments, fingerprint, lineage, sources
+from dermcompress import experiments, fingerprint, lineage, resize, sources
 from dermcompress.fingerprint import code_fingerprint
 from snakemake_interface_executor_plugins.settings import DeploymentMethod
 
@@ -61,6 +61,13 @@ def get_code(module):
     """
     in_conda = DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
     return code_fingerprint(f"dermcompress.{module}", packages=not in_conda)
+
+
+def get_data_threads(wildcards, input):
+    """Threads of a resize or degrade job: one per 1000 images (resize.job_threads). Snakemake asks again once
+    the job's input (the split, or the clean cache) exists; until then, one."""
+    images = resize.images_in(input.get("splits") or input.get("clean"))
+    return resize.job_threads(images) if images is not None else 1
 
 
 def get_raw_inputs():

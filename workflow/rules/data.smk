@@ -98,8 +98,9 @@ rule resize:
         "results/benchmarks/resize/{res}px.tsv"
     conda:
         "../../envs/data.yaml"
-    # A thread pool decodes and resizes (Pillow and OpenCV release the GIL); profiles may change it.
-    threads: 4
+    # A thread pool decodes and resizes (Pillow releases the GIL): one thread per 1000 images, so that small
+    # jobs run side by side; profiles may set it.
+    threads: get_data_threads
     params:
         policy=config["resize"]["policy"],
         reduced_decode=config["resize"]["reduced_decode"],
@@ -127,8 +128,8 @@ rule degrade:
         variant=DEGRADED_VARIANTS,
     conda:
         "../../envs/data.yaml"
-    # A thread pool degrades (Pillow and OpenCV release the GIL); profiles may change it.
-    threads: 4
+    # A thread pool degrades (Pillow and OpenCV release the GIL): one thread per 1000 images; profiles may set it.
+    threads: get_data_threads
     params:
         variant=get_variant,
         order=config["degrade"]["order"],
