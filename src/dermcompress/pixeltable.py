@@ -74,11 +74,8 @@ def read_parquet(path: str | Path, columns: list[str] | None = None) -> pa.Table
     pq.ParquetFile, not pq.read_table: that one imports pyarrow.dataset to read a single file, half a second of
     every job's start-up.
     """
-    file = pq.ParquetFile(path)
-    try:
+    with pq.ParquetFile(path) as file:
         return file.read(columns=columns)
-    finally:
-        file.close()
 
 
 def table_shape(table_or_schema: pa.Table | pa.Schema) -> tuple[int, int]:

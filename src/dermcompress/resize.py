@@ -125,7 +125,8 @@ def images_in(path: str | Path) -> int | None:
     try:
         if path.is_dir():
             return sum(load_info(path)["rows"].values())
-        return pq.ParquetFile(path).metadata.num_rows
+        with pq.ParquetFile(path) as table:
+            return table.metadata.num_rows
     except (OSError, CacheError):
         return None
 
