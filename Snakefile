@@ -8,6 +8,10 @@ min_version("9.0")
 configfile: "config.yaml"
 
 
+# The package importable; a YAML alias bomb refused before validation, which would hang printing it.
+include: "workflow/rules/setup.smk"
+
+
 validate(config, "workflow/schemas/config.schema.yaml")
 
 

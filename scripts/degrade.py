@@ -1,20 +1,17 @@
-"""Snakemake adapter: one resolution x one variant -> degraded pixel table with a per-image record."""
+"""Snakemake adapter: the clean cache of one resolution -> one variant's cache, each image's degradation recorded."""
 
 from dermcompress.degrade import run_degrade
 from dermcompress.logs import job_logging
 
 with job_logging(snakemake):
     run_degrade(
-        out=snakemake.output.degraded,
-        splits=snakemake.input.splits,
-        manifest=snakemake.input.manifest,
+        clean=snakemake.input.clean,
+        out_dir=snakemake.output.cache,
         variant=snakemake.params.variant,
         order=snakemake.params.order,
-        resolution=int(snakemake.wildcards.res),
-        resized=snakemake.input.get("resized"),
+        manifest=snakemake.input.get("manifest"),
         images=snakemake.input.get("images"),
-        policy=snakemake.params.policy,
-        reduced_decode=snakemake.params.reduced_decode,
         max_pixels=snakemake.params.max_pixels,
+        max_file_bytes=snakemake.params.max_file_bytes,
         threads=snakemake.threads,
     )

@@ -11,5 +11,6 @@ with job_logging(snakemake):
         manifest_out=snakemake.output.manifest,
         quarantine_out=snakemake.output.quarantine,
         max_pixels=snakemake.params.max_pixels,
+        max_file_bytes=snakemake.params.max_file_bytes,
         synthetic=snakemake.params.synthetic,
     )

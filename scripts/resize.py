@@ -1,4 +1,4 @@
-"""Snakemake adapter: raw images of the split -> one resolution's resized pixel table."""
+"""Snakemake adapter: raw images of the split -> one resolution's resized pixels, as the clean variant's cache."""
 
 from dermcompress.logs import job_logging
 from dermcompress.resize import run_resize
@@ -8,10 +8,14 @@ with job_logging(snakemake):
         splits=snakemake.input.splits,
         manifest=snakemake.input.manifest,
         images=snakemake.input.images,
-        out=snakemake.output.resized,
+        out_dir=snakemake.output.cache,
         resolution=int(snakemake.wildcards.res),
         policy=snakemake.params.policy,
         reduced_decode=snakemake.params.reduced_decode,
         max_pixels=snakemake.params.max_pixels,
+        max_file_bytes=snakemake.params.max_file_bytes,
+        classes=snakemake.params.classes,
+        rows_per_shard=snakemake.params.rows_per_shard,
+        row_group_size=snakemake.params.row_group_size,
         threads=snakemake.threads,
     )

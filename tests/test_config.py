@@ -71,6 +71,22 @@ def test_every_config_key_is_in_the_schema():
             },
             "degrade.variants.heavy.fractions",
         ),
+        # An experiment's training overrides are checked against the training section's schema.
+        (
+            {"experiments": {"resolution_sweep": {"training": {"batchsize": 4}}}},
+            "config key 'experiments.resolution_sweep.training.batchsize': unknown key",
+        ),
+        (
+            {"experiments": {"label_efficiency": {"training": {"precision": "fp8"}}}},
+            "config key 'experiments.label_efficiency.training.precision': 'fp8' is not one of",
+        ),
+        (
+            {"experiments": {"robustness": {"training": {"knn": {"k": 0}}}}},
+            "config key 'experiments.robustness.training.knn.k': 0 is less than the minimum of 1",
+        ),
+        # Seeds name a folder (seed<N>): a negative one is refused by the schema, not by a missing input.
+        ({"experiments": {"resolution_sweep": {"seeds": [0, -1]}}}, "-1 is less than the minimum of 0"),
+        ({"split": {"seed": -3}}, "-3 is less than the minimum of 0"),
     ],
 )
 def test_a_wrong_key_stops_the_run_before_any_job_and_names_the_key(workflow_dir, overlay, named):
@@ -80,6 +96,31 @@ def test_a_wrong_key_stops_the_run_before_any_job_and_names_the_key(workflow_dir
     output = proc.stdout + proc.stderr
     assert named in output, output
     assert not (workflow_dir / "results").exists()  # nothing ran
+
+
+def test_yaml_alias_bomb_is_refused_quickly_naming_its_key(workflow_dir):
+    # Nine levels of nine aliases: 1 kB of YAML, 436 million values once expanded.
+    lines = ['lol: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 9)]
+    lines += ["experiments:", "  resolution_sweep:", "    training:", "      lora:", "        targets: *l8"]
+    (workflow_dir / "bomb.yaml").write_text("\n".join(lines) + "\n")
+    proc = snakemake(workflow_dir, "--dry-run", "--configfile", "bomb.yaml", check=False, timeout=120)
+    assert proc.returncode != 0
+    output = proc.stdout + proc.stderr
+    assert (
+        "config key 'experiments.resolution_sweep.training.lora.targets': expands to 435,848,050 values"
+        in output
+    )
+    assert "alias bomb" in output
+
+
+def test_config_nodes_counts_aliases_expanded_without_expanding_them():
+    shared = [1, 2, 3]
+    config = {"a": shared, "b": [shared, shared], "c": {"d": "x"}}
+    assert dc_config.config_nodes(config) == 1 + 4 + (1 + 4 + 4) + 2
+    dc_config.refuse_alias_bomb(config, limit=16)
+    with pytest.raises(dc_config.ConfigError, match="config key 'b': expands to 9 values"):
+        dc_config.refuse_alias_bomb(config, limit=8)
 
 
 def test_variant_settings_carry_only_what_the_variant_uses():

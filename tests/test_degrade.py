@@ -13,18 +13,19 @@ import pandas as pd
 import pytest
 import yaml
 from PIL import Image
-from test_resize import MAX_PIXELS, photo_jpeg, write_dataset
+from test_resize import CACHE, MAX_PIXELS, photo_jpeg, read_cache, write_dataset
 
+from dermcompress.cache import ChecksumError, load_info
 from dermcompress.config import variant_settings
 from dermcompress.degrade import apply_degradation, plan_degradation, plan_rows, run_degrade
 from dermcompress.images import decode_image
-from dermcompress.pixeltable import read_pixel_table, read_table_metadata, write_pixel_table
-from dermcompress.resize import resize_image, run_resize
+from dermcompress.pixeltable import read_table_metadata
+from dermcompress.resize import SourceChangedError, resize_image, run_resize
 
 CONFIG = yaml.safe_load((Path(__file__).parents[1] / "config.yaml").read_text())
 DEGRADED = variant_settings(CONFIG, "degraded")
 CLEAN = variant_settings(CONFIG, "clean")
-COLUMNS = ["image_id", "split", "label", "degradation", "degradation_params"]
+COLUMNS = ["image_id", "label", "label_idx", "split", "degradation", "degradation_params"]
 OPS = {"none", "jpeg", "blur", "quantize"}
 RES = 32
 
@@ -176,7 +177,7 @@ def test_bad_operation_or_pixels_are_refused():
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    """42 JPEGs (two of them 1024 px), their splits and manifest, and the resize stage's table at RES."""
+    """42 JPEGs (two of them 1024 px), their splits and manifest, and the resize stage's clean cache at RES."""
     root = tmp_path_factory.mktemp("degrade")
     splits, manifest = write_dataset(root / "images", n_small=40, n_large=2)
     splits.to_parquet(root / "splits.parquet")
@@ -186,25 +187,22 @@ def data(tmp_path_factory):
         images=root / "images",
         splits=root / "splits.parquet",
         manifest=root / "manifest.parquet",
-        resized=root / f"{RES}px.parquet",
+        clean=root / f"{RES}px" / "clean",
         members=manifest.set_index("image_id")["member"],
     )
     run_resize(
-        splits=d.splits, manifest=d.manifest, images=d.images, out=d.resized,
-        resolution=RES, policy="squash", reduced_decode=True, max_pixels=MAX_PIXELS, threads=2,
+        splits=d.splits, manifest=d.manifest, images=d.images, out_dir=d.clean,
+        resolution=RES, policy="squash", reduced_decode=True, max_pixels=MAX_PIXELS, threads=2, **CACHE,
     )  # fmt: skip
     return d
 
 
 def degrade(d, out: Path, order: str, variant=DEGRADED, **kw) -> tuple[pd.DataFrame, np.ndarray]:
-    settings = {"resized": d.resized} if order == "after_resize" else {"images": d.images}
-    if order == "before_resize":
-        settings.update(policy="squash", reduced_decode=True, max_pixels=MAX_PIXELS, threads=2)
+    settings = {} if order == "after_resize" else {"manifest": d.manifest, "images": d.images}
     run_degrade(
-        out=out, splits=d.splits, manifest=d.manifest, variant=variant, order=order, resolution=RES,
-        **{**settings, **kw},
-    )  # fmt: skip
-    return read_pixel_table(out)
+        clean=d.clean, out_dir=out, variant=variant, order=order, max_pixels=MAX_PIXELS, **{**settings, **kw}
+    )
+    return read_cache(out)
 
 
 def check_table(meta: pd.DataFrame, pixels: np.ndarray, d, variant) -> np.ndarray:
@@ -222,29 +220,40 @@ def check_table(meta: pd.DataFrame, pixels: np.ndarray, d, variant) -> np.ndarra
     return (meta["degradation"] == "none").to_numpy()
 
 
-def test_after_resize_degrades_the_resize_stage_table(data, tmp_path):
-    meta, pixels = degrade(data, tmp_path / "d.parquet", "after_resize", threads=2)
+def test_after_resize_degrades_the_clean_cache(data, tmp_path):
+    meta, pixels = degrade(data, tmp_path / "d", "after_resize", threads=2)
     clean = check_table(meta, pixels, data, DEGRADED)
     assert set(meta.loc[~clean, "degradation"]) == {"jpeg", "blur", "quantize"}  # all three exercised
-    _, resized = read_pixel_table(data.resized)
+    _, resized = read_cache(data.clean)
     np.testing.assert_array_equal(pixels[clean], resized[clean])
     for i in np.flatnonzero(~clean):
         op, params = meta["degradation"].iat[i], json.loads(meta["degradation_params"].iat[i])
         np.testing.assert_array_equal(pixels[i], apply_degradation(resized[i], op, params))
         if op != "blur" or params["sigma"] > 0.5:  # a 0.1-sigma Gaussian is the identity on 8 bits
             assert not np.array_equal(pixels[i], resized[i]), (meta["image_id"].iat[i], op)
-    # The same table whether the operations ran in a thread pool or one by one.
-    _, one_by_one = degrade(data, tmp_path / "one.parquet", "after_resize", threads=1)
+    # The same cache whether the operations ran in a thread pool or one by one.
+    _, one_by_one = degrade(data, tmp_path / "one", "after_resize", threads=1)
     np.testing.assert_array_equal(one_by_one, pixels)
-    table_meta = read_table_metadata(tmp_path / "d.parquet")
-    assert table_meta["resolution"] == str(RES) and table_meta["order"] == "after_resize"
-    assert table_meta["policy"] == "squash" and json.loads(table_meta["variant_settings"]) == DEGRADED
+    info = load_info(tmp_path / "d")
+    assert info["resolution"] == RES and info["order"] == "after_resize" and info["variant"] == "degraded"
+    shard_meta = read_table_metadata(tmp_path / "d" / info["shards"][0]["path"])
+    assert shard_meta["policy"] == "squash" and json.loads(shard_meta["variant_settings"]) == DEGRADED
+
+
+def test_a_variant_has_the_clean_caches_shards(data, tmp_path):
+    degrade(data, tmp_path / "d", "after_resize")
+    clean, degraded = load_info(data.clean), load_info(tmp_path / "d")
+    assert [(s["path"], s["split"], s["rows"]) for s in degraded["shards"]] == [
+        (s["path"], s["split"], s["rows"]) for s in clean["shards"]
+    ]
+    assert len(clean["shards"]) > 3  # several per split: the stage really goes shard by shard
+    assert (degraded["classes"], degraded["rows_per_shard"]) == (clean["classes"], clean["rows_per_shard"])
 
 
 def test_before_resize_degrades_the_raw_images(data, tmp_path):
-    meta, pixels = degrade(data, tmp_path / "d.parquet", "before_resize")
+    meta, pixels = degrade(data, tmp_path / "d", "before_resize")
     clean = check_table(meta, pixels, data, DEGRADED)
-    _, resized = read_pixel_table(data.resized)
+    _, resized = read_cache(data.clean)
     # Clean rows are what the resize stage made, reduced decode included.
     np.testing.assert_array_equal(pixels[clean], resized[clean])
     # A 1024 px image degraded before resizing: blurred at full size, then resized from a full decode.
@@ -255,43 +264,46 @@ def test_before_resize_degrades_the_raw_images(data, tmp_path):
     blurred = apply_degradation(source, "blur", json.loads(meta.at[big, "degradation_params"]))
     np.testing.assert_array_equal(pixels[big], resize_image(Image.fromarray(blurred), RES, "squash"))
     # Degrading first or last is a real difference for the degraded images, none for the clean ones.
-    _, after = degrade(data, tmp_path / "after.parquet", "after_resize")
+    _, after = degrade(data, tmp_path / "after", "after_resize")
     np.testing.assert_array_equal(pixels[clean], after[clean])
     assert not np.array_equal(pixels[~clean], after[~clean])
-    assert read_table_metadata(tmp_path / "d.parquet")["order"] == "before_resize"
+    assert load_info(tmp_path / "d")["order"] == "before_resize"
 
 
-def test_clean_variant_is_the_resize_stage_output(data, tmp_path):
-    meta, pixels = degrade(data, tmp_path / "clean.parquet", "after_resize", variant=CLEAN)
-    assert check_table(meta, pixels, data, CLEAN).all()
-    np.testing.assert_array_equal(pixels, read_pixel_table(data.resized)[1])
+def test_before_resize_names_every_raw_image_changed_since_ingest(data, tmp_path):
+    images = tmp_path / "images"
+    import shutil
 
-
-def test_stale_resized_table_is_refused(data, tmp_path):
-    with pytest.raises(ValueError, match=f"holds {RES}px images, expected 16px"):
+    shutil.copytree(data.images, images)
+    meta, _ = read_cache(data.clean)
+    planned = plan_rows(meta[["image_id", "split"]], DEGRADED)
+    victims = planned.loc[planned["degradation"] != "none", "image_id"].tolist()[:2]
+    for image_id in victims:
+        (images / data.members[image_id]).write_bytes(photo_jpeg(np.random.default_rng(5), 300, 200))
+    with pytest.raises(SourceChangedError) as err:
         run_degrade(
-            out=tmp_path / "d.parquet", splits=data.splits, manifest=data.manifest, variant=DEGRADED,
-            order="after_resize", resolution=16, resized=data.resized,
+            clean=data.clean, out_dir=tmp_path / "d", variant=DEGRADED, order="before_resize",
+            manifest=data.manifest, images=images, max_pixels=MAX_PIXELS,
         )  # fmt: skip
-    meta, pixels = read_pixel_table(data.resized)
-    table_meta = read_table_metadata(data.resized)
-    renamed = meta.assign(image_id=meta["image_id"].replace({"ISIC_0000003": "ISIC_9999999"}))
-    for name, (m, p) in {"fewer": (meta[:-3], pixels[:-3]), "renamed": (renamed, pixels)}.items():
-        write_pixel_table(tmp_path / f"{name}.parquet", m, p, metadata=table_meta)
-        with pytest.raises(ValueError, match="stale, rerun the resize stage"):
-            run_degrade(
-                out=tmp_path / "d.parquet", splits=data.splits, manifest=data.manifest, variant=DEGRADED,
-                order="after_resize", resolution=RES, resized=tmp_path / f"{name}.parquet",
-            )  # fmt: skip
-    assert not (tmp_path / "d.parquet").exists()
+    assert err.value.image_ids == sorted(victims)
+    assert not (tmp_path / "d" / "_info.json").exists()
+
+
+def test_damaged_clean_cache_is_refused(data, tmp_path):
+    import shutil
+
+    clean = tmp_path / "clean"
+    shutil.copytree(data.clean, clean)
+    shard = clean / load_info(clean)["shards"][1]["path"]
+    shard.write_bytes(shard.read_bytes()[:-10] + bytes(10))
+    with pytest.raises(ChecksumError, match=shard.name):
+        run_degrade(clean=clean, out_dir=tmp_path / "d", variant=DEGRADED, order="after_resize")
+    assert not (tmp_path / "d" / "_info.json").exists()
 
 
 def test_unknown_order_or_missing_input_is_refused(data, tmp_path):
-    common = dict(out=tmp_path / "d.parquet", splits=data.splits, manifest=data.manifest, variant=DEGRADED)
     with pytest.raises(ValueError, match="unknown degrade order 'sideways'"):
-        run_degrade(**common, order="sideways", resolution=RES, resized=data.resized)
-    with pytest.raises(ValueError, match="needs `resized`"):
-        run_degrade(**common, order="after_resize", resolution=RES, images=data.images)
-    with pytest.raises(ValueError, match="needs `images`"):
-        run_degrade(**common, order="before_resize", resolution=RES, resized=data.resized)
-    assert not (tmp_path / "d.parquet").exists()
+        run_degrade(clean=data.clean, out_dir=tmp_path / "d", variant=DEGRADED, order="sideways")
+    with pytest.raises(ValueError, match="needs `manifest`, `images`"):
+        run_degrade(clean=data.clean, out_dir=tmp_path / "d", variant=DEGRADED, order="before_resize")
+    assert not (tmp_path / "d").exists()

@@ -33,7 +33,7 @@ def _jpeg(img: Image.Image, **kwargs) -> bytes:
     return buf.getvalue()
 
 
-def _ingest(root: Path, images: Path, out: Path, max_pixels: int = BIG, synthetic: bool = True):
+def _ingest(root: Path, images: Path, out: Path, max_pixels: int = BIG, synthetic: bool = True, **limits):
     """Run ingest; return the manifest and quarantine CSV as read back from disk, and the log text."""
     records: list[str] = []
     handler = logging.Handler()
@@ -51,6 +51,7 @@ def _ingest(root: Path, images: Path, out: Path, max_pixels: int = BIG, syntheti
             quarantine_out=out / "quarantine.csv",
             max_pixels=max_pixels,
             synthetic=synthetic,
+            **limits,
         )
     finally:
         logger.removeHandler(handler)
@@ -324,3 +325,324 @@ def test_unsafe_zip_entries_are_refused(synth, tmp_path):
     assert rows.loc["ISIC_0000002", "member"] == "/etc/ISIC_0000002.jpg"
     assert pd.isna(rows.loc["ISIC_0000003", "sha256"])  # never read
     assert any("../escape.txt" in r for r in records)
+
+
+# --------------------------------------------------------------------------------------------- hostile inputs
+
+HEADER = "image,MEL,NV,BCC,AK,BKL,DF,VASC,SCC,UNK\n"
+META_HEADER = "image,age_approx,anatom_site_general,lesion_id,sex\n"
+
+
+def _row(image_id: str, **cells: str) -> str:
+    """A ground-truth row: NV by default, or the given cells (the others 0.0)."""
+    values = {c: "0.0" for c in HEADER.strip().split(",")[1:]} | (cells or {"NV": "1.0"})
+    return ",".join([image_id, *values.values()]) + "\n"
+
+
+def _small_root(root: Path, ids: list[str], rows: str | None = None) -> Path:
+    """A data root with a ground truth listing `ids` (NV) unless `rows` is given, and an empty metadata CSV."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / GROUND_TRUTH).write_text(HEADER + (rows if rows is not None else "".join(_row(i) for i in ids)))
+    (root / METADATA).write_text(META_HEADER)
+    return root
+
+
+def _patch_zip(archive: Path, member: str, patch) -> None:
+    """Rewrite the bytes of one zip entry in place: patch(data: bytearray, info) edits the archive buffer."""
+    with zipfile.ZipFile(archive) as zf:
+        info = zf.getinfo(member)
+    data = bytearray(archive.read_bytes())
+    patch(data, info)
+    archive.write_bytes(bytes(data))
+
+
+def _data_offset(data: bytearray, info: zipfile.ZipInfo) -> int:
+    """Where an entry's (compressed) bytes start: after its local header, name and extra field."""
+    name_len = int.from_bytes(data[info.header_offset + 26 : info.header_offset + 28], "little")
+    extra_len = int.from_bytes(data[info.header_offset + 28 : info.header_offset + 30], "little")
+    return info.header_offset + 30 + name_len + extra_len
+
+
+def _reasons(manifest: pd.DataFrame) -> dict[str, str | None]:
+    return {
+        i: r if isinstance(r, str) else None
+        for i, r in zip(manifest["image_id"], manifest["reason"], strict=True)
+    }
+
+
+def _central_record(data: bytearray, member: str) -> int:
+    """Offset of an entry's record in the zip's central directory."""
+    pos = data.find(b"PK\x01\x02")
+    while pos >= 0:
+        name_len = int.from_bytes(data[pos + 28 : pos + 30], "little")
+        if data[pos + 46 : pos + 46 + name_len] == member.encode():
+            return pos
+        pos = data.find(b"PK\x01\x02", pos + 46)
+    raise KeyError(member)
+
+
+def _hostile_zip(root: Path) -> dict[str, str | None]:
+    """An official-layout zip with one good image and one entry of each damage; id -> expected reason."""
+    root.mkdir(parents=True, exist_ok=True)
+    rgb = Image.fromarray(np.random.default_rng(3).integers(0, 256, (24, 32, 3), dtype=np.uint8))
+    archive = root / IMAGES_ZIP
+    expected = {
+        "ISIC_0000001": None,
+        "ISIC_0000002": "corrupt_zip_entry",  # bad CRC-32: a stored entry with one byte flipped
+        "ISIC_0000003": "corrupt_zip_entry",  # a corrupt deflate stream
+        "ISIC_0000004": "encrypted_zip_entry",
+        "ISIC_0000005": "file_too_large",  # 1 GiB of zeros in a 4.7 MB zip
+    }
+    name = {i: f"{IMAGES_DIR}/{i}.jpg" for i in expected}
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+        for image_id in ("ISIC_0000001", "ISIC_0000002", "ISIC_0000004"):
+            zf.writestr(name[image_id], _jpeg(rgb), compress_type=zipfile.ZIP_STORED)
+        zf.writestr(name["ISIC_0000003"], _png(rgb))
+        with zf.open(name["ISIC_0000005"], "w", force_zip64=True) as entry:
+            for _ in range(64):
+                entry.write(bytes(16 * 2**20))
+
+    def flip(data, info):
+        data[_data_offset(data, info) + info.compress_size // 2] ^= 0xFF
+
+    def garble(data, info):  # a stored-block header whose lengths disagree: zlib stops with an error
+        start = _data_offset(data, info)
+        data[start : start + 8] = bytes(range(8))
+
+    def encrypt(data, info):  # the "encrypted" flag bit, in the local header and the central directory
+        data[info.header_offset + 6] |= 0x1
+        data[_central_record(data, info.filename) + 8] |= 0x1
+
+    _patch_zip(archive, name["ISIC_0000002"], flip)
+    _patch_zip(archive, name["ISIC_0000003"], garble)
+    _patch_zip(archive, name["ISIC_0000004"], encrypt)
+    _small_root(root, list(expected))
+    return expected
+
+
+@pytest.fixture(scope="module")
+def hostile_zip(tmp_path_factory) -> tuple[Path, dict[str, str | None]]:
+    root = tmp_path_factory.mktemp("hostile") / "isic"
+    return root, _hostile_zip(root)
+
+
+def test_damaged_zip_entries_are_quarantined_and_the_rest_ingested(hostile_zip, tmp_path):
+    root, expected = hostile_zip
+    manifest, quarantine, records = _ingest(root, root / IMAGES_ZIP, tmp_path)
+    _check_counts(manifest, quarantine, records)
+    assert _reasons(manifest) == expected
+    rows = manifest.set_index("image_id")
+    assert rows.loc["ISIC_0000001", "status"] == "ok" and rows.loc["ISIC_0000001", "width"] == 32
+    assert "Bad CRC-32" in rows.loc["ISIC_0000002", "detail"]
+    assert "invalid stored block lengths" in rows.loc["ISIC_0000003", "detail"]
+    assert str(2**30) in rows.loc["ISIC_0000005", "detail"]  # its declared size: refused before reading
+    assert rows.loc[["ISIC_0000002", "ISIC_0000004", "ISIC_0000005"], "sha256"].isna().all()
+
+
+@pytest.mark.workflow
+def test_hostile_zip_through_snakemake_keeps_memory_bounded(hostile_zip, workflow_dir):
+    from conftest import snakemake, write_config
+
+    root, expected = hostile_zip
+    write_config(workflow_dir / "hostile.yaml", {"data": {"isic_root": str(root)}, "run_experiments": []})
+    snakemake(workflow_dir, "results/data/manifest.parquet", "--configfile", "hostile.yaml")
+    assert _reasons(pd.read_parquet(workflow_dir / "results/data/manifest.parquet")) == expected
+    # Snakemake's benchmark of the job: the 1 GiB entry was never held in memory.
+    benchmark = pd.read_csv(workflow_dir / "results/benchmarks/ingest.tsv", sep="\t")
+    assert benchmark["max_rss"].iloc[0] < 700, benchmark  # MB
+
+    # A zip cut short is one line that names it, on Snakemake's screen and in the log.
+    archive = root / IMAGES_ZIP
+    truncated = tmp = workflow_dir / "truncated"
+    shutil.copytree(root, tmp)
+    (truncated / IMAGES_ZIP).write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+    write_config(
+        workflow_dir / "truncated.yaml", {"data": {"isic_root": str(truncated)}, "run_experiments": []}
+    )
+    proc = snakemake(
+        workflow_dir,
+        "results/data/manifest.parquet",
+        "--configfile",
+        "truncated.yaml",
+        "--forceall",
+        check=False,
+    )
+    assert proc.returncode != 0
+    message = f"{truncated / IMAGES_ZIP}: not a readable zip archive"
+    assert message in (workflow_dir / "results/logs/ingest.log").read_text()
+    assert message in proc.stdout + proc.stderr
+
+
+def test_oversized_file_is_quarantined_without_being_read(tmp_path):
+    root = _small_root(tmp_path / "isic", ["ISIC_0000001", "ISIC_0000002"])
+    folder = root / IMAGES_DIR
+    folder.mkdir()
+    small = _png(Image.new("RGB", (8, 8), "brown"))
+    (folder / "ISIC_0000001.png").write_bytes(small)
+    (folder / "ISIC_0000002.png").write_bytes(_png(Image.fromarray(np.zeros((64, 64, 3), np.uint8) + 9)) * 50)
+    manifest, quarantine, records = _ingest(root, folder, tmp_path / "out", max_file_bytes=2 * len(small))
+    _check_counts(manifest, quarantine, records)
+    rows = manifest.set_index("image_id")
+    assert rows.loc["ISIC_0000001", "status"] == "ok"
+    assert rows.loc["ISIC_0000002", "reason"] == "file_too_large"
+    assert f"> data.max_file_bytes = {2 * len(small)}" in rows.loc["ISIC_0000002", "detail"]
+
+
+def test_links_out_of_the_image_folder_are_refused(tmp_path):
+    ids = [f"ISIC_000000{i}" for i in range(1, 6)]
+    root = _small_root(tmp_path / "isic", ids)
+    folder = root / IMAGES_DIR
+    (folder / "originals").mkdir(parents=True)
+    outside = tmp_path / "elsewhere"
+    (outside / "folder").mkdir(parents=True)
+    image = _jpeg(Image.new("RGB", (20, 10), "brown"))
+    (folder / "ISIC_0000001.jpg").write_bytes(image)
+    (outside / "lesion.jpg").write_bytes(image)
+    (folder / "ISIC_0000002.jpg").symlink_to(outside / "lesion.jpg")  # a real JPEG, but not the data set's
+    (folder / "ISIC_0000003.jpg").symlink_to("/etc/hostname")
+    (folder / "originals/ISIC_0000004.orig").write_bytes(image)
+    (folder / "ISIC_0000004.jpg").symlink_to("originals/ISIC_0000004.orig")  # inside the folder: fine
+    (outside / "folder/ISIC_0000005.jpg").write_bytes(image)
+    (folder / "linked").symlink_to(outside / "folder", target_is_directory=True)
+    manifest, quarantine, records = _ingest(root, folder, tmp_path / "out")
+    _check_counts(manifest, quarantine, records)
+    rows = manifest.set_index("image_id")
+    assert rows["status"].to_dict() == {
+        "ISIC_0000001": "ok",
+        "ISIC_0000002": "quarantined",
+        "ISIC_0000003": "quarantined",
+        "ISIC_0000004": "ok",
+        "ISIC_0000005": "quarantined",
+    }
+    assert rows.loc["ISIC_0000002", "reason"] == rows.loc["ISIC_0000003", "reason"] == "link_outside_root"
+    assert str(outside / "lesion.jpg") in rows.loc["ISIC_0000002", "detail"]
+    assert rows.loc[["ISIC_0000002", "ISIC_0000003"], "sha256"].isna().all()  # never read, never hashed
+    assert rows.loc["ISIC_0000005", "reason"] == "missing_file"  # the linked folder is not entered...
+    assert any("is a link to a folder" in r and "linked" in r for r in records)  # ...and the log says so
+
+
+def test_soft_or_out_of_range_labels_are_quarantined_naming_the_cells(tmp_path):
+    rows = (
+        _row("ISIC_0000001", MEL="1.0")
+        + _row("ISIC_0000002", MEL="0.6", NV="0.4")
+        + _row("ISIC_0000003", MEL="2.0")
+        + _row("ISIC_0000004", MEL="1.0", BCC="")
+        + _row("ISIC_0000005", NV="yes")
+        + _row("ISIC_0000006", MEL="1", NV="0")
+    )
+    root = _small_root(tmp_path / "isic", [], rows)
+    folder = root / IMAGES_DIR
+    folder.mkdir()
+    for i in range(1, 7):
+        (folder / f"ISIC_000000{i}.jpg").write_bytes(_jpeg(Image.new("RGB", (20, 10), "brown")))
+    manifest, quarantine, records = _ingest(root, folder, tmp_path / "out")
+    _check_counts(manifest, quarantine, records)
+    got = manifest.set_index("image_id")
+    assert _reasons(manifest) == {
+        "ISIC_0000001": None,
+        "ISIC_0000002": "invalid_label",
+        "ISIC_0000003": "invalid_label",
+        "ISIC_0000004": "invalid_label",
+        "ISIC_0000005": "invalid_label",
+        "ISIC_0000006": None,
+    }
+    assert got.loc["ISIC_0000002", "detail"].startswith("MEL='0.6', NV='0.4' in the ground truth")
+    assert "MEL='2.0'" in got.loc["ISIC_0000003", "detail"]
+    assert "BCC=(blank)" in got.loc["ISIC_0000004", "detail"]
+    assert "NV='yes'" in got.loc["ISIC_0000005", "detail"]
+    assert [v if isinstance(v, str) else None for v in got["label"]] == ["MEL", None, None, None, None, "MEL"]
+
+
+def _truncated_zip(root: Path) -> Path:
+    archive = root / IMAGES_ZIP
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr(f"{IMAGES_DIR}/ISIC_0000001.jpg", _jpeg(Image.new("RGB", (64, 64), "brown")))
+    archive.write_bytes(archive.read_bytes()[:300])
+    return archive
+
+
+@pytest.mark.parametrize(
+    ("damage", "says"),
+    [
+        ("empty ground truth", "the file is empty"),
+        (
+            "ragged ground truth",
+            "not a well-formed CSV: Error tokenizing data. C error: Expected 10 fields in line 3",
+        ),
+        ("latin-1 metadata", "not UTF-8 text (byte 0xe9"),
+        ("truncated zip", "not a readable zip archive"),
+    ],
+)
+def test_unreadable_input_file_is_named_in_one_line(tmp_path, damage, says):
+    root = _small_root(tmp_path / "isic", ["ISIC_0000001"])
+    folder = root / IMAGES_DIR
+    folder.mkdir()
+    (folder / "ISIC_0000001.jpg").write_bytes(_jpeg(Image.new("RGB", (20, 10), "brown")))
+    images, named = folder, root / GROUND_TRUTH
+    if damage == "empty ground truth":
+        named.write_bytes(b"")
+    elif damage == "ragged ground truth":
+        named.write_text(HEADER + _row("ISIC_0000001") + _row("ISIC_0000002").strip() + ",1.0,0.0\n")
+    elif damage == "latin-1 metadata":
+        named = root / METADATA
+        named.write_bytes(
+            (META_HEADER + "ISIC_0000001,50,anterior torso,IL_1,f\xe9minin\n").encode("latin-1")
+        )
+    else:
+        images = named = _truncated_zip(root)
+    with pytest.raises(ValueError) as err:
+        _ingest(root, images, tmp_path / "out")
+    message = str(err.value)
+    assert message.startswith(f"{named}: ") and says in message and "\n" not in message
+
+
+def test_quarantine_csv_neutralises_spreadsheet_formulas(tmp_path):
+    hostile = ['=HYPERLINK("http://x")', "+1+1", "-2+3", "@SUM(A1)"]
+    root = _small_root(tmp_path / "isic", ["ISIC_0000001", *hostile])
+    folder = root / IMAGES_DIR
+    folder.mkdir()
+    (folder / "ISIC_0000001.jpg").write_bytes(_jpeg(Image.new("RGB", (20, 10), "brown")))
+    manifest, quarantine, _ = _ingest(root, folder, tmp_path / "out")
+    assert set(manifest.loc[manifest["status"] == "quarantined", "image_id"]) == set(hostile)  # verbatim here
+    text = (tmp_path / "out/quarantine.csv").read_text()
+    for value in hostile:
+        cell = value.replace('"', '""')
+        assert f'\n"\'{cell}",' in text or f"\n'{cell}," in text, text
+    assert sorted(quarantine["image_id"]) == sorted(f"'{v}" for v in hostile)
+
+
+def test_reduced_decode_verification_catches_what_a_full_decode_catches(tmp_path):
+    """Ingest decodes JPEGs at 1/8 scale; truncation and damage anywhere must still fail as in a full decode."""
+    from test_resize import photo_jpeg
+
+    from dermcompress.images import decode_image
+    from dermcompress.ingest import VERIFY_DRAFT, inspect_image
+
+    rng = np.random.default_rng(7)
+    originals = {"baseline": photo_jpeg(rng, 1024, 1024)}
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(photo_jpeg(rng, 1504, 1128))).save(buf, "JPEG", quality=90, progressive=True)
+    originals["progressive"] = buf.getvalue()
+    damaged = {}
+    for kind, data in originals.items():
+        small = decode_image(data, max_pixels=BIG, draft_size=VERIFY_DRAFT)
+        full = decode_image(data, max_pixels=BIG)
+        assert small.width * 8 == full.width  # the check really decodes at 1/8 scale
+        for cut in (0.3, 0.9, 0.999):
+            damaged[f"{kind} cut at {cut}"] = data[: int(len(data) * cut)]
+        noisy = bytearray(data)
+        noisy[len(data) // 2 : len(data) // 2 + 64] = bytes(64)
+        damaged[f"{kind} zeroed in the middle"] = bytes(noisy)
+    for name, data in damaged.items():
+        try:
+            decode_image(data, max_pixels=BIG)
+            full_reason = None
+        except Exception as err:  # whatever a full decode raises
+            full_reason = getattr(err, "reason", type(err).__name__)
+        info = inspect_image(data, max_pixels=BIG)
+        assert info["reason"] == full_reason, name
+        if "cut" in name:
+            assert info["reason"] == "truncated", name
+    for data in originals.values():
+        info = inspect_image(data, max_pixels=BIG)
+        assert info["reason"] is None and (info["width"], info["height"]) == Image.open(io.BytesIO(data)).size

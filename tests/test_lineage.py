@@ -160,10 +160,12 @@ def test_table_row_names_the_raw_image_hashes_of_its_test_split(finished_study):
         assert digest == sha256(raw)  # hashed here, independently of the pipeline
     # Every stage from the table back to the synthetic raw files, with the parameters that made this row.
     stages = {s["rule"]: s for s in report["stages"]}
-    assert set(stages) == {"table", "train", "cache", "degrade", "resize", "split", "task", "ingest", "synth"}
+    assert set(stages) == {"table", "train", "degrade", "resize", "split", "task", "ingest", "synth"}
     assert stages["train"]["params"]["settings"]["lr"] == 1.0e-3
+    # Trained on the degraded variant (degrade's cache), evaluated on the clean one (resize's cache).
     degrades = {s["wildcards"]["variant"]: s for s in report["stages"] if s["rule"] == "degrade"}
-    assert set(degrades) == {"degraded", "clean"}  # trained on one, evaluated on the other
+    assert set(degrades) == {"degraded"}
+    assert stages["resize"]["outputs"][0]["path"].endswith("results/cache/16px/clean")
     assert degrades["degraded"]["params"]["variant"]["jpeg_quality"] == 75
     assert stages["split"]["params"]["test_fraction"] == 0.2
     assert stages["resize"]["wildcards"] == {"res": "16"}
@@ -197,7 +199,7 @@ def test_run_folder_and_cache_shard_walk_back_to_the_raw_images(finished_study):
 
     shard = sorted((finished_study / "results/cache/32px/degraded/train").glob("*.parquet"))[0]
     report = lineage.trace(shard)
-    assert [s["rule"] for s in report["stages"][:2]] == ["cache", "degrade"]
+    assert [s["rule"] for s in report["stages"][:2]] == ["degrade", "resize"]
     shard_ids = set(pd.read_parquet(shard, columns=["image_id"])["image_id"])
     assert {r["image_id"] for r in report["images"]["by_split"]["train"]} == shard_ids
     assert set(report["images"]["by_split"]) == {"train"}
@@ -226,7 +228,8 @@ def test_tampered_cache_shard_is_a_broken_link(study_copy):
     assert broken[shard]["sha256_now"] == sha256(shard)
     assert broken[shard]["recorded"][0]["sha256"] != sha256(shard)
     cache = broken[study_copy / "results/cache/16px/clean"]
-    assert {r["by"].split("[")[0] for r in cache["recorded"]} == {"train", "cache"}
+    # Written by resize, read by the run and by the degrade job that made the run's training cache.
+    assert {r["by"].split("[")[0] for r in cache["recorded"]} == {"train", "resize", "degrade"}
     text = cli(study_copy, str(shard.relative_to(study_copy))).stdout
     assert "BROKEN LINKS" in text and str(shard.relative_to(study_copy)) in text
 
@@ -280,6 +283,7 @@ def test_official_zip_layout_names_the_raw_files_and_flags_a_changed_member(tmp_
     assert report["broken"] == [] and [s["rule"] for s in report["stages"]] == ["ingest"]
     raw = {Path(r["path"]).name: r for r in report["raw_files"]}
     assert set(raw) == {GROUND_TRUTH, METADATA, IMAGES_ZIP}
+    assert all(r["external"] for r in raw.values())  # the data root lies outside the workflow folder
     archive = root / IMAGES_ZIP
     assert raw[IMAGES_ZIP]["sha256"] == sha256(archive)
 
@@ -290,7 +294,105 @@ def test_official_zip_layout_names_the_raw_files_and_flags_a_changed_member(tmp_
     with zipfile.ZipFile(archive, "w") as z:
         for name, data in members.items():
             z.writestr(name, data)
-    broken = {b["path"]: b for b in lineage.trace(manifest)["broken"]}
+    # Outside the workflow folder: listed as external and not read, unless asked to (--external).
+    report = lineage.trace(manifest)
+    assert report["broken"] == [] and not report["raw_images_checked"]
+    assert {Path(e["path"]).name for e in report["external"]} == {GROUND_TRUTH, METADATA, IMAGES_ZIP}
+    broken = {b["path"]: b for b in lineage.trace(manifest, external=True)["broken"]}
     assert broken[str(archive)]["recorded"][0]["by"] == "ingest (input images)"
     member = broken[f"{archive}:{ok['member']}"]
     assert member["image_id"] == ok["image_id"] and member["recorded"][0]["sha256"] == ok["sha256"]
+
+
+# --------------------------------------------------------------------------------------------- tampered records
+
+
+def edit_record(path: Path, edit) -> None:
+    record = json.loads(path.read_text())
+    edit(record)
+    path.write_text(json.dumps(record))
+
+
+def entry(record: dict, role: str, name: str) -> dict:
+    return next(e for e in record[role] if e["name"] == name)
+
+
+@pytest.mark.workflow
+def test_record_naming_a_fifo_or_a_folder_as_a_file_is_a_broken_link_never_read(study_copy):
+    fifo = study_copy / "results/data/trap.fifo"
+    os.mkfifo(fifo)  # reading it would block forever: no writer
+
+    def tamper(record):
+        entry(record, "outputs", "report")["path"] = "results/data/trap.fifo"
+        record["outputs"].append({**entry(record, "outputs", "splits"), "name": "extra", "path": "src"})
+
+    edit_record(study_copy / "results/data/splits.parquet.lineage.json", tamper)
+    proc = cli(study_copy, str(run_dir(study_copy).relative_to(study_copy)), "--json")
+    assert proc.returncode == 1, proc.stderr
+    broken = {Path(b["path"]): b for b in json.loads(proc.stdout)["broken"]}
+    assert broken[fifo]["problem"] == lineage.NOT_REGULAR and broken[fifo]["sha256_now"] is None
+    folder = broken[study_copy / "src"]
+    assert folder["problem"] == "a folder where the record names a file: never read"
+    assert folder["sha256_now"] is None
+
+
+@pytest.mark.workflow
+def test_paths_outside_the_workflow_folder_are_shown_as_external_and_not_read(study_copy):
+    outside = study_copy.parent / "outside.txt"
+    outside.write_text("not part of the study\n")
+
+    def tamper(record):
+        entry(record, "inputs", "manifest")["path"] = "/dev/zero"
+        record["inputs"].append(
+            {**entry(record, "inputs", "manifest"), "name": "sibling", "path": "../outside.txt"}
+        )
+
+    edit_record(study_copy / "results/data/task.parquet.lineage.json", tamper)
+    proc = cli(study_copy, "results/data/splits.parquet", "--json")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["broken"] == []
+    assert {e["path"] for e in report["external"]} == {"/dev/zero", str(study_copy / "../outside.txt")}
+    assert {r["path"] for r in report["raw_files"] if r["external"]} == {
+        "/dev/zero",
+        str(study_copy / "../outside.txt"),
+    }
+    text = cli(study_copy, "results/data/splits.parquet").stdout
+    assert "External (2): outside the workflow folder" in text
+
+
+@pytest.mark.workflow
+def test_malformed_records_are_broken_links_not_tracebacks(study_copy):
+    task_record = study_copy / "results/data/task.parquet.lineage.json"
+    original = task_record.read_text()
+    edit_record(task_record, lambda r: r.pop("outputs"))
+    proc = cli(study_copy, "results/data/splits.parquet", "--json")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    broken = {Path(b["path"]).name: b for b in json.loads(proc.stdout)["broken"]}
+    problem = broken["task.parquet.lineage.json"]["problem"]
+    assert "malformed lineage record: record: 'outputs' is a required property" in problem
+    assert broken["task.parquet.lineage.json"]["recorded"][0]["by"] == "split (input task)"
+
+    task_record.write_text(original)
+    edit_record(
+        study_copy / "results/data/manifest.parquet.lineage.json",
+        lambda r: entry(r, "inputs", "images").update(path=5),
+    )
+    proc = cli(study_copy, "results/data/task.parquet")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "['inputs'][2]['path']: 5 is not of type 'string'" in proc.stdout
+
+
+@pytest.mark.workflow
+def test_missing_upstream_record_is_a_broken_link(study_copy):
+    (study_copy / "results/data/task.parquet.lineage.json").unlink()
+    proc = cli(study_copy, str(run_dir(study_copy).relative_to(study_copy)), "--json")
+    assert proc.returncode == 1, proc.stderr
+    broken = {Path(b["path"]): b for b in json.loads(proc.stdout)["broken"]}
+    item = broken[study_copy / "results/data/task.parquet"]
+    assert item["problem"].startswith("missing upstream record")
+    assert item["recorded"][0]["by"] == "split (input task)"
+    stages = {s["rule"] for s in json.loads(proc.stdout)["stages"]}
+    assert (
+        "task" not in stages and {"train", "split", "ingest"} <= stages
+    )  # ingest: through resize's manifest

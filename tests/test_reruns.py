@@ -17,7 +17,8 @@ from test_workflow import planned_jobs, rules_of
 
 pytestmark = pytest.mark.workflow
 
-DATA_RULES = {"synth", "ingest", "task", "split", "resize", "degrade", "cache"}
+# resize writes the clean variant's cache, degrade every other variant's.
+DATA_RULES = {"synth", "ingest", "task", "split", "resize", "degrade"}
 BEFORE_DEGRADE = {"synth", "ingest", "task", "split", "resize"}
 
 
@@ -67,11 +68,10 @@ def test_new_learning_rate_reruns_only_that_experiments_training_and_aggregation
 def test_new_jpeg_quality_reruns_the_degraded_variant_and_what_uses_it(finished_study):
     jobs = dry_run(finished_study, {"degrade": {"jpeg_quality": 50}})
     assert not rules_of(jobs) & BEFORE_DEGRADE
-    for rule in ("degrade", "cache"):
-        assert sorted((w["res"], w["variant"]) for w in jobs_of(jobs, rule)) == [
-            ("16", "degraded"),
-            ("32", "degraded"),
-        ]
+    assert sorted((w["res"], w["variant"]) for w in jobs_of(jobs, "degrade")) == [
+        ("16", "degraded"),
+        ("32", "degraded"),
+    ]
     # Only `base` trains on the degraded variant; `other` is clean throughout.
     assert [t["experiment"] for t in jobs_of(jobs, "train")] == ["base"]
     assert experiments_touched(jobs) == {"base"}
@@ -83,7 +83,7 @@ def test_new_resolution_reruns_only_its_resize_and_downstream(finished_study):
     jobs = dry_run(finished_study, change)
     assert not rules_of(jobs) & {"synth", "ingest", "task", "split"}
     assert jobs_of(jobs, "resize") == [{"res": "8"}]
-    for rule in ("degrade", "cache", "train"):
+    for rule in ("degrade", "train"):
         assert jobs_of(jobs, rule) and all(w["res"] == "8" for w in jobs_of(jobs, rule))
     assert experiments_touched(jobs) == {"base"}
 
@@ -97,9 +97,14 @@ def test_edit_to_degradation_module_reruns_degradation_and_downstream(finished_s
     finally:
         module.write_text(original)
     assert not rules_of(jobs) & BEFORE_DEGRADE
-    assert len(jobs_of(jobs, "degrade")) == len(jobs_of(jobs, "cache")) == 4  # 2 resolutions x 2 variants
-    assert {t["experiment"] for t in jobs_of(jobs, "train")} == {"base", "other"}
-    assert {t["experiment"] for t in jobs_of(jobs, "table")} == {"base", "other"}
+    # 2 resolutions x the degraded variant; the clean caches are the resize stage's, untouched by degrade.py.
+    assert sorted((w["res"], w["variant"]) for w in jobs_of(jobs, "degrade")) == [
+        ("16", "degraded"),
+        ("32", "degraded"),
+    ]
+    # `base` trains on the degraded variant; `other` only reads clean caches, so it stands.
+    assert {t["experiment"] for t in jobs_of(jobs, "train")} == {"base"}
+    assert {t["experiment"] for t in jobs_of(jobs, "table")} == {"base"}
     assert "data_summary" not in rules_of(jobs)
 
 

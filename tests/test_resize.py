@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import zipfile
 
@@ -11,8 +12,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from dermcompress.cache import iter_shards, load_info
 from dermcompress.images import decode_image
-from dermcompress.pixeltable import read_pixel_table, read_table_metadata
+from dermcompress.pixeltable import PIXELS, arrow_to_pixels, read_table_metadata
 from dermcompress.resize import (
     SourceChangedError,
     draft_size_for,
@@ -49,9 +51,10 @@ def write_dataset(folder, n_small: int = 40, n_large: int = 3, seed: int = 0):
         w, h = (300, 200) if i < n_small else (1024, 1024)
         member = f"sub/{image_id}.jpg"
         (folder / "sub").mkdir(exist_ok=True)
-        (folder / member).write_bytes(photo_jpeg(rng, w, h))
-        rows.append((image_id, member))
-    ids = [image_id for image_id, _ in rows]
+        data = photo_jpeg(rng, w, h)
+        (folder / member).write_bytes(data)
+        rows.append((image_id, member, hashlib.sha256(data).hexdigest()))
+    ids = [image_id for image_id, _, _ in rows]
     splits = pd.DataFrame(
         {
             "image_id": ids[::-1],  # not sorted: the stage must sort
@@ -61,9 +64,30 @@ def write_dataset(folder, n_small: int = 40, n_large: int = 3, seed: int = 0):
         }
     )
     manifest = pd.DataFrame(
-        {"image_id": ids, "status": "ok", "member": [m for _, m in rows], "sha256": "x", "reason": None}
+        {
+            "image_id": ids,
+            "status": "ok",
+            "member": [m for _, m, _ in rows],
+            "sha256": [sha for _, _, sha in rows],
+            "reason": None,
+        }
     )
     return splits, manifest
+
+
+CACHE = dict(classes=["MEL", "NV"], rows_per_shard=8, row_group_size=4)
+
+
+def read_cache(cache_dir) -> tuple[pd.DataFrame, np.ndarray]:
+    """Every row of a cache (all shards, verified) sorted by image_id, and its pixels in that order."""
+    info = load_info(cache_dir)
+    metas, pixels = [], []
+    for _, table in iter_shards(cache_dir):
+        metas.append(table.drop_columns([PIXELS]).to_pandas())
+        pixels.append(arrow_to_pixels(table.column(PIXELS), info["height"], info["width"]))
+    meta, pixels = pd.concat(metas, ignore_index=True), np.concatenate(pixels)
+    order = np.argsort(meta["image_id"].to_numpy())
+    return meta.iloc[order].reset_index(drop=True), pixels[order]
 
 
 def bands_image() -> Image.Image:
@@ -119,7 +143,7 @@ def test_reduced_decode_is_close_to_full_decode():
     for res in (224, 112, 56):
         draft = decode_image(data, max_pixels=MAX_PIXELS, draft_size=draft_size_for([res], True))
         assert draft.width < 1024  # the decoder really skipped work
-        assert min(draft.size) >= 2 * res
+        assert min(draft.size) >= res  # ... but never below the target
         fast = load_resized(data, [res], policy="squash", reduced_decode=True, max_pixels=MAX_PIXELS)[res]
         full = load_resized(data, [res], policy="squash", reduced_decode=False, max_pixels=MAX_PIXELS)[res]
         assert np.abs(fast.astype(float) - full).mean() < 1.5, res
@@ -140,7 +164,7 @@ def test_one_decode_for_many_resolutions_matches_one_by_one():
                 assert np.abs(many[r].astype(float) - one).mean() < 1.5
 
 
-def test_run_resize_round_trip(tmp_path):
+def test_run_resize_writes_the_clean_cache(tmp_path):
     splits, manifest = write_dataset(tmp_path / "images")
     splits.to_parquet(tmp_path / "splits.parquet")
     manifest.to_parquet(tmp_path / "manifest.parquet")
@@ -151,33 +175,38 @@ def test_run_resize_round_trip(tmp_path):
         policy="squash",
         reduced_decode=True,
         max_pixels=MAX_PIXELS,
+        **CACHE,
     )
-    run_resize(images=tmp_path / "images", out=tmp_path / "pool.parquet", threads=2, **common)
-    run_resize(images=tmp_path / "images", out=tmp_path / "one.parquet", threads=1, **common)
+    info = run_resize(images=tmp_path / "images", out_dir=tmp_path / "pool", threads=2, **common)
+    run_resize(images=tmp_path / "images", out_dir=tmp_path / "one", threads=1, **common)
 
-    meta, pixels = read_pixel_table(tmp_path / "pool.parquet")
-    assert list(meta.columns) == ["image_id", "split", "label"]
+    meta, pixels = read_cache(tmp_path / "pool")
     assert meta["image_id"].tolist() == sorted(splits["image_id"])
     expected = splits.set_index("image_id").loc[meta["image_id"]]
     assert meta["split"].tolist() == expected["split"].tolist()
     assert meta["label"].tolist() == expected["label"].tolist()
+    assert meta["label_idx"].tolist() == [["MEL", "NV"].index(label) for label in meta["label"]]
+    assert set(meta["degradation"]) == {"none"} and set(meta["degradation_params"]) == {"{}"}
     assert pixels.shape == (len(splits), 32, 32, 3)
-    assert read_table_metadata(tmp_path / "pool.parquet")["resolution"] == "32"
-    assert read_table_metadata(tmp_path / "pool.parquet")["policy"] == "squash"
-    # Each row holds its own image, whichever process made it.
+    assert info["variant"] == "clean" and info["resolution"] == 32 and info["rows_per_shard"] == 8
+    assert info["rows"] == splits["split"].value_counts().to_dict()
+    assert len(info["shards"]) == sum(-(-n // 8) for n in info["rows"].values())  # 8 rows a shard at most
+    shard_meta = read_table_metadata(tmp_path / "pool" / info["shards"][0]["path"])
+    assert shard_meta["policy"] == "squash" and shard_meta["resolution"] == "32"
+    # Each row holds its own image, whichever thread made it.
     members = manifest.set_index("image_id")["member"]
     for i in (0, 17, len(meta) - 1):
         data = (tmp_path / "images" / members[meta["image_id"].iat[i]]).read_bytes()
         direct = load_resized(data, [32], policy="squash", reduced_decode=True, max_pixels=MAX_PIXELS)[32]
         np.testing.assert_array_equal(pixels[i], direct)
-    np.testing.assert_array_equal(pixels, read_pixel_table(tmp_path / "one.parquet")[1])
+    np.testing.assert_array_equal(pixels, read_cache(tmp_path / "one")[1])
 
-    # The same images read from a zip (one handle per worker process) give the same table.
+    # The same images read from a zip (one handle per worker thread) give the same cache.
     with zipfile.ZipFile(tmp_path / "images.zip", "w") as zf:
         for member in manifest["member"]:
             zf.write(tmp_path / "images" / member, member)
-    run_resize(images=tmp_path / "images.zip", out=tmp_path / "zip.parquet", threads=2, **common)
-    np.testing.assert_array_equal(pixels, read_pixel_table(tmp_path / "zip.parquet")[1])
+    run_resize(images=tmp_path / "images.zip", out_dir=tmp_path / "zip", threads=2, **common)
+    np.testing.assert_array_equal(pixels, read_cache(tmp_path / "zip")[1])
 
 
 def test_changed_raw_file_names_the_image(tmp_path):
@@ -185,15 +214,55 @@ def test_changed_raw_file_names_the_image(tmp_path):
     (tmp_path / "images" / "sub" / "ISIC_0000002.jpg").write_bytes(b"not a jpeg any more")
     with pytest.raises(SourceChangedError, match="ISIC_0000002"):
         run_resize(
-            splits=splits, manifest=manifest, images=tmp_path / "images", out=tmp_path / "r.parquet",
-            resolution=16, policy="squash", reduced_decode=True, max_pixels=MAX_PIXELS, threads=2,
+            splits=splits, manifest=manifest, images=tmp_path / "images", out_dir=tmp_path / "r",
+            resolution=16, policy="squash", reduced_decode=True, max_pixels=MAX_PIXELS, threads=2, **CACHE,
         )  # fmt: skip
     (tmp_path / "images" / "sub" / "ISIC_0000002.jpg").unlink()
     with pytest.raises(SourceChangedError, match="ISIC_0000002"):
         run_resize(
-            splits=splits, manifest=manifest, images=tmp_path / "images", out=tmp_path / "r.parquet",
-            resolution=16, policy="squash", reduced_decode=True, max_pixels=MAX_PIXELS, threads=1,
+            splits=splits, manifest=manifest, images=tmp_path / "images", out_dir=tmp_path / "r",
+            resolution=16, policy="squash", reduced_decode=True, max_pixels=MAX_PIXELS, threads=1, **CACHE,
         )  # fmt: skip
+
+
+def test_raw_file_rewritten_in_place_fails_resize_naming_every_changed_image(tmp_path):
+    """A raw image replaced after ingest by another valid JPEG decodes fine: only its sha256 can tell."""
+    splits, manifest = write_dataset(tmp_path / "images", n_small=6, n_large=0)
+    rng = np.random.default_rng(99)
+    for image_id in ("ISIC_0000001", "ISIC_0000004"):
+        (tmp_path / "images" / "sub" / f"{image_id}.jpg").write_bytes(photo_jpeg(rng, 300, 200))
+    settings = dict(resolution=16, policy="squash", reduced_decode=True, max_pixels=MAX_PIXELS, **CACHE)
+    for threads in (1, 2):
+        with pytest.raises(SourceChangedError, match="2 raw image") as err:
+            run_resize(
+                splits=splits, manifest=manifest, images=tmp_path / "images", out_dir=tmp_path / "r",
+                threads=threads, **settings,
+            )  # fmt: skip
+        assert err.value.image_ids == ["ISIC_0000001", "ISIC_0000004"]
+        assert "ISIC_0000001" in str(err.value) and "is not the file ingest read" in str(err.value)
+    assert not (tmp_path / "r" / "_info.json").exists()
+
+
+def test_split_members_reads_the_files_ingest_and_split_write(tmp_path):
+    """The manifest is written by pyarrow (string), the split by pandas (large_string): both must join."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dermcompress.resize import split_members
+
+    splits, manifest = write_dataset(tmp_path / "images", n_small=4, n_large=0)
+    splits.to_parquet(tmp_path / "splits.parquet")
+    table = pa.Table.from_pandas(manifest, preserve_index=False)
+    pq.write_table(
+        table.cast(pa.schema([f.with_type(pa.string()) if f.name != "reason" else f for f in table.schema])),
+        tmp_path / "manifest.parquet",
+    )
+    rows = split_members(tmp_path / "splits.parquet", tmp_path / "manifest.parquet")
+    assert rows["image_id"].to_pylist() == sorted(splits["image_id"])
+    assert (
+        rows["member"].to_pylist()
+        == manifest.set_index("image_id").loc[sorted(splits["image_id"]), "member"].tolist()
+    )
 
 
 def test_split_images_must_be_ok_in_the_manifest(tmp_path):
@@ -201,6 +270,21 @@ def test_split_images_must_be_ok_in_the_manifest(tmp_path):
     manifest.loc[1, "status"] = "quarantined"
     with pytest.raises(ValueError, match="not 'ok'"):
         run_resize(
-            splits=splits, manifest=manifest, images=tmp_path / "images", out=tmp_path / "r.parquet",
-            resolution=16, policy="squash", reduced_decode=True, max_pixels=MAX_PIXELS,
+            splits=splits, manifest=manifest, images=tmp_path / "images", out_dir=tmp_path / "r",
+            resolution=16, policy="squash", reduced_decode=True, max_pixels=MAX_PIXELS, **CACHE,
         )  # fmt: skip
+
+
+def test_small_jobs_ask_for_one_thread_large_ones_one_per_thousand_images(tmp_path):
+    from dermcompress.resize import images_in, job_threads
+
+    assert [job_threads(n) for n in (1, 60, 1000, 1001, 2400, 25_331)] == [1, 1, 1, 2, 3, 26]
+    splits, manifest = write_dataset(tmp_path / "images", n_small=6, n_large=0)
+    assert images_in(tmp_path / "splits.parquet") is None  # not made yet: Snakemake asks again later
+    splits.to_parquet(tmp_path / "splits.parquet")
+    assert images_in(tmp_path / "splits.parquet") == 6
+    run_resize(
+        splits=splits, manifest=manifest, images=tmp_path / "images", out_dir=tmp_path / "clean",
+        resolution=16, policy="squash", reduced_decode=True, max_pixels=MAX_PIXELS, **CACHE,
+    )  # fmt: skip
+    assert images_in(tmp_path / "clean") == 6

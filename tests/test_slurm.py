@@ -191,7 +191,7 @@ def test_demo_runs_end_to_end_through_slurm(finished):
     jobs = run.submissions()
     rules = {rule for _, rule, _ in jobs}
     # Every stage went through sbatch (aggregation too, unless the workflow declares it local).
-    assert {"synth", "ingest", "task", "split", "resize", "degrade", "cache", "train"} <= rules, rules
+    assert {"synth", "ingest", "task", "split", "resize", "degrade", "train"} <= rules, rules
     assert all(log.is_file() for _, _, log in jobs), "SLURM writes each job's log"
     # Training jobs asked SLURM for H100s on the GPU partition: one, or two for the `ddp` experiment.
     for experiment in EXPERIMENTS:
@@ -272,7 +272,7 @@ def test_h100_profile_maps_rules_to_partitions_and_gpus(tmp_path):
     by_rule: dict[str, list[str]] = {}
     for rule, resources in jobs:
         by_rule.setdefault(rule, []).append(resources)
-    assert all("slurm_partition=cpu" in r and "gpu" not in r for r in by_rule["cache"] + by_rule["resize"])
+    assert all("slurm_partition=cpu" in r and "gpu" not in r for r in by_rule["degrade"] + by_rule["resize"])
     trains = by_rule["train"]
     assert all(
         "slurm_partition=gpu" in r and "gpu_model=h100" in r and "--signal=TERM@600" in r for r in trains

@@ -7,12 +7,12 @@ import re
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 import yaml
 from conftest import copy_workflow, snakemake, write_config
 
 from dermcompress.cache import load_info, read_split
-from dermcompress.pixeltable import read_pixel_table
 
 pytestmark = pytest.mark.workflow
 
@@ -101,14 +101,24 @@ def test_caches_hold_every_split_image_at_each_resolution(finished, res):
     assert {"jpeg", "blur", "quantize"} <= set(degraded.degradations)
     test_part = read_split(finished / f"results/cache/{res}px/degraded", "test")
     assert set(test_part.degradations) == {"none"}  # the study degrades training images only
-    # What the cache holds is exactly the resized pixels for every image left clean.
-    meta, pixels = read_pixel_table(finished / f"results/resized/{res}px.parquet")
-    resized = dict(zip(meta["image_id"], pixels, strict=True))
+    # The clean cache is the resized pixels, and every image the degraded variant left alone is exactly those.
+    resized = dict(zip(clean.image_ids, clean.pixels, strict=True))
     for image_id, img, op in zip(degraded.image_ids, degraded.pixels, degraded.degradations, strict=True):
         if op == "none":
             assert (img == resized[image_id]).all()
-    for image_id, img in zip(clean.image_ids, clean.pixels, strict=True):
-        assert (img == resized[image_id]).all()
+        else:
+            assert img.shape == resized[image_id].shape
+
+
+def test_pixels_are_stored_once_per_variant_and_resolution(finished):
+    """No intermediate pixel tables: the caches are the only files that hold pixels."""
+    variants = yaml.safe_load((finished / "config.yaml").read_text())["degrade"]["variants"]
+    holding_pixels = {
+        path.relative_to(finished / "results").parts[:3]
+        for path in (finished / "results").rglob("*.parquet")
+        if "pixels" in pq.read_schema(path).names
+    }
+    assert holding_pixels == {("cache", f"{res}px", v) for res in RESOLUTIONS for v in variants}
 
 
 def test_nothing_changed_nothing_planned(finished):
@@ -117,7 +127,7 @@ def test_nothing_changed_nothing_planned(finished):
 
 def test_new_jpeg_quality_reruns_only_the_degraded_variant(finished):
     jobs = dry_run(finished, {"degrade": {"jpeg_quality": 50}})
-    assert rules_of(jobs) == {"degrade", "cache", "all"}
+    assert rules_of(jobs) == {"degrade", "all"}  # each variant's degrade job writes its cache
     # The variants that JPEG-compress: the study's mix and the robustness experiment's jpeg_only.
     assert {wc for rule, wc in jobs if rule != "all"} == {
         (f"res={res}", f"variant={variant}") for res in RESOLUTIONS for variant in ("degraded", "jpeg_only")
@@ -126,7 +136,7 @@ def test_new_jpeg_quality_reruns_only_the_degraded_variant(finished):
 
 def test_new_resolution_reruns_only_its_resize_and_downstream(finished):
     jobs = dry_run(finished, {"resize": {"resolutions": [*RESOLUTIONS, 8]}})
-    assert rules_of(jobs) == {"resize", "degrade", "cache", "all"}
+    assert rules_of(jobs) == {"resize", "degrade", "all"}
     assert {wc for rule, wc in jobs if rule == "resize"} == {("res=8",)}
     assert all("res=8" in wc for rule, wc in jobs if rule != "all")
 
@@ -139,9 +149,13 @@ def test_edit_to_degradation_module_reruns_degradation_and_downstream(finished):
         jobs = dry_run(finished)
     finally:
         module.write_text(original)
-    assert rules_of(jobs) == {"degrade", "cache", "all"}
+    assert rules_of(jobs) == {"degrade", "all"}
     variants = yaml.safe_load((finished / "config.yaml").read_text())["degrade"]["variants"]
-    assert len([1 for rule, _ in jobs if rule == "degrade"]) == len(RESOLUTIONS) * len(variants)
+    # Every variant but clean: the clean caches are the resize stage's pixels, which degrade.py never touches.
+    degraded = {wc for rule, wc in jobs if rule == "degrade"}
+    assert degraded == {
+        (f"res={res}", f"variant={v}") for res in RESOLUTIONS for v in variants if v != "clean"
+    }
 
 
 def test_cache_checksum_failure_names_the_shard(finished, tmp_path):

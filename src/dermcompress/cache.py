@@ -1,5 +1,8 @@
 """The training cache: one resolution x variant as sharded, checksummed parquet files per split.
 
+The resize stage writes the `clean` variant's cache straight from the resized pixels, and the degrade stage each
+other variant's, shard by shard from the clean cache's (CacheWriter): one stored copy of the pixels per variant.
+
 Layout of `out_dir`:
 
     {split}/part-00000.parquet ...   rows sorted by image_id; image_id, label, label_idx, split, degradation,
@@ -16,9 +19,11 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -26,7 +31,17 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from .pixeltable import PIXELS, arrow_to_pixels, read_table_metadata, table_shape
+if TYPE_CHECKING:
+    import pandas as pd
+
+from .pixeltable import (
+    PIXELS,
+    arrow_to_pixels,
+    pixels_to_arrow,
+    read_parquet,
+    read_table_metadata,
+    table_shape,
+)
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +50,7 @@ SPLITS = ("train", "val", "test")
 COLUMNS = ("image_id", "label", "label_idx", "split", "degradation", "degradation_params", PIXELS)
 INPUT_COLUMNS = tuple(c for c in COLUMNS if c != "label_idx")
 FORMAT_VERSION = 1
+RERUN = "rerun the job that writes it (resize for the clean variant, degrade for the others)"
 
 
 class CacheError(Exception):
@@ -63,21 +79,35 @@ def _label_indices(table: pa.Table, classes: list[str]) -> pa.Array:
     return pc.cast(idx, pa.int64()).combine_chunks()
 
 
-def _check_input(table: pa.Table, path: str | Path, classes: list[str]) -> None:
-    missing = [c for c in INPUT_COLUMNS if c not in table.column_names]
-    if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}; expected a degraded pixel table")
+def check_rows(table: pa.Table, where: str | Path, classes: list[str]) -> None:
+    """The rows a cache will hold (image_id, split, label at least): unique ids, known splits and classes."""
     if len(set(classes)) != len(classes) or not classes:
         raise ValueError(f"classes must be a non-empty list of distinct names, got {classes}")
     if table.num_rows == 0:
-        raise ValueError(f"{path}: no rows to cache")
+        raise ValueError(f"{where}: no rows to cache")
     if pc.count_distinct(table.column("image_id")).as_py() != table.num_rows:
         counts = pc.value_counts(table.column("image_id"))
         dupes = [v["values"] for v in counts.to_pylist() if v["counts"] > 1]
-        raise ValueError(f"{path}: duplicate image_id(s) {dupes[:5]}")
+        raise ValueError(f"{where}: duplicate image_id(s) {dupes[:5]}")
     unknown = set(pc.unique(table.column("split")).to_pylist()) - set(SPLITS)
     if unknown:
-        raise ValueError(f"{path}: unknown split value(s) {sorted(map(str, unknown))}; expected {SPLITS}")
+        raise ValueError(f"{where}: unknown split value(s) {sorted(map(str, unknown))}; expected {SPLITS}")
+    _label_indices(table, classes)
+
+
+def shard_plan(
+    image_ids: Sequence[str], splits: Sequence[str], rows_per_shard: int
+) -> list[tuple[str, np.ndarray]]:
+    """(split, row numbers) of every shard: each split's rows in image_id order, rows_per_shard at a time."""
+    if rows_per_shard < 1:
+        raise ValueError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
+    order = np.argsort(np.asarray(image_ids, dtype=object), kind="stable")
+    split_of = np.asarray(splits, dtype=object)[order]
+    plan = []
+    for split in SPLITS:
+        rows = order[split_of == split]
+        plan += [(split, rows[i : i + rows_per_shard]) for i in range(0, len(rows), rows_per_shard)]
+    return plan
 
 
 def _clear_old_cache(out_dir: Path) -> None:
@@ -88,6 +118,131 @@ def _clear_old_cache(out_dir: Path) -> None:
             old.unlink()
 
 
+class CacheWriter:
+    """Writes one cache folder shard by shard (what the stages hold in memory is one shard), then _info.json.
+
+    Each shard and, last, _info.json go through a temporary name and an atomic rename, and a previous cache's
+    _info.json is removed first: a crash never leaves an _info.json that vouches for partial shards. A shard is
+    compressed, written and hashed on a thread of its own (zstd and sha256 release the GIL) while the caller
+    makes the next one; so a shard's pixels must not change after write(), and at most two are in memory.
+    """
+
+    def __init__(
+        self,
+        out_dir: str | Path,
+        *,
+        classes: list[str],
+        rows_per_shard: int,
+        row_group_size: int,
+        metadata: dict[str, str],
+    ) -> None:
+        if rows_per_shard < 1 or row_group_size < 1:
+            raise ValueError(
+                f"rows_per_shard and row_group_size must be >= 1, got {rows_per_shard}, {row_group_size}"
+            )
+        self.out_dir = Path(out_dir)
+        self.classes = [str(c) for c in classes]
+        self.rows_per_shard, self.row_group_size = rows_per_shard, row_group_size
+        self.metadata = {k: str(v) for k, v in metadata.items() if v is not None}
+        self.shards: list[dict[str, Any]] = []
+        self.shape: tuple[int, int] | None = None
+        self._counters: dict[str, int] = {}
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-writer")
+        self._writing: Future | None = None
+        _clear_old_cache(self.out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+
+    def write(self, split: str, rows: pa.Table | pd.DataFrame, pixels: np.ndarray) -> None:
+        """One shard of `split`: the rows (image_id, label, split, degradation, degradation_params; in
+        image_id order) and their (N, H, W, 3) uint8 pixels."""
+        table = rows if isinstance(rows, pa.Table) else pa.Table.from_pandas(rows, preserve_index=False)
+        if len(pixels) != table.num_rows:
+            raise ValueError(f"{table.num_rows} rows but {len(pixels)} images")
+        shape = (int(pixels.shape[1]), int(pixels.shape[2]))
+        if self.shape not in (None, shape):
+            raise ValueError(f"images of {shape} px in a cache of {self.shape} px")
+        self.shape = shape
+        columns = [table.column(c) for c in INPUT_COLUMNS if c != PIXELS]
+        table = pa.table(dict(zip([c for c in INPUT_COLUMNS if c != PIXELS], columns, strict=True)))
+        table = table.add_column(2, "label_idx", _label_indices(table, self.classes))
+        table = table.append_column(PIXELS, pixels_to_arrow(pixels))
+        number = self._counters.get(split, 0)
+        self._counters[split] = number + 1
+        self._wait()
+        self._writing = self._pool.submit(
+            self._write, f"{split}/part-{number:05d}.parquet", split, table, shape
+        )
+
+    def _wait(self) -> None:
+        """Let the shard being written finish (its error, if any, is raised here)."""
+        if self._writing is not None:
+            writing, self._writing = self._writing, None
+            self.shards.append(writing.result())
+
+    def _write(self, rel: str, split: str, table: pa.Table, shape: tuple[int, int]) -> dict[str, Any]:
+        path = self.out_dir / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        meta = {k.encode(): v.encode() for k, v in self.metadata.items()}
+        meta.update(
+            {
+                b"classes": json.dumps(self.classes).encode(),
+                b"split": split.encode(),
+                b"height": str(shape[0]).encode(),
+                b"width": str(shape[1]).encode(),
+            }
+        )
+        small_columns = [c for c in COLUMNS if c != PIXELS]
+        # Raw pixels are incompressible by dictionaries and huge for statistics: keep both to the small columns.
+        pq.write_table(
+            table.replace_schema_metadata(meta),
+            tmp,
+            row_group_size=self.row_group_size,
+            compression="zstd",
+            use_dictionary=small_columns,
+            write_statistics=small_columns,
+        )
+        os.replace(tmp, path)
+        return {"path": rel, "split": split, "rows": table.num_rows, "sha256": file_sha256(path)}
+
+    def close(self, *, input: dict[str, Any]) -> dict[str, Any]:
+        """Write _info.json (shape, classes, rows per split, every shard and its sha256); return it."""
+        self._wait()
+        self._pool.shutdown()
+        rows_per_split = {
+            split: n for split in SPLITS if (n := sum(s["rows"] for s in self.shards if s["split"] == split))
+        }
+        height, width = self.shape or (0, 0)
+        info = {
+            "format_version": FORMAT_VERSION,
+            "resolution": int(self.metadata["resolution"]) if "resolution" in self.metadata else None,
+            "variant": self.metadata.get("variant"),
+            "order": self.metadata.get("order"),
+            "classes": self.classes,
+            "height": height,
+            "width": width,
+            "dtype": "uint8",
+            "layout": "HWC RGB",
+            "rows": rows_per_split,
+            "rows_per_shard": self.rows_per_shard,
+            "row_group_size": self.row_group_size,
+            "input": input,
+            "shards": self.shards,
+        }
+        tmp = self.out_dir / f".{INFO}.tmp"
+        tmp.write_text(json.dumps(info, indent=2) + "\n")
+        os.replace(tmp, self.out_dir / INFO)
+        log.info(
+            "cached %s rows of %dx%d px into %d shards under %s",
+            rows_per_split,
+            height,
+            width,
+            len(self.shards),
+            self.out_dir,
+        )
+        return info
+
+
 def run_cache(
     *,
     degraded: str | Path,
@@ -96,89 +251,40 @@ def run_cache(
     rows_per_shard: int,
     row_group_size: int,
 ) -> dict[str, Any]:
-    """Degraded pixel table -> sharded parquet cache per split + _info.json; returns the info dict."""
-    if rows_per_shard < 1 or row_group_size < 1:
-        raise ValueError(
-            f"rows_per_shard and row_group_size must be >= 1, got {rows_per_shard}, {row_group_size}"
-        )
+    """A degraded pixel table (pixeltable.write_pixel_table) -> sharded parquet cache per split + _info.json.
+
+    The workflow's stages write their caches directly (CacheWriter); this turns any pixel table into one.
+    """
     classes = [str(c) for c in classes]
-    out_dir = Path(out_dir)
-    table = pq.read_table(degraded)
-    _check_input(table, degraded, classes)
+    table = read_parquet(degraded)
+    missing = [c for c in INPUT_COLUMNS if c not in table.column_names]
+    if missing:
+        raise ValueError(f"{degraded}: missing column(s) {missing}; expected a degraded pixel table")
+    check_rows(table, degraded, classes)
     height, width = table_shape(table)
     meta = read_table_metadata(degraded)
-    table = table.select(list(INPUT_COLUMNS))
-    table = table.add_column(2, "label_idx", _label_indices(table, classes))
-    # Shards carry the input's description (shape, resolution, variant, order) but not pandas' stale index info.
-    shard_meta = {k.encode(): v.encode() for k, v in meta.items()}
-    shard_meta[b"classes"] = json.dumps(classes).encode()
-    table = table.replace_schema_metadata(shard_meta)
-
-    # Sorting indices, not the table, so peak memory is the input plus one shard.
-    order = pc.sort_indices(table, sort_keys=[("image_id", "ascending")])
-    split_of = pc.take(table.column("split"), order)
-    plan = []
-    for split in SPLITS:
-        rows = pc.filter(order, pc.equal(split_of, split))
-        for start in range(0, len(rows), rows_per_shard):
-            plan.append((split, rows.slice(start, rows_per_shard)))
-
-    _clear_old_cache(out_dir)
-    small_columns = [c for c in COLUMNS if c != PIXELS]
-    shards = []
-    counters: dict[str, int] = {}
-    for split, rows in tqdm(plan, desc="cache shards", unit="shard", mininterval=5):
-        number = counters.get(split, 0)
-        counters[split] = number + 1
-        rel = f"{split}/part-{number:05d}.parquet"
-        path = out_dir / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        shard = table.take(rows)
-        shard = shard.replace_schema_metadata({**shard_meta, b"split": split.encode()})
-        # Raw pixels are incompressible by dictionaries and huge for statistics: keep both to the small columns.
-        pq.write_table(
-            shard,
-            tmp,
-            row_group_size=row_group_size,
-            compression="zstd",
-            use_dictionary=small_columns,
-            write_statistics=small_columns,
-        )
-        os.replace(tmp, path)
-        shards.append({"path": rel, "split": split, "rows": shard.num_rows, "sha256": file_sha256(path)})
-
-    rows_per_split = {
-        split: n for split in SPLITS if (n := sum(s["rows"] for s in shards if s["split"] == split))
-    }
-    info = {
-        "format_version": FORMAT_VERSION,
-        "resolution": int(meta["resolution"]) if "resolution" in meta else None,
-        "variant": meta.get("variant"),
-        "order": meta.get("order"),
-        "classes": classes,
-        "height": height,
-        "width": width,
-        "dtype": "uint8",
-        "layout": "HWC RGB",
-        "rows": rows_per_split,
-        "rows_per_shard": rows_per_shard,
-        "row_group_size": row_group_size,
-        "input": {"path": Path(degraded).as_posix(), "sha256": file_sha256(degraded)},
-        "shards": shards,
-    }
-    tmp = out_dir / f".{INFO}.tmp"
-    tmp.write_text(json.dumps(info, indent=2) + "\n")
-    os.replace(tmp, out_dir / INFO)
-    log.info(
-        "cached %s rows of %dx%d px into %d shards under %s",
-        rows_per_split,
-        height,
-        width,
-        len(shards),
+    writer = CacheWriter(
         out_dir,
+        classes=classes,
+        rows_per_shard=rows_per_shard,
+        row_group_size=row_group_size,
+        metadata={k: v for k, v in meta.items() if k not in ("height", "width")},
     )
-    return info
+    plan = shard_plan(table.column("image_id").to_pylist(), table.column("split").to_pylist(), rows_per_shard)
+    for split, rows in tqdm(plan, desc="cache shards", unit="shard", mininterval=5):
+        shard = table.take(pa.array(rows))
+        writer.write(split, shard, arrow_to_pixels(shard.column(PIXELS), height, width))
+    return writer.close(input={"path": Path(degraded).as_posix(), "sha256": file_sha256(degraded)})
+
+
+def iter_shards(cache_dir: str | Path, *, verify: bool = True) -> Iterator[tuple[dict[str, Any], pa.Table]]:
+    """(shard entry of _info.json, its table) for every shard of a cache, in _info.json's order; each shard's
+    checksum is verified before it is read (unless verify=False)."""
+    cache_dir = Path(cache_dir)
+    for shard in load_info(cache_dir)["shards"]:
+        if verify:
+            _verify_shards(cache_dir, [shard])
+        yield shard, read_parquet(cache_dir / shard["path"])
 
 
 def load_info(cache_dir: str | Path) -> dict[str, Any]:
@@ -186,14 +292,12 @@ def load_info(cache_dir: str | Path) -> dict[str, Any]:
     try:
         info = json.loads(path.read_text())
     except FileNotFoundError:
-        raise CacheError(
-            f"{path} is missing: the cache was never completed (rerun the cache stage)"
-        ) from None
+        raise CacheError(f"{path} is missing: the cache was never completed ({RERUN})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CacheError(f"{path} is not valid JSON ({err}): rerun the cache stage") from None
+        raise CacheError(f"{path} is not valid JSON ({err}): {RERUN}") from None
     required = ("classes", "height", "width", "rows", "shards")
     if not isinstance(info, dict) or any(k not in info for k in required):
-        raise CacheError(f"{path} lacks required keys {list(required)}: rerun the cache stage")
+        raise CacheError(f"{path} lacks required keys {list(required)}: {RERUN}")
     return info
 
 
@@ -244,7 +348,7 @@ def read_split(cache_dir: str | Path, split: str, *, verify: bool = True) -> Cac
         if missing:
             raise CacheError(f"shard(s) {missing} listed in {cache_dir / INFO} are missing")
     columns = ["image_id", "label_idx", "degradation", PIXELS]
-    table = pa.concat_tables(pq.read_table(cache_dir / s["path"], columns=columns) for s in shards)
+    table = pa.concat_tables(read_parquet(cache_dir / s["path"], columns=columns) for s in shards)
     if table.num_rows != info["rows"][split]:
         raise CacheError(f"{cache_dir}/{split}: {table.num_rows} rows, but {INFO} says {info['rows'][split]}")
     return CacheSplit(

@@ -41,7 +41,7 @@ def _lineage(args: argparse.Namespace) -> int:
     from dermcompress.lineage import LineageError, format_text, trace
 
     try:
-        report = trace(args.path, row=args.row, verify=not args.no_verify)
+        report = trace(args.path, row=args.row, verify=not args.no_verify, external=args.external)
     except LineageError as err:
         raise SystemExit(f"dermcompress lineage: {err}") from None
     try:
@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Walk from a result (a table, a table row, a run folder, a cache or one of its shards, any "
         "output of the workflow) back to the raw files through the lineage records the jobs wrote: each stage "
         "with its parameters and code, the raw images by id and sha256 per split. Every recorded hash is checked "
-        "against the file on disk; the exit status is 1 when one no longer matches (a broken link).",
+        "against the file on disk (regular files inside the workflow folder only); the exit status is 1 when one no "
+        "longer matches, or a record is malformed or missing (a broken link).",
     )
     lineage.add_argument(
         "path", help="a result of the workflow, e.g. results/tables/table1.csv or a run folder"
@@ -97,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     lineage.add_argument("--json", action="store_true", help="print the lineage as JSON instead of text")
     lineage.add_argument(
         "--no-verify", action="store_true", help="show what was recorded without hashing the files on disk"
+    )
+    lineage.add_argument(
+        "--external",
+        action="store_true",
+        help="also rehash files outside the workflow folder (raw data kept elsewhere); by default they are listed "
+        "as external and not read",
     )
     lineage.set_defaults(func=_lineage)
     return parser

@@ -1,17 +1,22 @@
 """Checks of config.yaml that a JSON schema cannot express, and the settings each rule receives.
 
 The schema (workflow/schemas/config.schema.yaml) catches unknown keys and wrong types; `check` catches the
-rest (fractions that overlap, even blur kernels, reversed ranges) and names the offending key.
+rest (fractions that overlap, even blur kernels, reversed ranges, experiments' `training:` overrides checked
+against the schema of the training section) and names the offending key. `refuse_alias_bomb` runs before
+validation: a YAML alias bomb would hang it.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from dermcompress import experiments
 
 DEGRADATIONS = ("jpeg", "blur", "quantize")
 DEFAULT_DEGRADED_SPLITS = ("train",)
+# Far more than any real config (config.yaml has ~500); a YAML alias bomb of a few lines has billions.
+MAX_CONFIG_NODES = 1_000_000
 
 
 class ConfigError(ValueError):
@@ -22,7 +27,64 @@ class ConfigError(ValueError):
         self.key = key
 
 
-def check(config: dict[str, Any]) -> None:
+def config_nodes(value: Any, _memo: dict[int, int] | None = None) -> int:
+    """Nodes of a config (mappings, lists and scalars) once YAML aliases are expanded.
+
+    YAML aliases make the loaded config a graph whose shared parts count once per reference; counting each
+    distinct object once (memoised by identity) makes the count cost the size of the file, not of its expansion.
+    """
+    memo = {} if _memo is None else _memo
+    if id(value) in memo:
+        return memo[id(value)]
+    if isinstance(value, dict):
+        size = 1 + sum(config_nodes(v, memo) for v in value.values())
+    elif isinstance(value, list | tuple):
+        size = 1 + sum(config_nodes(v, memo) for v in value)
+    else:
+        size = 1
+    memo[id(value)] = size
+    return size
+
+
+def refuse_alias_bomb(config: dict[str, Any], limit: int = MAX_CONFIG_NODES) -> None:
+    """Stop on a config that expands to more than `limit` nodes, naming the key that holds them.
+
+    Validation would otherwise walk and, on an error, print every expanded node: hours for a 1 kB file.
+    """
+    memo: dict[int, int] = {}
+    if config_nodes(config, memo) <= limit:
+        return
+    path, node = [], config
+    while isinstance(node, dict) and (big := [k for k, v in node.items() if config_nodes(v, memo) > limit]):
+        key = max(big, key=lambda k: config_nodes(node[k], memo))
+        path.append(str(key))
+        node = node[key]
+    raise ConfigError(
+        ".".join(path) or "(top level)",
+        f"expands to {config_nodes(node, memo):,} values once its YAML aliases (*name) are expanded, more than "
+        f"the {limit:,} a config may have: an alias bomb? Write the values out instead.",
+    )
+
+
+def check_training_overrides(config: dict[str, Any], training_schema: dict[str, Any]) -> None:
+    """Each experiment's `training:` overrides against the schema of the training section (none required)."""
+    import jsonschema
+
+    schema = {k: v for k, v in training_schema.items() if k != "required"}
+    validator = jsonschema.Draft202012Validator(schema)
+    for name, grid in config["experiments"].items():
+        overrides = grid.get("training") or {}
+        for err in sorted(validator.iter_errors(overrides), key=lambda e: [str(p) for p in e.path]):
+            key = ".".join(["experiments", name, "training", *map(str, err.absolute_path)])
+            if err.validator == "additionalProperties":
+                unknown = sorted(set(err.instance) - set(err.schema.get("properties", {})))
+                allowed = ", ".join(err.schema.get("properties", {}))
+                raise ConfigError(f"{key}.{unknown[0]}", f"unknown key; the training section has {allowed}")
+            raise ConfigError(key, err.message)
+
+
+def check(config: dict[str, Any], schema: str | Path | dict[str, Any] | None = None) -> None:
+    """Everything the schema cannot say; with the schema (its file or dict), the experiments' overrides too."""
     degrade = config["degrade"]
     for k in degrade["blur_kernel_sizes"]:
         if k % 2 == 0:
@@ -48,6 +110,12 @@ def check(config: dict[str, Any]) -> None:
     split = config["split"]
     if split["test_fraction"] + split["val_fraction"] >= 1:
         raise ConfigError("split.val_fraction", "test_fraction + val_fraction must leave images for training")
+    if schema is not None:
+        if not isinstance(schema, dict):
+            import yaml
+
+            schema = yaml.safe_load(Path(schema).read_text())
+        check_training_overrides(config, schema["properties"]["training"])
 
 
 def variant_settings(config: dict[str, Any], name: str) -> dict[str, Any]:

@@ -1,5 +1,8 @@
 """Degrade stage: the study's transmission artefacts (JPEG, Gaussian blur, colour quantization) on a share of images.
 
+It reads the clean variant's cache (what the resize stage wrote) shard by shard and writes the variant's cache
+with the same shards, rows and order: one stored copy of the pixels per variant, one shard in memory at a time.
+
 Which image gets which operation, with which drawn parameters, follows from (seed, image_id) alone: a per-image
 generator seeded from a SHA-256 of both. Adding, removing or reordering other images changes nothing for an image,
 and the plan is the same on every machine and Python run (unlike hash()).
@@ -12,32 +15,37 @@ import hashlib
 import io
 import json
 import logging
+from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
-import pandas as pd
+import pyarrow as pa
 from PIL import Image
+from tqdm import tqdm
 
+from dermcompress.cache import CacheWriter, iter_shards, load_info, verify_cache
 from dermcompress.config import DEGRADATIONS
 from dermcompress.images import ImageError, decode_image
-from dermcompress.pixeltable import read_pixel_table, read_table_metadata, write_pixel_table
+from dermcompress.pixeltable import PIXELS, arrow_to_pixels, read_parquet, read_table_metadata
 from dermcompress.resize import (
-    ROW_GROUP_SIZE,
+    NONE,
     PathOrFrame,
+    SourceChangedError,
     available_threads,
-    load_resized,
+    changed_error,
     map_images,
     read_member,
+    read_table,
     resize_image,
     source_changed,
-    split_members,
 )
+from dermcompress.sources import DEFAULT_MAX_FILE_BYTES
 
 log = logging.getLogger(__name__)
 
-NONE = "none"
 ORDERS = ("after_resize", "before_resize")
 QUANTIZE_METHODS = {
     "maxcoverage": Image.Quantize.MAXCOVERAGE,
@@ -102,17 +110,23 @@ def apply_degradation(pixels: np.ndarray, op: str, params: dict[str, Any]) -> np
     raise ValueError(f"unknown degradation {op!r}; expected none or one of {', '.join(DEGRADATIONS)}")
 
 
-def plan_rows(rows: pd.DataFrame, variant: dict[str, Any]) -> pd.DataFrame:
-    """Add `degradation` and `degradation_params` (JSON, sorted keys); rows outside the variant's splits: none."""
+def plan_images(
+    image_ids: Sequence[str], splits: Sequence[str], variant: dict[str, Any]
+) -> tuple[list[str], list[str]]:
+    """(degradation, degradation_params as JSON with sorted keys) per image; images outside the variant's
+    splits: none."""
     degraded_splits = set(variant.get("splits", ()))
     plans = [
         plan_degradation(image_id, variant) if split in degraded_splits else (NONE, {})
-        for image_id, split in zip(rows["image_id"], rows["split"], strict=True)
+        for image_id, split in zip(image_ids, splits, strict=True)
     ]
-    rows = rows.copy()
-    rows["degradation"] = [op for op, _ in plans]
-    rows["degradation_params"] = [json.dumps(params, sort_keys=True) for _, params in plans]
-    return rows
+    return [op for op, _ in plans], [json.dumps(params, sort_keys=True) for _, params in plans]
+
+
+def plan_rows(rows: Any, variant: dict[str, Any]) -> Any:
+    """A pandas frame with image_id and split, with its `degradation` and `degradation_params` added."""
+    ops, params = plan_images(rows["image_id"].tolist(), rows["split"].tolist(), variant)
+    return rows.assign(degradation=ops, degradation_params=params)
 
 
 def _apply_task(task: tuple[np.ndarray, str, str]) -> np.ndarray:
@@ -120,47 +134,20 @@ def _apply_task(task: tuple[np.ndarray, str, str]) -> np.ndarray:
     return apply_degradation(pixels, op, json.loads(params))
 
 
-def _degrade_resized(
-    rows: pd.DataFrame, resized: str | Path, resolution: int, threads: int
-) -> tuple[np.ndarray, str | None]:
-    """Degrade the small images of the resize stage's table, in the order of `rows`."""
-    table_meta = read_table_metadata(resized)
-    if int(table_meta.get("resolution", -1)) != resolution:
-        raise ValueError(f"{resized} holds {table_meta.get('resolution')}px images, expected {resolution}px")
-    meta, pixels = read_pixel_table(resized, columns=["image_id"])
-    position = pd.Index(meta["image_id"]).get_indexer(rows["image_id"])
-    if len(meta) != len(rows) or (position < 0).any():
-        raise ValueError(
-            f"{resized} does not hold exactly the images of the split ({len(meta)} rows vs {len(rows)}): "
-            "it is stale, rerun the resize stage"
-        )
-    pixels = pixels[position]  # a writable copy in the split's order
-    # A thread pool: jpeg and blur take < 1 ms at <= 224 px, but MAXCOVERAGE quantize ~30-45 ms (most of this
-    # stage's time), and Pillow releases the GIL while it quantizes.
-    todo = np.flatnonzero(rows["degradation"].to_numpy() != NONE)
-    tasks = [(pixels[i], rows["degradation"].iat[i], rows["degradation_params"].iat[i]) for i in todo]
-    if tasks:
-        pixels[todo] = map_images(_apply_task, tasks, shape=pixels.shape[1:], threads=threads, desc="degrade")
-    return pixels, table_meta.get("policy")
-
-
 def _degrade_task(
-    task: tuple[str, str, str, str],
+    task: tuple[str, str, str, str, str],
     *,
     images: str,
     size: int,
     policy: str,
-    reduced_decode: bool,
     max_pixels: int,
+    max_file_bytes: int,
 ) -> np.ndarray:
-    image_id, member, op, params = task
-    data = read_member(images, image_id, member)
+    """before_resize: the raw image degraded at its full resolution (a reduced decode would change what a blur
+    kernel means), then resized as the resize stage does."""
+    image_id, member, sha256, op, params = task
+    data = read_member(images, image_id, member, sha256, max_file_bytes)
     try:
-        if op == NONE:  # exactly what the resize stage makes of it (reduced decode included)
-            return load_resized(
-                data, [size], policy=policy, reduced_decode=reduced_decode, max_pixels=max_pixels
-            )[size]
-        # Degraded at the source's full resolution: a reduced decode would change what a blur kernel means.
         img = decode_image(data, max_pixels=max_pixels)
     except ImageError as err:
         raise source_changed(image_id, member, err) from None
@@ -168,76 +155,116 @@ def _degrade_task(
     return resize_image(Image.fromarray(degraded), size, policy)
 
 
+def _plan_counts(clean: Path, variant: dict[str, Any]) -> str:
+    """Images per operation and split, as a small table (from the image ids alone, before any pixel is read)."""
+    tables = [
+        read_parquet(clean / s["path"], columns=["image_id", "split"]) for s in load_info(clean)["shards"]
+    ]
+    ids = [i for t in tables for i in t["image_id"].to_pylist()]
+    splits = [x for t in tables for x in t["split"].to_pylist()]
+    counts = Counter(zip(plan_images(ids, splits, variant)[0], splits, strict=True))
+    columns = [s for s in ("train", "val", "test") if s in splits]
+    lines = [f"{'':<12}" + "".join(f"{c:>7}" for c in [*columns, "all"])]
+    for op in [NONE, *DEGRADATIONS]:
+        row = [counts[(op, c)] for c in columns]
+        if sum(row):
+            lines.append(f"{op:<12}" + "".join(f"{n:>7}" for n in [*row, sum(row)]))
+    return "\n".join(lines)
+
+
 def run_degrade(
     *,
-    out: str | Path,
-    splits: PathOrFrame,
-    manifest: PathOrFrame,
+    clean: str | Path,
+    out_dir: str | Path,
     variant: dict[str, Any],
     order: str,
-    resolution: int,
-    resized: str | Path | None = None,
+    manifest: PathOrFrame | None = None,
     images: str | Path | None = None,
-    policy: str | None = None,
-    reduced_decode: bool | None = None,
     max_pixels: int | None = None,
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
     threads: int | None = None,
-) -> None:
-    """One resolution x one variant -> `out`: image_id, split, label, degradation, degradation_params + pixels.
+) -> dict[str, Any]:
+    """One resolution x one variant: the clean cache `clean` -> the variant's cache in `out_dir`; its _info.
 
-    after_resize degrades the resize stage's table (`resized`); before_resize decodes the raw images (`images`),
-    degrades them at source resolution and then resizes them with the resize stage's code.
+    Each row records its degradation and parameters. after_resize degrades the clean (resized) pixels;
+    before_resize degrades the raw images (`images`, checked against the `manifest`'s sha256) at source
+    resolution and then resizes them with the clean cache's policy. Rows left undegraded are the clean pixels.
     """
     if order not in ORDERS:
         raise ValueError(f"unknown degrade order {order!r}; expected one of {', '.join(ORDERS)}")
-    rows = plan_rows(split_members(splits, manifest), variant)
-    counts = pd.crosstab(rows["degradation"], rows["split"], margins=True, margins_name="all")
+    if order == "before_resize" and (manifest is None or images is None or max_pixels is None):
+        raise ValueError("order=before_resize needs `manifest`, `images` and `max_pixels`")
+    clean = Path(clean)
+    verify_cache(clean)  # every shard against its checksum, before anything is read from it
+    info = load_info(clean)
+    clean_meta = read_table_metadata(clean / info["shards"][0]["path"])
+    resolution, policy = int(info["height"]), clean_meta.get("policy", "squash")
     log.info(
         "variant %s at %dpx, %s; images per operation and split:\n%s",
         variant["name"],
         resolution,
         order,
-        counts,
+        _plan_counts(clean, variant),
     )
     threads = threads or available_threads()
-    if order == "after_resize":
-        if resized is None:
-            raise ValueError("order=after_resize needs `resized`, the resize stage's table")
-        pixels, table_policy = _degrade_resized(rows, resized, resolution, threads)
-        policy = table_policy or policy
-    else:
-        if images is None or policy is None or reduced_decode is None or max_pixels is None:
-            raise ValueError(
-                "order=before_resize needs `images`, `policy`, `reduced_decode` and `max_pixels`"
-            )
+    if threads > 1:  # one of our threads per core already; OpenCV's own pool (blur) would oversubscribe them
+        cv2.setNumThreads(1)
+    if order == "before_resize":
+        man = read_table(manifest, ["image_id", "member", "sha256"])
+        files = zip(man["member"].to_pylist(), man["sha256"].to_pylist(), strict=True)
+        raw = dict(zip(man["image_id"].to_pylist(), files, strict=True))
         fn = functools.partial(
             _degrade_task,
             images=str(images),
             size=resolution,
             policy=policy,
-            reduced_decode=reduced_decode,
             max_pixels=max_pixels,
+            max_file_bytes=max_file_bytes,
         )
-        tasks = list(
-            zip(
-                rows["image_id"], rows["member"], rows["degradation"], rows["degradation_params"], strict=True
-            )
-        )
-        pixels = map_images(
-            fn, tasks, shape=(resolution, resolution, 3), threads=threads, desc=f"degrade {variant['name']}"
-        )
-    columns = ["image_id", "split", "label", "degradation", "degradation_params"]
-    write_pixel_table(
-        out,
-        rows[columns],
-        pixels,
-        row_group_size=ROW_GROUP_SIZE,
+    writer = CacheWriter(
+        out_dir,
+        classes=info["classes"],
+        rows_per_shard=info["rows_per_shard"],
+        row_group_size=info["row_group_size"],
         metadata={
-            "resolution": str(resolution),
+            "resolution": resolution,
             "variant": variant["name"],
             "order": order,
-            "policy": str(policy),
+            "policy": policy,
+            "reduced_decode": clean_meta.get("reduced_decode"),
             "variant_settings": json.dumps(variant, sort_keys=True),
         },
     )
-    log.info("wrote %s (%d images)", out, len(rows))
+    changed: list[SourceChangedError] = []
+    with tqdm(
+        total=sum(info["rows"].values()), desc=f"degrade {variant['name']}", unit="img", mininterval=5
+    ) as bar:
+        for shard, table in iter_shards(clean, verify=False):
+            ids = table["image_id"].to_pylist()
+            ops, params = plan_images(ids, table["split"].to_pylist(), variant)
+            pixels = arrow_to_pixels(table.column(PIXELS), resolution, resolution).copy()
+            todo = [i for i, op in enumerate(ops) if op != NONE]
+            bar.update(len(ids) - len(todo))
+            if todo and order == "after_resize":
+                # jpeg and blur take < 1 ms at <= 224 px, MAXCOVERAGE quantize ~50-100 ms (most of this stage's
+                # time), and Pillow releases the GIL while it quantizes: a thread pool pays.
+                tasks = [(pixels[i], ops[i], params[i]) for i in todo]
+                pixels[todo] = map_images(
+                    _apply_task, tasks, shape=pixels.shape[1:], threads=threads, bar=bar
+                )
+            elif todo:
+                tasks = [(ids[i], *raw[ids[i]], ops[i], params[i]) for i in todo]
+                try:
+                    pixels[todo] = map_images(fn, tasks, shape=pixels.shape[1:], threads=threads, bar=bar)
+                except SourceChangedError as err:  # look at every image before failing, to name them all
+                    changed.append(err)
+            if not changed:
+                rows = table.select(["image_id", "label", "split"])
+                rows = rows.append_column("degradation", pa.array(ops, pa.string()))
+                rows = rows.append_column("degradation_params", pa.array(params, pa.string()))
+                writer.write(shard["split"], rows, pixels)
+    if changed:
+        raise changed_error(changed)
+    out = writer.close(input={"clean": clean.as_posix()})
+    log.info("wrote %s (%s images per split)", out_dir, out["rows"])
+    return out

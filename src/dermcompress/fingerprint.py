@@ -12,6 +12,8 @@ from __future__ import annotations
 import ast
 import hashlib
 import importlib.metadata
+import json
+import os
 import platform
 import sys
 from functools import cache
@@ -21,6 +23,11 @@ PACKAGE = "dermcompress"
 PACKAGE_DIR = Path(__file__).resolve().parent
 # Imported, but they only draw progress bars or fetch files: a new version changes no number.
 NO_EFFECT = frozenset({"tqdm", "huggingface_hub"})
+# What this module works out from the package's source and the installed packages (each module's imports, which
+# distribution provides which top-level module, their versions), remembered between processes in results/ of
+# the workflow being run while neither changed: working it out parses every module and reads every installed
+# package's file list, ~1 s that Snakemake's start and every job's lineage record would pay.
+MEMO = Path("results/.lineage/code.json")
 
 
 def _module_path(module: str) -> Path:
@@ -29,13 +36,37 @@ def _module_path(module: str) -> Path:
     return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
 
 
+def _statements(tree: ast.AST):
+    """Every statement of a module, nested ones (in functions, classes, if/try/with blocks) included.
+
+    Imports are statements: walking statements only, not the expressions inside them (most of the tree), makes
+    the scan several times faster than ast.walk, which every job's lineage record pays.
+    """
+    todo = list(getattr(tree, "body", []))
+    while todo:
+        node = todo.pop()
+        yield node
+        for name in ("body", "orelse", "finalbody", "handlers", "cases"):
+            todo.extend(getattr(node, name, ()))
+
+
+@cache
 def _imports(module: str) -> tuple[frozenset[str], frozenset[str]]:
     """(package modules, other top-level names) that `module` imports, function-level imports included."""
+    memo = _memo()
+    if module not in memo["imports"]:
+        memo["imports"][module] = [sorted(names) for names in _parse_imports(module)]
+        _save(memo)
+    found, external = memo["imports"][module]
+    return frozenset(found), frozenset(external)
+
+
+def _parse_imports(module: str) -> tuple[set[str], set[str]]:
     tree = ast.parse(_module_path(module).read_text())
     found: set[str] = set()
     external: set[str] = set()
     package = module if _module_path(module).name == "__init__.py" else module.rpartition(".")[0]
-    for node in ast.walk(tree):
+    for node in _statements(tree):
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -51,7 +82,7 @@ def _imports(module: str) -> tuple[frozenset[str], frozenset[str]]:
                 external.add(name.split(".")[0])
             elif _module_path(name).is_file():
                 found.add(name)
-    return frozenset(found), frozenset(external - set(sys.stdlib_module_names) - {"", "__future__"})
+    return found, external - set(sys.stdlib_module_names) - {"", "__future__"}
 
 
 def _package_imports(module: str) -> set[str]:
@@ -88,16 +119,72 @@ def package_fingerprint() -> str:
     return digest.hexdigest()[:16]
 
 
+def _installed_state() -> list:
+    """What the import-name -> distribution map depends on: the interpreter and the package metadata folders
+    (*.dist-info, *.egg-info) on sys.path, with their times (installing, upgrading or removing a package adds,
+    renames or removes one)."""
+    folders = []
+    # Each folder once, whatever order or how often it is on the path (a Snakemake job's script adds some again).
+    for entry in sorted({os.path.realpath(p or ".") for p in sys.path}):
+        try:
+            with os.scandir(entry) as listing:
+                found = sorted(
+                    [e.name, e.stat().st_mtime_ns]
+                    for e in listing
+                    if e.name.endswith((".dist-info", ".egg-info"))
+                )
+        except OSError:
+            continue
+        if found:
+            folders.append([entry, found])
+    return [sys.executable, sys.version, folders]
+
+
 @cache
+def _memo() -> dict:
+    """MEMO as it stands for this source and these installed packages (an empty one if either changed)."""
+    key = [_installed_state(), package_fingerprint()]
+    try:
+        memo = json.loads(MEMO.read_text())
+        if memo["key"] == key:
+            return memo
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return {"key": key, "distributions": None, "versions": {}, "imports": {}}
+
+
+def _save(memo: dict) -> None:
+    """Write MEMO, but only into a workflow's existing results/ folder (never create one elsewhere)."""
+    if not MEMO.parents[1].is_dir():
+        return
+    try:
+        MEMO.parent.mkdir(parents=True, exist_ok=True)
+        tmp = MEMO.with_name(f".{MEMO.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(memo))
+        os.replace(tmp, MEMO)
+    except OSError:  # a read-only folder: no memo, the same answers
+        pass
+
+
 def _distributions() -> dict[str, list[str]]:
-    return importlib.metadata.packages_distributions()
+    """importlib.metadata.packages_distributions(), remembered in MEMO."""
+    memo = _memo()
+    if memo["distributions"] is None:
+        memo["distributions"] = importlib.metadata.packages_distributions()
+        _save(memo)
+    return memo["distributions"]
 
 
 def _version(distribution: str) -> str | None:
-    try:
-        return importlib.metadata.version(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        return None
+    """The installed version of `distribution` (None if absent), remembered in MEMO."""
+    memo = _memo()
+    if distribution not in memo["versions"]:
+        try:
+            memo["versions"][distribution] = importlib.metadata.version(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            memo["versions"][distribution] = None
+        _save(memo)
+    return memo["versions"][distribution]
 
 
 def module_packages(module: str) -> dict[str, str | None]:

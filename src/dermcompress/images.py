@@ -69,7 +69,7 @@ def decode_image(data: bytes, *, max_pixels: int, draft_size: int | None = None)
         if draft_size and img.format == "JPEG":
             img.draft("RGB", (draft_size, draft_size))
         img.load()
-        img = ImageOps.exif_transpose(img)
+        ImageOps.exif_transpose(img, in_place=True)  # in place: no copy of an upright image
         return _to_rgb8(img)
     except OSError as err:
         msg = str(err)

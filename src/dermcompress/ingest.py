@@ -1,7 +1,7 @@
 """Ingest: the official ISIC 2019 files -> one manifest row per image, each problem quarantined with a reason.
 
-Every image file is read once, hashed (sha256) and decoded in full (a partial decode would miss truncation in
-the parts it skips). Nothing is dropped silently: an image id seen in either CSV or on disk gets exactly one
+Every image file is read once, hashed (sha256) and decoded to its end (a JPEG at 1/8 scale: every byte is still
+entropy-decoded, so a truncated or corrupt file fails as in a full decode). Nothing is dropped silently: an image id seen in either CSV or on disk gets exactly one
 row, `ok` or `quarantined` with the first problem found, so listed = ok + quarantined.
 """
 
@@ -15,6 +15,7 @@ from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -22,17 +23,26 @@ from PIL import Image
 from tqdm import tqdm
 
 from dermcompress import ISIC_CLASSES
-from dermcompress.images import ImageError, decode_image
-from dermcompress.sources import SYNTHETIC_BANNER, ImageSource, image_id_of
+from dermcompress.images import ImageError, decode_image, image_size
+from dermcompress.sources import (
+    DEFAULT_MAX_FILE_BYTES,
+    SYNTHETIC_BANNER,
+    DataFileError,
+    ImageSource,
+    SourceError,
+    image_id_of,
+)
 
 log = logging.getLogger(__name__)
 
-# Reasons decided from the CSVs and the file listing; decode problems use images.REASONS, refused zip entries
-# sources.unsafe_reason(). When an image has several problems the first in this order wins: unsafe zip
-# entry, duplicate_row, no_label_row, no_label / multiple_labels, missing_file, duplicate_file, decoding.
+# Reasons decided from the CSVs and the file listing; refused names use sources.unsafe_reason() and
+# link_outside_root, reading sources.READ_REASONS, decoding images.REASONS. When an image has several problems
+# the first in this order wins: refused name (unsafe zip entry, link outside the root), duplicate_row,
+# no_label_row, invalid_label / no_label / multiple_labels, missing_file, duplicate_file, reading, decoding.
 CSV_REASONS = (
     "duplicate_row",
     "no_label_row",
+    "invalid_label",
     "no_label",
     "multiple_labels",
     "missing_file",
@@ -65,13 +75,20 @@ MANIFEST_SCHEMA = pa.schema(
     ]
 )
 QUARANTINE_COLUMNS = ["image_id", "reason", "member", "detail"]
+# A cell starting with one of these is a formula to a spreadsheet (OWASP, CSV injection): quarantine.csv
+# prefixes it with a quote, so opening the file shows the text and runs nothing.
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+# The smallest side a JPEG may be decoded to when it is only checked: libjpeg's 1/8 scale, whatever the size.
+VERIFY_DRAFT = 1
 METADATA_FIELDS = ("lesion_id", "patient_id", "age_approx", "anatom_site_general", "sex")
 
 
 def inspect_image(data: bytes, *, max_pixels: int) -> dict:
-    """Hash and fully decode one file: sha256, bytes, upright width/height, original mode/format, or why not.
+    """Hash and decode one file: sha256, bytes, upright width/height, original mode/format, or why not.
 
-    Runs in worker threads, so it touches nothing shared.
+    A JPEG is decoded at 1/8 scale (VERIFY_DRAFT): libjpeg still reads and entropy-decodes every byte of it, so
+    truncation and corrupt data are caught as in a full decode, but it skips most of the inverse DCT and colour
+    work (3-4x faster). The size is the header's. Runs in worker threads, so it touches nothing shared.
     """
     info: dict = {
         "sha256": hashlib.sha256(data).hexdigest(),
@@ -85,20 +102,36 @@ def inspect_image(data: bytes, *, max_pixels: int) -> dict:
     except Exception:
         info["mode"] = info["format"] = None
     try:
-        img = decode_image(data, max_pixels=max_pixels)
-        info["width"], info["height"] = img.size
+        decode_image(data, max_pixels=max_pixels, draft_size=VERIFY_DRAFT)
+        info["width"], info["height"] = image_size(data)
     except ImageError as err:
         info["reason"], info["detail"] = err.reason, err.detail
     return info
 
 
+def _read_csv(path: str | Path, **kwargs) -> pd.DataFrame:
+    """pd.read_csv, with every way the file can be unreadable said in one line that names it."""
+    try:
+        return pd.read_csv(path, skipinitialspace=True, **kwargs)
+    except pd.errors.EmptyDataError:
+        raise DataFileError(path, "the file is empty (no header row)") from None
+    except UnicodeDecodeError as err:
+        raise DataFileError(
+            path,
+            f"not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}); save it as UTF-8",
+        ) from None
+    except pd.errors.ParserError as err:
+        raise DataFileError(path, f"not a well-formed CSV: {str(err).strip()}") from None
+
+
 def _read_ground_truth(path: str | Path) -> pd.DataFrame:
-    gt = pd.read_csv(path, dtype={"image": str}, skipinitialspace=True)
+    gt = _read_csv(path, dtype=str)
     missing = [c for c in ("image", *ISIC_CLASSES) if c not in gt.columns]
     if missing:
-        raise ValueError(
-            f"{path}: ground-truth CSV lacks column(s) {missing}; expected the official header "
-            f"image,{','.join(LABEL_COLUMNS)}"
+        raise DataFileError(
+            path,
+            f"ground-truth CSV lacks column(s) {missing}; expected the official header "
+            f"image,{','.join(LABEL_COLUMNS)}",
         )
     return _drop_blank_ids(gt, path)
 
@@ -119,9 +152,9 @@ def _drop_blank_ids(frame: pd.DataFrame, path: str | Path) -> pd.DataFrame:
 
 def _read_metadata(path: str | Path) -> pd.DataFrame:
     text_columns = {c: str for c in ("image", "lesion_id", "patient_id", "anatom_site_general", "sex")}
-    meta = pd.read_csv(path, dtype=text_columns, skipinitialspace=True)
+    meta = _read_csv(path, dtype=text_columns)
     if "image" not in meta.columns:
-        raise ValueError(f"{path}: metadata CSV has no 'image' column (columns: {list(meta.columns)})")
+        raise DataFileError(path, f"metadata CSV has no 'image' column (columns: {list(meta.columns)})")
     meta = _drop_blank_ids(meta, path)
     if "age_approx" in meta.columns:
         meta["age_approx"] = pd.to_numeric(meta["age_approx"], errors="coerce")
@@ -129,39 +162,71 @@ def _read_metadata(path: str | Path) -> pd.DataFrame:
 
 
 def _labels(gt: pd.DataFrame) -> pd.DataFrame:
-    """Per ground-truth row: the positive classes (a cell > 0.5; blank or non-numeric counts as 0)."""
+    """Per ground-truth row: the positive classes, and the cells that are not a one-hot 0.0 or 1.0.
+
+    One-hot means exactly one 1.0 and the rest 0.0: a soft label (0.6 / 0.4), an out-of-range value (2.0), a
+    blank or a word is not a label to guess from, so such a row is quarantined with those cells named.
+    """
     columns = [c for c in LABEL_COLUMNS if c in gt.columns]
-    positive = gt[columns].apply(pd.to_numeric, errors="coerce").fillna(0.0) > 0.5
+    cells = gt[columns]
+    values = cells.apply(pd.to_numeric, errors="coerce")
+    positive = (values == 1.0).to_numpy()
+    invalid = ~(values.isin([0.0, 1.0])).to_numpy()
+    raw = cells.to_numpy(dtype=object)
+    rows = []
+    for i in range(len(gt)):
+        bad = [f"{columns[j]}={_cell(raw[i, j])}" for j in np.flatnonzero(invalid[i])]
+        rows.append(([columns[j] for j in np.flatnonzero(positive[i])], bad))
     return pd.DataFrame(
-        {
-            "image": gt["image"],
-            "positives": [[c for c, p in zip(columns, row, strict=True) if p] for row in positive.to_numpy()],
-        }
+        {"image": gt["image"], "positives": [p for p, _ in rows], "invalid": [b for _, b in rows]}
     )
+
+
+def _cell(value) -> str:
+    return "(blank)" if value is None or (isinstance(value, float) and np.isnan(value)) else repr(str(value))
+
+
+def neutralise_formulas(frame: pd.DataFrame) -> pd.DataFrame:
+    """Text cells that a spreadsheet would run as a formula, prefixed with a quote (OWASP's advice)."""
+    return frame.map(lambda v: f"'{v}" if isinstance(v, str) and v.startswith(FORMULA_START) else v)
+
+
+def _unreadable(err: SourceError) -> dict:
+    """What the manifest records of a file that was not read (too large, a damaged or encrypted zip entry)."""
+    return {"sha256": None, "bytes": None, "reason": err.reason, "detail": err.detail}
 
 
 def _inspect_files(source: ImageSource, members: list[str], *, max_pixels: int) -> dict[str, dict]:
     """inspect_image() over `members`: bytes are read here in order (zip entry by entry), decoded in threads.
 
-    PIL and hashlib release the GIL, so threads decode in parallel; at most a few files wait in memory.
+    PIL and hashlib release the GIL, so threads decode in parallel. Files waiting for a thread hold at most
+    `workers` x max_bytes (and 4 per worker), so memory stays bounded whatever the files declare.
     """
     workers = max(
         1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     )
     results: dict[str, dict] = {}
-    pending: dict[Future, str] = {}
+    pending: dict[Future, tuple[str, int]] = {}
     bar = tqdm(total=len(members), desc="ingest", unit="img", mininterval=5)
 
     def collect(done: set[Future]) -> None:
         for future in done:
-            results[pending.pop(future)] = future.result()
+            results[pending.pop(future)[0]] = future.result()
             bar.update()
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for member in members:
-            data = source.read(member)
-            pending[pool.submit(inspect_image, data, max_pixels=max_pixels)] = member
-            if len(pending) >= 4 * workers:
+            try:
+                data = source.read(member)
+            except SourceError as err:
+                results[member] = _unreadable(err)
+                bar.update()
+                continue
+            pending[pool.submit(inspect_image, data, max_pixels=max_pixels)] = (member, len(data))
+            while pending and (
+                len(pending) >= 4 * workers
+                or sum(n for _, n in pending.values()) >= workers * source.max_bytes
+            ):
                 collect(wait(pending, return_when=FIRST_COMPLETED).done)
         collect(wait(pending).done)
     bar.close()
@@ -181,9 +246,13 @@ def run_ingest(
     manifest_out: str | Path,
     quarantine_out: str | Path,
     max_pixels: int,
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
     synthetic: bool = False,
 ) -> pd.DataFrame:
-    """Check every listed and present image; write the manifest and quarantine.csv; return the manifest."""
+    """Check every listed and present image; write the manifest and quarantine.csv; return the manifest.
+
+    An input file that cannot be parsed at all (a CSV, the zip) stops the run with a DataFileError naming it.
+    """
     if synthetic:
         log.warning(SYNTHETIC_BANNER)
     gt = _read_ground_truth(ground_truth)
@@ -192,23 +261,24 @@ def run_ingest(
 
     gt_rows = gt["image"].value_counts().to_dict()
     meta_rows = meta["image"].value_counts().to_dict()
-    positives = _labels(gt).drop_duplicates("image").set_index("image")["positives"].to_dict()
+    labels = _labels(gt).drop_duplicates("image").set_index("image")
+    positives, invalid = labels["positives"].to_dict(), labels["invalid"].to_dict()
     meta_first = meta.drop_duplicates("image").set_index("image").to_dict("index")
 
-    with ImageSource(Path(images)) as source:
+    with ImageSource(Path(images), max_bytes=max_file_bytes) as source:
         listing = list(source.members())
         files: dict[str, list[str]] = {}
         for member, image_id in listing:
             files.setdefault(image_id, []).append(member)
-        refused: dict[str, tuple[str, str]] = {}
-        for name, reason in source.refused:
+        refused: dict[str, tuple[str, str, str]] = {}
+        for name, reason, detail in source.refused:
             image_id = image_id_of(name)
             if image_id is None:
                 log.warning(
-                    "refused zip entry %r (%s); not an image name, so it has no manifest row", name, reason
+                    "refused %r (%s: %s); not an image name, so it has no manifest row", name, reason, detail
                 )
             else:
-                refused.setdefault(image_id, (name, reason))
+                refused.setdefault(image_id, (name, reason, detail))
         if source.ignored:
             log.info(
                 "%d non-image file(s) in %s, not in the manifest: %s",
@@ -217,7 +287,10 @@ def run_ingest(
                 ", ".join(source.ignored),
             )
         log.info(
-            "%d image file(s) in %s, %d refused zip entr(y/ies)", len(listing), images, len(source.refused)
+            "%d image file(s) in %s, %d refused (unsafe zip entries, links out of the folder)",
+            len(listing),
+            images,
+            len(source.refused),
         )
         to_decode = sorted(members[0] for image_id, members in files.items() if image_id not in refused)
         inspected = _inspect_files(source, to_decode, max_pixels=max_pixels)
@@ -227,8 +300,7 @@ def run_ingest(
         members = files.get(image_id, [])
         problems: list[tuple[str, str]] = []  # (reason, detail), in the order of precedence
         if image_id in refused:
-            name, reason = refused[image_id]
-            problems.append((reason, f"zip entry {name!r} refused"))
+            problems.append(refused[image_id][1:])
         n_gt, n_meta = gt_rows.get(image_id, 0), meta_rows.get(image_id, 0)
         if n_gt > 1 or n_meta > 1:
             problems.append(("duplicate_row", f"{n_gt} ground-truth row(s), {n_meta} metadata row(s)"))
@@ -237,7 +309,15 @@ def run_ingest(
             problems.append(("no_label_row", f"{where}, no row in the ground truth"))
         else:
             classes = positives[image_id]
-            if not classes:
+            if invalid[image_id]:
+                problems.append(
+                    (
+                        "invalid_label",
+                        f"{', '.join(invalid[image_id])} in the ground truth: one-hot labels are exactly one 1.0 "
+                        "and the rest 0.0",
+                    )
+                )
+            elif not classes:
                 problems.append(("no_label", "no positive class in the ground-truth row"))
             elif len(classes) > 1:
                 problems.append(("multiple_labels", f"positive for {', '.join(classes)}"))
@@ -249,7 +329,7 @@ def run_ingest(
         if info.get("reason"):
             problems.append((info["reason"], info["detail"]))
 
-        classes = positives.get(image_id, [])
+        classes = positives.get(image_id, []) if not invalid.get(image_id) else []
         fields = meta_first.get(image_id, {})
         record = {f: _first(fields.get(f)) for f in METADATA_FIELDS}
         group = record["patient_id"] or record["lesion_id"] or image_id
@@ -284,7 +364,9 @@ def run_ingest(
     manifest = table.to_pandas()
     quarantined = manifest[manifest["status"] == "quarantined"]
     Path(quarantine_out).parent.mkdir(parents=True, exist_ok=True)
-    quarantined[QUARANTINE_COLUMNS].to_csv(quarantine_out, index=False, lineterminator="\n")
+    neutralise_formulas(quarantined[QUARANTINE_COLUMNS]).to_csv(
+        quarantine_out, index=False, lineterminator="\n"
+    )
 
     listed, ok = len(manifest), int((manifest["status"] == "ok").sum())
     assert manifest["image_id"].is_unique, "manifest has a duplicated image_id"

@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import socket
+import stat
 import subprocess
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -56,11 +57,28 @@ def record_path(output: str | Path) -> Path:
 
 
 def _content_files(directory: Path) -> list[str]:
-    return sorted(
-        p.relative_to(directory).as_posix()
-        for p in directory.rglob("*")
-        if p.is_file() and p.name not in NOT_CONTENT and not p.name.endswith(RECORD_SUFFIX)
-    )
+    """The regular files of a folder (links only when they stay inside it), records and time stamps left out.
+
+    Nothing else is ever read: not a FIFO or device (reading one could block forever), not a folder or file
+    that a link leads to outside (which would make the folder's hash cover the world).
+    """
+    root = Path(os.path.realpath(directory))
+    found = []
+    for top, _, files in os.walk(directory):
+        for name in files:
+            full = os.path.join(top, name)
+            if name in NOT_CONTENT or name.endswith(RECORD_SUFFIX) or not os.path.isfile(full):
+                continue
+            if os.path.islink(full) and not _within(Path(full), root):
+                continue
+            found.append(Path(full).relative_to(directory).as_posix())
+    return sorted(found)
+
+
+def _within(path: Path, root: Path) -> bool:
+    """Whether `path`, links resolved, lies in `root` (itself resolved)."""
+    real = Path(os.path.realpath(path))
+    return real == root or real.is_relative_to(root)
 
 
 def _hash_all(paths: list[Path]) -> list[str]:
@@ -80,8 +98,11 @@ def _memo_file(memo_dir: Path, path: Path) -> Path:
     return memo_dir / f"{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:24]}.json"
 
 
-def _read_json(path: Path) -> Any:
+def _read_json(path: Path, max_bytes: int = 64 * 2**20) -> Any:
+    """A JSON file's content, or None if it is not a regular file (a FIFO would block), too big or invalid."""
     try:
+        if not path.is_file() or path.stat().st_size > max_bytes:
+            return None
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
@@ -95,7 +116,7 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def _info_hashes(directory: Path) -> dict[str, str]:
-    """Shard hashes a cache's _info.json vouches for (the cache stage hashed them as it wrote them)."""
+    """Shard hashes a cache's _info.json vouches for (the job that wrote the cache hashed them as it wrote them)."""
     info = _read_json(directory / INFO)
     shards = info.get("shards", []) if isinstance(info, dict) else []
     return {s["path"]: s["sha256"] for s in shards if isinstance(s, dict) and "path" in s and "sha256" in s}
@@ -224,19 +245,74 @@ def write_records(job: Any, *, started: str) -> list[Path]:
     return written
 
 
+# What a record must hold for the walk to use it; anything else is a malformed record (a broken link).
+_ENTRY = {
+    "type": "object",
+    "required": ["name", "path", "kind", "sha256"],
+    "properties": {
+        "name": {"type": "string"},
+        "path": {"type": "string", "minLength": 1},
+        "kind": {"enum": ["file", "directory", "missing"]},
+        "sha256": {"type": ["string", "null"]},
+    },
+}
+RECORD_SCHEMA = {
+    "type": "object",
+    "required": ["format", "job", "rule", "wildcards", "params", "inputs", "outputs"],
+    "properties": {
+        "format": {"const": FORMAT},
+        "job": {"type": "string"},
+        "rule": {"type": "string"},
+        "wildcards": {"type": "object", "additionalProperties": {"type": "string"}},
+        "params": {"type": "object"},
+        "inputs": {"type": "array", "items": _ENTRY},
+        "outputs": {"type": "array", "items": _ENTRY},
+        "git": {"type": ["object", "null"]},
+        "versions": {"type": ["object", "null"]},
+        "host": {"type": ["string", "null"]},
+        "finished": {"type": ["string", "null"]},
+    },
+}
+MAX_RECORD_BYTES = 16 * 2**20  # records are a few kB
+
+
 def read_record(path: str | Path) -> dict[str, Any]:
-    record = _read_json(Path(path))
-    if not isinstance(record, dict) or record.get("format") != FORMAT:
-        raise LineageError(f"{path} is not a lineage record ({FORMAT})")
+    """A lineage record, checked against RECORD_SCHEMA; LineageError says what is wrong with it."""
+    import jsonschema
+
+    path = Path(path)
+    if not path.is_file() or path.stat().st_size > MAX_RECORD_BYTES:
+        raise LineageError(
+            f"{path} is not a lineage record (not a regular file of at most {MAX_RECORD_BYTES} bytes)"
+        )
+    record = _read_json(path)
+    if record is None:
+        raise LineageError(f"{path} is not a lineage record (not valid JSON)")
+    error = jsonschema.exceptions.best_match(
+        jsonschema.Draft202012Validator(RECORD_SCHEMA).iter_errors(record)
+    )
+    if error is not None:
+        where = "".join(f"[{p!r}]" for p in error.absolute_path)
+        raise LineageError(f"{path} is a malformed lineage record: {where or 'record'}: {error.message}")
     return record
 
 
-def find_record(path: str | Path) -> Path | None:
-    """The record of the job that wrote `path`: a file or directory output, or a file inside a directory output."""
+def find_record(path: str | Path, workdir: Path | None = None) -> Path | None:
+    """The record of the job that wrote `path`: a file or directory output, or a file inside a directory output.
+
+    With `workdir`, only records inside it count (and folders above it are not searched).
+    """
     path = Path(path).absolute()
+    if workdir is not None and not _within(path, workdir):
+        return None
     if record_path(path).is_file():
         return record_path(path)
-    return next((p / RECORD_IN_DIR for p in path.parents if (p / RECORD_IN_DIR).is_file()), None)
+    for parent in path.parents:
+        if workdir is not None and not _within(parent, workdir):
+            break
+        if (parent / RECORD_IN_DIR).is_file():
+            return parent / RECORD_IN_DIR
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------- tables
@@ -297,17 +373,20 @@ class Node:
 
     @classmethod
     def load(cls, file: Path) -> Node:
+        """The record in `file`; its relative paths start where the recorded output path says (else in the
+        workflow folder the record lies in)."""
         record = read_record(file)
         written = (
             file.parent if file.name == RECORD_IN_DIR else file.with_name(file.name[: -len(RECORD_SUFFIX)])
         )
-        root = written.absolute()
         recorded = next(
             (Path(o["path"]) for o in record["outputs"] if Path(o["path"]).name == written.name), None
         )
-        if recorded is not None and not recorded.is_absolute():
-            for _ in recorded.parts:
-                root = root.parent
+        if recorded is None or recorded.is_absolute():
+            return cls(record, file, _workdir_of(written))
+        root = written.absolute()
+        for _ in recorded.parts:
+            root = root.parent
         return cls(record, file, root)
 
     def resolve(self, path: str) -> Path:
@@ -322,15 +401,33 @@ class Node:
 @dataclass
 class Walk:
     nodes: list[Node] = field(default_factory=list)
-    raw: dict[str, dict[str, Any]] = field(
-        default_factory=dict
-    )  # inputs no job of the workflow wrote, by path
+    # Inputs no job of the workflow wrote (raw files; `external` when outside the workflow folder), by path.
+    raw: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Links the walk could not follow: a malformed record, an output of the workflow with no record.
+    problems: list[dict[str, Any]] = field(default_factory=list)
 
 
-def walk(starts: list[Path], follow=lambda node, entry: True) -> Walk:
-    """Every job upstream of the given records, nearest first; `follow(node, input)` may prune inputs."""
+def walk(starts: list[Path], follow=lambda node, entry: True, workdir: Path | None = None) -> Walk:
+    """Every job upstream of the given records, nearest first; `follow(node, input)` may prune inputs.
+
+    The walk stays inside `workdir` (default: the workflow folder of the first record): an input outside it is
+    an external raw file, whose folder is never searched for records. An input under its `results/` folder was
+    written by a job of the workflow, so a missing or malformed record there is a problem, not a raw file.
+    """
     result, seen_jobs, seen_files = Walk(), set(), set()
-    todo = [Node.load(f) for f in starts]
+    workdir = Path(os.path.realpath(workdir or _workdir_of(starts[0])))
+    todo = []
+
+    def load(file: Path, wanted_by: str) -> None:
+        try:
+            todo.append(Node.load(file))
+        except LineageError as err:
+            result.problems.append(
+                {"path": str(file), "problem": f"malformed record ({err})", "by": wanted_by}
+            )
+
+    for file in starts:
+        load(file, "the result asked for")
     while todo:
         node = todo.pop(0)
         if node.record["job"] in seen_jobs:
@@ -341,13 +438,24 @@ def walk(starts: list[Path], follow=lambda node, entry: True) -> Walk:
             if not follow(node, entry):
                 continue
             path = node.resolve(entry["path"])
-            producer = find_record(path)
-            if producer is None:
-                raw = result.raw.setdefault(str(path), {**entry, "path": str(path), "read_by": []})
+            external = not _within(path, workdir)
+            producer = None if external else find_record(path, workdir)
+            if producer is None and not external and _within(path, workdir / "results"):
+                result.problems.append(
+                    {
+                        "path": str(path),
+                        "problem": "missing upstream record: an output of the workflow that no job's record vouches for",
+                        "by": f"{node.label} (input {entry['name']})",
+                    }
+                )
+            elif producer is None:
+                raw = result.raw.setdefault(
+                    str(path), {**entry, "path": str(path), "external": external, "read_by": []}
+                )
                 raw["read_by"].append(node.label)
             elif producer not in seen_files:
                 seen_files.add(producer)
-                todo.append(Node.load(producer))
+                load(producer, f"{node.label} (input {entry['name']})")
     return result
 
 
@@ -355,13 +463,15 @@ def walk(starts: list[Path], follow=lambda node, entry: True) -> Walk:
 
 
 @cache  # a cache's shards are read once per walk, however many runs share it
-def _ids_by_split(path: Path) -> dict[str, frozenset[str]]:
+def _ids_by_split(path: Path, workdir: Path) -> dict[str, frozenset[str]]:
     """Image ids per split in a cache folder, a cache shard or any parquet table with an image_id column
-    (none from a file that cannot be read: the checks report it)."""
+    inside `workdir` (none from a file that cannot be read: the checks report it)."""
     import pyarrow.parquet as pq
 
+    if not _within(path, workdir):
+        return {}
     if path.is_dir() and (path / INFO).is_file():
-        return _merge([_ids_by_split(path / rel) for rel in _info_hashes(path)])
+        return _merge([_ids_by_split(path / rel, workdir) for rel in _info_hashes(path)])
     if path.suffix != ".parquet" or not path.is_file():
         return {}
     try:
@@ -374,15 +484,15 @@ def _ids_by_split(path: Path) -> dict[str, frozenset[str]]:
     splits = table.get("split", ["all"] * len(table["image_id"]))
     found: dict[str, set[str]] = {}
     for image_id, split in zip(table["image_id"], splits, strict=True):
-        found.setdefault(str(split), set()).add(image_id)
+        found.setdefault(str(split), set()).add(str(image_id))
     return {split: frozenset(ids) for split, ids in found.items()}
 
 
-def _run_images(node: Node) -> dict[str, frozenset[str]]:
+def _run_images(node: Node, workdir: Path) -> dict[str, frozenset[str]]:
     """A training run's images: the train split of its train cache, validation and test of its eval cache."""
     caches = {e["name"]: node.resolve(e["path"]) for e in node.record["inputs"]}
-    train = _ids_by_split(caches["train_cache"])
-    evaluated = _ids_by_split(caches["eval_cache"])
+    train = _ids_by_split(caches["train_cache"], workdir)
+    evaluated = _ids_by_split(caches["eval_cache"], workdir)
     used = {"train": train.get("train", frozenset())}
     used.update({s: evaluated[s] for s in ("val", "test") if s in evaluated})
     return {s: ids for s, ids in used.items() if ids}
@@ -400,44 +510,75 @@ def _merge(parts: list[dict[str, frozenset[str]]]) -> dict[str, frozenset[str]]:
     return merged
 
 
-def _manifest(nodes: list[Node]) -> tuple[Any, Path | None]:
+def _manifest(nodes: list[Node], workdir: Path) -> tuple[Any, Path | None]:
     """The ingest manifest met on the walk (pandas frame indexed by image_id) and the raw image source it read."""
     import pandas as pd
 
     for node in nodes:
         outputs = {o["name"]: o["path"] for o in node.record["outputs"]}
         inputs = {i["name"]: i["path"] for i in node.record["inputs"]}
-        if "manifest" in outputs and "images" in inputs and node.resolve(outputs["manifest"]).is_file():
-            frame = pd.read_parquet(node.resolve(outputs["manifest"]))
+        manifest = node.resolve(outputs["manifest"]) if "manifest" in outputs else None
+        if manifest and "images" in inputs and _within(manifest, workdir) and manifest.is_file():
+            try:
+                frame = pd.read_parquet(manifest, columns=["image_id", "sha256", "member"])
+            except (OSError, ValueError, KeyError):  # damaged: its own hash check reports it
+                return None, None
             return frame.set_index("image_id"), node.resolve(inputs["images"])
     return None, None
 
 
 # ---------------------------------------------------------------------------------------------------- checks
 
+NOT_REGULAR = "not a regular file (a device, FIFO or socket): never read"
+
 
 class Checker:
-    """Hashes what is on disk now (each path once) and compares it with what records say."""
+    """Hashes what is on disk now (each path once) and compares it with what records say.
 
-    def __init__(self) -> None:
+    Only regular files are read, and only inside the workflow folder unless `external`: a path outside it is
+    listed as external, unread; a folder, device or FIFO where a record names a file is a broken link.
+    """
+
+    def __init__(self, workdir: Path, external: bool = False) -> None:
+        self.workdir = Path(os.path.realpath(workdir))
+        self.read_external = external
         self.hashes: dict[Path, dict[str, str]] = {}
         self.broken: dict[str, dict[str, Any]] = {}
+        self.external: dict[str, dict[str, Any]] = {}
         self.checked = 0
 
-    def now(self, path: Path) -> dict[str, Any]:
-        if path.exists() and path not in self.hashes:
+    def in_scope(self, path: Path) -> bool:
+        return self.read_external or _within(path, self.workdir)
+
+    def now(self, path: Path, kind: str) -> tuple[str | None, str | None]:
+        """(sha256 now, or None; the problem when the path is not what the record says it is)."""
+        try:
+            mode = os.stat(path).st_mode
+        except FileNotFoundError:
+            return None, None if kind == "missing" else "missing"
+        except OSError as err:
+            return None, f"unreadable ({err.strerror})"
+        if stat.S_ISDIR(mode) and kind != "directory":
+            return None, "a folder where the record names a file: never read"
+        if stat.S_ISREG(mode) and kind == "directory":
+            return None, "a file where the record names a folder: never read"
+        if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+            return None, NOT_REGULAR
+        if path not in self.hashes:
             self.hashes[path] = file_hashes(path)
-        return describe(path, self.hashes.get(path))
+        return describe(path, self.hashes[path])["sha256"], None
 
     def check(self, node: Node, entry: dict[str, Any], role: str) -> None:
         path = node.resolve(entry["path"])
-        now = self.now(path)
+        by = f"{node.label} ({role} {entry['name']})"
+        if not self.in_scope(path):
+            item = self.external.setdefault(str(path), {"path": str(path), "recorded": []})
+            item["recorded"].append({"by": by, "sha256": entry["sha256"]})
+            return
+        sha, problem = self.now(path, entry["kind"])
         self.checked += 1
-        if now["sha256"] != entry.get("sha256"):
-            problem = "missing" if now["kind"] == "missing" else "changed"
-            self.flag(
-                path, problem, now["sha256"], f"{node.label} ({role} {entry['name']})", entry.get("sha256")
-            )
+        if problem or sha != entry["sha256"]:
+            self.flag(path, problem or "changed", sha, by, entry["sha256"])
 
     def flag(
         self, path: Path, problem: str, current: str | None, by: str, recorded: str | None, **extra
@@ -447,13 +588,29 @@ class Checker:
         )
         item["recorded"].append({"by": by, "sha256": recorded})
 
+    def problem(self, item: dict[str, Any]) -> None:
+        """A link the walk could not follow (malformed or missing record)."""
+        self.flag(Path(item["path"]), item["problem"], None, item["by"], None)
+
     def shards(self, cache_dir: Path) -> None:
-        """Pinpoint which shards of a cache differ from its _info.json."""
+        """Pinpoint which shards of a cache differ from its _info.json (shards named inside the cache only)."""
+        root = Path(os.path.realpath(cache_dir))
         for rel, sha in _info_hashes(cache_dir).items():
             path = cache_dir / rel
-            now = self.hashes.get(cache_dir, {}).get(rel) or (file_sha256(path) if path.is_file() else None)
-            if now != sha:
-                self.flag(path, "changed" if now else "missing", now, f"{INFO} of its cache", sha)
+            if not _within(path, root):
+                self.flag(
+                    path,
+                    f"named by {INFO} but outside its cache: never read",
+                    None,
+                    f"{INFO} of its cache",
+                    sha,
+                )
+                continue
+            now, problem = self.hashes.get(cache_dir, {}).get(rel), None
+            if now is None:
+                now, problem = self.now(path, "file")
+            if problem or now != sha:
+                self.flag(path, problem or "changed", now, f"{INFO} of its cache", sha)
 
     def raw_images(self, manifest: Any, source: Path, used: frozenset[str]) -> None:
         """Rehash every raw image the manifest vouches for (folder or zip) and flag those that changed."""
@@ -481,33 +638,38 @@ class Checker:
 
 
 def _read_sha(images: Any, member: str) -> str | None:
+    """sha256 of a zip member (bounded read, as ingest's), None if it is gone or unreadable."""
+    from .sources import SourceError
+
     try:
         return hashlib.sha256(images.read(member)).hexdigest()
-    except (KeyError, OSError):
+    except (KeyError, OSError, ValueError, SourceError):
         return None
 
 
 # ---------------------------------------------------------------------------------------------------- trace
 
 
-def _starts(path: Path, row: int | None) -> tuple[list[Path], list[str], list[Path]]:
+def _starts(path: Path, row: int | None, workdir: Path) -> tuple[list[Path], list[str], list[Path]]:
     """The records to walk from, and the runs a table (row) names, as written and as folders (none otherwise)."""
     if is_table(path):
         csv = _table_csv(path)
-        table_record = find_record(csv)
-        workdir = Node.load(table_record).root if table_record else _workdir_of(csv)
+        table_record = find_record(csv, workdir)
         runs = table_runs(csv, row)
         run_dirs = [workdir / r for r in runs]
-        missing = [str(r) for r in run_dirs if find_record(r / RUN_FILE) is None]
+        outside = [str(r) for r in run_dirs if not _within(r, workdir)]
+        if outside:
+            raise LineageError(f"{path} lists run(s) {outside} outside the workflow folder {workdir}")
+        missing = [str(r) for r in run_dirs if find_record(r / RUN_FILE, workdir) is None]
         if missing:
             raise LineageError(f"no lineage record for run(s) {missing} listed in {path}")
         starts = [table_record] if table_record else []
-        return starts + [find_record(r / RUN_FILE) for r in run_dirs], runs, run_dirs
+        return starts + [find_record(r / RUN_FILE, workdir) for r in run_dirs], runs, run_dirs
     if row is not None:
         raise LineageError(f"--row applies to tables (a CSV with a {RUNS_COLUMN!r} column), not {path}")
-    start = find_record(path)
+    start = find_record(path, workdir)
     if start is None and path.is_dir() and (path / RUN_FILE).is_file():
-        start = find_record(path / RUN_FILE)  # a run folder: its metrics' record is the run's
+        start = find_record(path / RUN_FILE, workdir)  # a run folder: its metrics' record is the run's
     if start is None:
         raise LineageError(
             f"no lineage record for {path}: not written by a job of this workflow (a raw input?)"
@@ -515,19 +677,20 @@ def _starts(path: Path, row: int | None) -> tuple[list[Path], list[str], list[Pa
     return [start], [], []
 
 
-def _images_used(path: Path, found: Walk, run_dirs: list[Path]) -> dict[str, frozenset[str]]:
+def _images_used(path: Path, found: Walk, run_dirs: list[Path], workdir: Path) -> dict[str, frozenset[str]]:
     """Image ids per split behind the result: its runs' (a table), the run's, or those the file itself holds."""
     if run_dirs:
         runs = [n for n in found.nodes if _is_run(n) and any(n.file.is_relative_to(r) for r in run_dirs)]
-        return _merge([_run_images(n) for n in runs])
-    if _is_run(found.nodes[0]):
-        return _run_images(found.nodes[0])
-    return _ids_by_split(path.absolute())
+        return _merge([_run_images(n, workdir) for n in runs])
+    if found.nodes and _is_run(found.nodes[0]):
+        return _run_images(found.nodes[0], workdir)
+    return _ids_by_split(path.absolute(), workdir)
 
 
-def _verify(found: Walk, follow, manifest: Any, source: Path | None, used: frozenset[str]) -> Checker:
+def _verify(
+    checker: Checker, found: Walk, follow, manifest: Any, source: Path | None, used: frozenset[str]
+) -> None:
     """Rehash everything the walked records name, the shards of every cache, and the raw images."""
-    checker = Checker()
     for node in found.nodes:
         for entry in node.record["outputs"]:
             checker.check(node, entry, "output")
@@ -536,19 +699,26 @@ def _verify(found: Walk, follow, manifest: Any, source: Path | None, used: froze
                 checker.check(node, entry, "input")
     for node in found.nodes:
         for entry in node.record["outputs"]:
-            if (out := node.resolve(entry["path"])).is_dir() and (out / INFO).is_file():
+            out = node.resolve(entry["path"])
+            if checker.in_scope(out) and out.is_dir() and (out / INFO).is_file():
                 checker.shards(out)
-    if manifest is not None and source is not None and source.exists():
+    if manifest is not None and source is not None and checker.in_scope(source) and source.exists():
         checker.raw_images(manifest, source, used)
-    return checker
 
 
-def trace(path: str | Path, *, row: int | None = None, verify: bool = True) -> dict[str, Any]:
-    """Everything a result came from, as a JSON-ready dict: stages, raw files, raw images, broken links."""
+def trace(
+    path: str | Path, *, row: int | None = None, verify: bool = True, external: bool = False
+) -> dict[str, Any]:
+    """Everything a result came from, as a JSON-ready dict: stages, raw files, raw images, broken links.
+
+    Stays inside the result's workflow folder: paths outside it (raw data kept elsewhere) are listed as external
+    and not read, unless `external`. Malformed or missing records are broken links, as changed files are.
+    """
     path = Path(path)
     if not path.exists():
         raise LineageError(f"{path} does not exist")
-    starts, runs, run_dirs = _starts(path, row)
+    workdir = Path(os.path.realpath(_workdir_of(path)))
+    starts, runs, run_dirs = _starts(path, row, workdir)
 
     def follow(node: Node, entry: dict[str, Any]) -> bool:
         # A table row follows, of the table's inputs, only those of its own runs.
@@ -556,24 +726,29 @@ def trace(path: str | Path, *, row: int | None = None, verify: bool = True) -> d
             return True
         return any(node.resolve(entry["path"]).is_relative_to(r) for r in run_dirs)
 
-    found = walk(starts, follow)
-    used = _images_used(path, found, run_dirs)
-    manifest, source = _manifest(found.nodes)
-    checker = (
-        _verify(found, follow, manifest, source, frozenset().union(*used.values())) if verify else Checker()
-    )
+    found = walk(starts, follow, workdir)
+    used = _images_used(path, found, run_dirs, workdir)
+    manifest, source = _manifest(found.nodes, workdir)
+    checker = Checker(workdir, external=external)
+    for item in found.problems:
+        checker.problem(item)
+    if verify:
+        _verify(checker, found, follow, manifest, source, frozenset().union(*used.values()))
     return {
         "target": str(path),
+        "workdir": str(workdir),
         "row": row,
         "row_values": _row_values(path, row) if run_dirs and row is not None else None,
         "runs": runs,
         "verified": verify,
         "files_checked": checker.checked,
         "broken": list(checker.broken.values()),
+        "external": list(checker.external.values()),
         "stages": [_stage(n, follow) for n in found.nodes],
         "raw_files": list(found.raw.values()),
         "images": _image_table(used, manifest),
         "raw_image_source": str(source) if source else None,
+        "raw_images_checked": bool(verify and source and checker.in_scope(source)),
     }
 
 
@@ -643,8 +818,11 @@ def format_text(report: dict[str, Any]) -> str:
         lines.append("  " + ", ".join(f"{k}={v}" for k, v in report["row_values"].items()))
     if not report["verified"]:
         lines.append("Not verified (--no-verify): hashes are as recorded.")
-    elif report["broken"]:
-        lines.append(f"BROKEN LINKS ({len(report['broken'])}): files that differ from what a record says")
+    if report["broken"]:
+        lines.append(
+            f"BROKEN LINKS ({len(report['broken'])}): files that differ from what a record says, records that "
+            "are malformed or missing"
+        )
         for item in report["broken"]:
             what = ""
             if "image_id" in item:
@@ -654,8 +832,17 @@ def format_text(report: dict[str, Any]) -> str:
             lines.append(f"  ! {_show(item['path'])}{what}: {problem}")
             for rec in item["recorded"]:
                 lines.append(f"      recorded {_short(rec['sha256'])} by {rec['by']}")
-    else:
+    elif report["verified"]:
         lines.append(f"OK: all {report['files_checked']} recorded hashes match the files on disk.")
+    if report["external"]:
+        lines.append(
+            f"External ({len(report['external'])}): outside the workflow folder {report['workdir']}, so not read "
+            "(--external checks them too)"
+        )
+        for item in report["external"]:
+            lines.append(
+                f"  {item['path']}  recorded {_short(item['recorded'][0]['sha256'])} by {item['recorded'][0]['by']}"
+            )
     if report["runs"]:
         lines.append(f"\nRuns ({len(report['runs'])}):")
         lines += [f"  {run}" for run in report["runs"]]
@@ -674,14 +861,20 @@ def format_text(report: dict[str, Any]) -> str:
             lines.append(f"    out {entry['name']}: {_show(entry['path'])}  sha256 {_short(entry['sha256'])}")
     lines.append("\nRaw files (read by the workflow, written by none of its jobs):")
     for raw in report["raw_files"]:
-        lines.append(f"  {_show(raw['path'])}  sha256 {raw['sha256']}  read by {', '.join(raw['read_by'])}")
+        where = " (external)" if raw.get("external") else ""
+        lines.append(
+            f"  {_show(raw['path'])}{where}  sha256 {raw['sha256']}  read by {', '.join(raw['read_by'])}"
+        )
     if not report["raw_files"]:
         lines.append("  none: every input was generated by the workflow (synthetic data)")
     images = report["images"]
     counts = ", ".join(f"{split} {len(rows)}" for split, rows in images["by_split"].items())
     lines.append(f"\nRaw images: {images['count']} ({counts or 'no image-level content'})")
     if report["raw_image_source"]:
-        lines.append(f"  from {_show(report['raw_image_source'])}")
+        checked = (
+            "" if report["raw_images_checked"] or not report["verified"] else " (not rehashed: external)"
+        )
+        lines.append(f"  from {_show(report['raw_image_source'])}{checked}")
     for split, rows in images["by_split"].items():
         lines += [f"  {split:5} {r['image_id']}  sha256 {r['sha256']}  {r['member']}" for r in rows]
     return "\n".join(lines) + "\n"

@@ -1,4 +1,5 @@
-"""Parquet tables of fixed-size images: the format shared by the resize, degrade and cache stages.
+"""Parquet columns of fixed-size images: how the caches store pixels, and pixel tables that cache.run_cache turns
+into a cache.
 
 Pixels are stored raw (uint8 RGB, row-major H x W x 3) in a fixed_size_binary column, so what is stored is
 exactly what the model gets, and reading a batch back is one memory copy, no decode.
@@ -7,11 +8,14 @@ exactly what the model gets, and reading a batch back is one memory copy, no dec
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+if TYPE_CHECKING:  # pandas only where a frame is asked for
+    import pandas as pd
 
 PIXELS = "pixels"
 
@@ -64,6 +68,16 @@ def write_pixel_table(
     pq.write_table(table, path, row_group_size=row_group_size, compression="zstd")
 
 
+def read_parquet(path: str | Path, columns: list[str] | None = None) -> pa.Table:
+    """One parquet file as a table (with its key/value metadata).
+
+    pq.ParquetFile, not pq.read_table: that one imports pyarrow.dataset to read a single file, half a second of
+    every job's start-up.
+    """
+    with pq.ParquetFile(path) as file:
+        return file.read(columns=columns)
+
+
 def table_shape(table_or_schema: pa.Table | pa.Schema) -> tuple[int, int]:
     schema = table_or_schema.schema if isinstance(table_or_schema, pa.Table) else table_or_schema
     meta = schema.metadata or {}
@@ -72,7 +86,7 @@ def table_shape(table_or_schema: pa.Table | pa.Schema) -> tuple[int, int]:
 
 def read_pixel_table(path: str | Path, columns: list[str] | None = None) -> tuple[pd.DataFrame, np.ndarray]:
     """(metadata frame, (N, H, W, 3) uint8 pixels) of a table written by write_pixel_table."""
-    table = pq.read_table(path, columns=None if columns is None else [*columns, PIXELS])
+    table = read_parquet(path, columns=None if columns is None else [*columns, PIXELS])
     height, width = table_shape(table)
     pixels = arrow_to_pixels(table.column(PIXELS), height, width)
     meta = table.drop_columns([PIXELS]).to_pandas()

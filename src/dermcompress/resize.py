@@ -1,13 +1,16 @@
-"""Resize stage: every image of the split, decoded once, to one square resolution (a pixel table per resolution).
+"""Resize stage: every image of the split, decoded once, to one square resolution: the `clean` variant's cache.
 
-Decoding the JPEG is the bottleneck, so a JPEG is decoded at reduced scale (libjpeg's 1/2, 1/4, 1/8 DCT scaling)
-when the target is far smaller than the source, and images are spread over a thread pool (Pillow and OpenCV
-release the GIL while they decode, resample and filter).
+The resized pixels are the clean variant (it has no degradation), so they are written straight into its cache
+(cache.CacheWriter), shard by shard: one stored copy, and one shard in memory at a time. Decoding the JPEG is
+the bottleneck, so a JPEG is decoded at reduced scale (libjpeg's 1/2, 1/4, 1/8 DCT scaling) when the target is
+far smaller than the source, and images are spread over a thread pool (Pillow and OpenCV release the GIL while
+they decode, resample and filter).
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import math
 import os
@@ -17,34 +20,55 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
-import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+from dermcompress.cache import CacheError, CacheWriter, check_rows, load_info, shard_plan
 from dermcompress.images import ImageError, decode_image
-from dermcompress.pixeltable import write_pixel_table
-from dermcompress.sources import ImageSource
+from dermcompress.pixeltable import read_parquet
+from dermcompress.sources import DEFAULT_MAX_FILE_BYTES, ImageSource, SourceError
 
 log = logging.getLogger(__name__)
 
 POLICIES = ("squash", "center_crop", "pad")
 # Lanczos is PIL's sharpest antialiased filter (its support widens with the reduction factor, so nothing aliases).
-# It costs ~8 ms for 1024 -> 224 but only ~2 ms once the reduced decode has brought the image within 2-4x of the
-# target, less than the decode itself; BICUBIC+reducing_gap (box pre-shrink) and OpenCV INTER_AREA (box average)
-# are faster on full-size images but softer, and depart from the plain Lanczos reference by ~0.5-0.7 grey levels.
+# Its cost grows with the pixels it reads: ~13 ms for 1024 -> 224, ~1-2 ms once the reduced decode has brought
+# the image within 2x of the target. OpenCV INTER_AREA and PIL BILINEAR are no faster after a reduced decode and
+# depart further from the full-decode Lanczos reference.
 RESAMPLE = Image.Resampling.LANCZOS
-# Reduced decode keeps both sides at least this many times the target: libjpeg's scaled IDCT is then followed by
-# a real 2x+ Lanczos reduction, which stays within ~0.35 grey levels (mean absolute) of a full-resolution decode
-# on photo-like 1024 px JPEGs (margin 1 lets it drift to ~1 grey level; 3 often forgoes the 1/2 scale entirely).
-DRAFT_MARGIN = 2.0
-ROW_GROUP_SIZE = 64
-PathOrFrame = str | Path | pd.DataFrame  # the stage reads parquet files; tests and scripts may pass frames
+# Reduced decode keeps both sides at least this many times the target: libjpeg's scaled IDCT (itself a low-pass
+# filter over each 8x8 block) is then followed by a Lanczos reduction of 1-2x. Measured on photo-like JPEGs of
+# the three ISIC sizes against a full decode + Lanczos: 0.6 / 0.9 / 0.9 grey levels (mean absolute) at
+# 224 / 112 / 56 px, at 12 ms of CPU per image for the three; a margin of 2 gives 0.1 / 0.3 / 0.4 grey levels at
+# 16 ms, because the 600x450 images can then not be decoded at 1/2 scale for 224 px.
+DRAFT_MARGIN = 1.0
+# Measured on 2 cores: below ~1000 images a job's work is shorter than its start-up (see job_threads).
+IMAGES_PER_THREAD = 1000
+CLEAN = "clean"
+NONE = "none"  # the degradation of every clean row
+# The stages read parquet files (pixeltable.read_parquet); tests and notebooks may pass pandas frames.
+PathOrFrame = Any
 
 
 class SourceChangedError(RuntimeError):
-    """An image that passed ingest no longer reads or decodes: the raw data changed under the pipeline."""
+    """An image that passed ingest no longer reads, matches its sha256 or decodes: the raw data changed under
+    the pipeline. `image_ids` names them (all of them, when raised by map_images)."""
+
+    def __init__(
+        self, message: str, image_ids: Sequence[str] = (), errors: Sequence[SourceChangedError] = ()
+    ) -> None:
+        super().__init__(message)
+        self.image_ids = list(image_ids)
+        self.errors = list(errors) or [self]  # one per image
+
+
+RERUN_INGEST = (
+    "the raw data changed since ingest: rerun the workflow from ingest (snakemake --forcerun ingest)"
+)
 
 
 def resize_image(img: Image.Image, size: int, policy: str) -> np.ndarray:
@@ -85,6 +109,28 @@ def load_resized(
     return {int(res): resize_image(img, int(res), policy) for res in resolutions}
 
 
+def job_threads(images: int) -> int:
+    """Threads a resize or degrade job asks for: one per IMAGES_PER_THREAD images (at least one).
+
+    A small job is mostly its interpreter's start-up (~1 s), which no thread shortens: on a few cores two such
+    jobs side by side finish sooner than one after the other with two threads each. Snakemake caps the answer
+    at --cores; a profile's set-threads replaces it.
+    """
+    return max(1, math.ceil(images / IMAGES_PER_THREAD))
+
+
+def images_in(path: str | Path) -> int | None:
+    """Images in a split table or a cache folder (its _info.json), None while it does not exist yet."""
+    path = Path(path)
+    try:
+        if path.is_dir():
+            return sum(load_info(path)["rows"].values())
+        with pq.ParquetFile(path) as table:
+            return table.metadata.num_rows
+    except (OSError, CacheError):
+        return None
+
+
 def available_threads() -> int:
     """Cores this process may run on (what Snakemake or SLURM granted, not what the machine has)."""
     try:
@@ -94,32 +140,50 @@ def available_threads() -> int:
 
 
 @functools.cache
-def _source(path: str, thread: int) -> ImageSource:
+def _source(path: str, max_bytes: int, thread: int) -> ImageSource:
     """One open image source per thread: threads sharing a zip handle would also share its file offset."""
-    return ImageSource(path)
+    return ImageSource(path, max_bytes=max_bytes)
 
 
-def read_member(images: str | Path, image_id: str, member: str) -> bytes:
-    """Raw bytes of one image, opening the source once per thread; a missing file is a clear error."""
+def read_member(
+    images: str | Path,
+    image_id: str,
+    member: str,
+    sha256: str,
+    max_bytes: int = DEFAULT_MAX_FILE_BYTES,
+) -> bytes:
+    """Raw bytes of one image, checked against the sha256 ingest recorded (the bytes are in memory: cheap).
+
+    Opens the source once per thread. A missing, unreadable or changed file is a SourceChangedError.
+    """
     try:
-        return _source(str(images), threading.get_ident()).read(member)
-    except (OSError, KeyError) as err:
+        data = _source(str(images), max_bytes, threading.get_ident()).read(member)
+    except (OSError, KeyError, SourceError) as err:
         raise SourceChangedError(
-            f"{image_id}: cannot read {member!r} from {images} ({err}); it was there at ingest, so the raw data "
-            "changed since: rerun the workflow from ingest"
+            f"{image_id}: cannot read {member!r} from {images} ({err}); it was read at ingest, so {RERUN_INGEST}",
+            [image_id],
         ) from None
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise SourceChangedError(
+            f"{image_id}: {member!r} in {images} is not the file ingest read (sha256 {sha256[:16]}...); "
+            + RERUN_INGEST,
+            [image_id],
+        )
+    return data
 
 
 def source_changed(image_id: str, member: str, err: ImageError) -> SourceChangedError:
     return SourceChangedError(
-        f"{image_id}: {member!r} no longer decodes ({err}); it decoded at ingest, so the raw file changed since: "
-        "rerun the workflow from ingest"
+        f"{image_id}: {member!r} no longer decodes ({err}); it decoded at ingest, so {RERUN_INGEST}",
+        [image_id],
     )
 
 
-def _resize_task(task: tuple[str, str], *, images: str, **settings: Any) -> np.ndarray:
-    image_id, member = task
-    data = read_member(images, image_id, member)
+def _resize_task(
+    task: tuple[str, str, str], *, images: str, max_file_bytes: int, **settings: Any
+) -> np.ndarray:
+    image_id, member, sha256 = task
+    data = read_member(images, image_id, member, sha256, max_file_bytes)
     try:
         (pixels,) = load_resized(data, **settings).values()
     except ImageError as err:
@@ -127,47 +191,108 @@ def _resize_task(task: tuple[str, str], *, images: str, **settings: Any) -> np.n
     return pixels
 
 
+def changed_error(errors: Sequence[SourceChangedError]) -> SourceChangedError:
+    """One error that names every image of `errors` (the first 20 with their reasons)."""
+    each = sorted((e for err in errors for e in err.errors), key=lambda e: e.image_ids)
+    ids = [i for err in each for i in err.image_ids]
+    shown = "\n  ".join(str(err) for err in each[:20])
+    more = f"\n  ... and {len(each) - 20} more" if len(each) > 20 else ""
+    return SourceChangedError(
+        f"{len(ids)} raw image(s) changed since ingest: {', '.join(ids[:20])}\n  {shown}{more}", ids, each
+    )
+
+
 def map_images(
-    fn: Callable[[Any], np.ndarray], tasks: Sequence[Any], *, shape: tuple[int, ...], threads: int, desc: str
+    fn: Callable[[Any], np.ndarray],
+    tasks: Sequence[Any],
+    *,
+    shape: tuple[int, ...],
+    threads: int,
+    desc: str = "",
+    bar: tqdm | None = None,
 ) -> np.ndarray:
     """Apply `fn` to every task, in order, over a thread pool; results stacked into one (N, *shape) uint8 array.
 
     Threads, not processes: the work runs in Pillow and OpenCV with the GIL released (1.7x on 2 cores against
     1.3x for a process pool, which pays for pickling every image), and nothing is forked, so no thread pool's
     lock can be copied in a held state into a child that then hangs. The output is allocated once and filled
-    as results arrive, so memory stays at one copy of the table.
+    as results arrive, so memory stays at one copy of the table. Images whose raw file changed since ingest
+    (SourceChangedError) are all collected, then named together in one error. `bar`: a progress bar to advance
+    (else one of its own, labelled `desc`).
     """
+    changed: list[SourceChangedError] = []
+
+    def guarded(task: Any) -> np.ndarray | None:
+        try:
+            return fn(task)
+        except SourceChangedError as err:
+            changed.append(err)
+            return None
+
     out = np.empty((len(tasks), *shape), dtype=np.uint8)
     threads = max(1, min(threads, len(tasks)))
-    if threads > 1:
-        cv2.setNumThreads(
-            1
-        )  # one of our threads per core already; OpenCV's own pool would oversubscribe them
-    with (
-        ThreadPoolExecutor(max_workers=threads) as pool,
-        tqdm(total=len(tasks), desc=desc, unit="img", mininterval=5) as bar,
-    ):
-        results = pool.map(fn, tasks) if threads > 1 else map(fn, tasks)
+    own_bar = bar is None
+    bar = tqdm(total=len(tasks), desc=desc, unit="img", mininterval=5) if own_bar else bar
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        results = pool.map(guarded, tasks) if threads > 1 else map(guarded, tasks)
         for i, pixels in enumerate(results):
-            out[i] = pixels
+            if pixels is not None:
+                out[i] = pixels
             bar.update()
+    if own_bar:
+        bar.close()
+    if changed:
+        raise changed_error(changed)
     return out
 
 
-def split_members(splits: PathOrFrame, manifest: PathOrFrame) -> pd.DataFrame:
-    """The split's rows (image_id, split, label, member), sorted by image_id; every one must be ok at ingest."""
-    split_df = splits if isinstance(splits, pd.DataFrame) else pd.read_parquet(splits)
-    man = manifest if isinstance(manifest, pd.DataFrame) else pd.read_parquet(manifest)
-    rows = split_df[["image_id", "split", "label"]].merge(
-        man[["image_id", "status", "member"]], on="image_id", how="left", validate="one_to_one"
+def read_table(source: PathOrFrame, columns: list[str]) -> pa.Table:
+    """`columns` of a parquet file, or of a pandas frame (tests, notebooks), as a pyarrow table; text as plain
+    `string` (pandas writes `large_string`, which a join cannot match with `string`)."""
+    if isinstance(source, str | Path):
+        table = read_parquet(source, columns=columns)
+    else:
+        table = pa.Table.from_pandas(source[columns], preserve_index=False)
+    schema = pa.schema(
+        [f.with_type(pa.string()) if pa.types.is_large_string(f.type) else f for f in table.schema]
     )
-    missing = rows.loc[rows["member"].isna(), "image_id"].tolist()
+    return table.cast(schema)
+
+
+def split_members(splits: PathOrFrame, manifest: PathOrFrame) -> pa.Table:
+    """The split's rows (image_id, split, label, member, sha256), sorted by image_id; every one must be ok at
+    ingest."""
+    rows = read_table(splits, ["image_id", "split", "label"]).sort_by("image_id")
+    man = read_table(manifest, ["image_id", "status", "member", "sha256"])
+    for name, table in (("split", rows), ("manifest", man)):
+        if pc.count_distinct(table["image_id"]).as_py() != table.num_rows:
+            raise ValueError(f"the {name} lists some image_id more than once")
+    # A lookup, not Table.join: that one loads pyarrow's query engine (acero, dataset) for a dict's work.
+    known = dict(zip(man["image_id"].to_pylist(), man.drop_columns(["image_id"]).to_pylist(), strict=True))
+    found = [known.get(image_id) for image_id in rows["image_id"].to_pylist()]
+    missing = [i for i, row in zip(rows["image_id"].to_pylist(), found, strict=True) if row is None]
     if missing:
         raise ValueError(f"{len(missing)} image(s) of the split are not in the manifest, e.g. {missing[:5]}")
-    bad = rows.loc[rows["status"] != "ok", "image_id"].tolist()
+    bad = [i for i, row in zip(rows["image_id"].to_pylist(), found, strict=True) if row["status"] != "ok"]
     if bad:
         raise ValueError(f"{len(bad)} image(s) of the split are not 'ok' in the manifest, e.g. {bad[:5]}")
-    return rows.drop(columns="status").sort_values("image_id", ignore_index=True)
+    for column in ("member", "sha256"):
+        rows = rows.append_column(column, pa.array([row[column] for row in found], pa.string()))
+    return rows
+
+
+def clean_rows(rows: pa.Table) -> pa.Table:
+    """The cache columns of undegraded rows."""
+    n = rows.num_rows
+    return pa.table(
+        {
+            "image_id": rows["image_id"],
+            "label": rows["label"],
+            "split": rows["split"],
+            "degradation": pa.array([NONE] * n, pa.string()),
+            "degradation_params": pa.array(["{}"] * n, pa.string()),
+        }
+    )
 
 
 def run_resize(
@@ -175,21 +300,29 @@ def run_resize(
     splits: PathOrFrame,
     manifest: PathOrFrame,
     images: str | Path,
-    out: str | Path,
+    out_dir: str | Path,
     resolution: int,
     policy: str,
     reduced_decode: bool,
     max_pixels: int,
+    classes: list[str],
+    rows_per_shard: int,
+    row_group_size: int,
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
     threads: int | None = None,
-) -> None:
-    """Every image of splits.parquet -> `out`: image_id, split, label + (res x res) pixels, sorted by image_id."""
+) -> dict[str, Any]:
+    """Every image of splits.parquet at (res x res) -> the clean variant's cache in `out_dir`; its _info.
+
+    Each raw file is checked against the sha256 ingest recorded; any that changed fail the job, all named.
+    """
     if policy not in POLICIES:
         raise ValueError(f"unknown resize policy {policy!r}; expected one of {', '.join(POLICIES)}")
     rows = split_members(splits, manifest)
+    check_rows(rows, splits, [str(c) for c in classes])
     threads = threads or available_threads()
     log.info(
         "resizing %d images from %s to %dpx (policy=%s, reduced_decode=%s, %d threads)",
-        len(rows), images, resolution, policy, reduced_decode, threads,
+        rows.num_rows, images, resolution, policy, reduced_decode, threads,
     )  # fmt: skip
     fn = functools.partial(
         _resize_task,
@@ -198,20 +331,36 @@ def run_resize(
         policy=policy,
         reduced_decode=reduced_decode,
         max_pixels=max_pixels,
+        max_file_bytes=max_file_bytes,
     )
-    tasks = list(zip(rows["image_id"], rows["member"], strict=True))
-    pixels = map_images(
-        fn, tasks, shape=(resolution, resolution, 3), threads=threads, desc=f"resize {resolution}px"
-    )
-    write_pixel_table(
-        out,
-        rows[["image_id", "split", "label"]],
-        pixels,
-        row_group_size=ROW_GROUP_SIZE,
+    ids = rows["image_id"].to_pylist()
+    tasks = list(zip(ids, rows["member"].to_pylist(), rows["sha256"].to_pylist(), strict=True))
+    writer = CacheWriter(
+        out_dir,
+        classes=classes,
+        rows_per_shard=rows_per_shard,
+        row_group_size=row_group_size,
         metadata={
-            "resolution": str(resolution),
+            "resolution": resolution,
+            "variant": CLEAN,
             "policy": policy,
-            "reduced_decode": str(bool(reduced_decode)),
+            "reduced_decode": bool(reduced_decode),
         },
     )
-    log.info("wrote %s (%d images, %s per split)", out, len(rows), rows["split"].value_counts().to_dict())
+    changed: list[SourceChangedError] = []
+    with tqdm(total=rows.num_rows, desc=f"resize {resolution}px", unit="img", mininterval=5) as bar:
+        for split, shard in shard_plan(ids, rows["split"].to_pylist(), rows_per_shard):
+            try:
+                pixels = map_images(
+                    fn, [tasks[i] for i in shard], shape=(resolution, resolution, 3), threads=threads, bar=bar
+                )
+            except SourceChangedError as err:  # look at every image before failing, to name them all
+                changed.append(err)
+                continue
+            if not changed:
+                writer.write(split, clean_rows(rows.take(shard)), pixels)
+    if changed:
+        raise changed_error(changed)
+    info = writer.close(input={"images": str(images)})
+    log.info("wrote the clean cache %s (%d images, %s per split)", out_dir, rows.num_rows, info["rows"])
+    return info

@@ -1,15 +1,26 @@
 """Where the official ISIC 2019 files are, and safe reading of the image folder or zip.
 
 The zip is read entry by entry (never extracted); an entry whose name is absolute or climbs out with `..` is
-refused, so a hostile archive cannot point the pipeline at files outside it.
+refused, and so is a link in the image folder that points outside it, so a hostile data set cannot point the
+pipeline at other files. Every read is bounded: a file or entry larger than `max_bytes` is refused from its
+declared size before any byte is read, and the read itself stops at the cap. A damaged or encrypted zip entry
+is a problem of that image (SourceError, which ingest quarantines), not of the whole data set.
 """
 
 from __future__ import annotations
 
+import errno
+import logging
+import lzma
+import os
+import stat
 import zipfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+
+log = logging.getLogger(__name__)
 
 GROUND_TRUTH = "ISIC_2019_Training_GroundTruth.csv"
 METADATA = "ISIC_2019_Training_Metadata.csv"
@@ -18,6 +29,10 @@ IMAGES_ZIP = f"{IMAGES_DIR}.zip"
 # The official zip holds two documentation files besides the JPEGs.
 DOC_FILES = ("ATTRIBUTION.txt", "LICENSE.txt")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
+# Far above the largest real ISIC image (a few MB); config data.max_file_bytes.
+DEFAULT_MAX_FILE_BYTES = 64 * 2**20
+# Why one image file cannot be read (quarantine reasons).
+READ_REASONS = ("file_too_large", "corrupt_zip_entry", "encrypted_zip_entry", "link_outside_root")
 
 _RULE = "!" * 100
 SYNTHETIC_BANNER = f"""
@@ -25,6 +40,23 @@ SYNTHETIC_BANNER = f"""
 !!  SYNTHETIC DATA: data.isic_root is unset, so every number that follows comes from a generated stand-in !!
 !!  for ISIC 2019 (results/data/synthetic/). Set data.isic_root to run the real study.                     !!
 {_RULE}"""
+
+
+class DataFileError(ValueError):
+    """A whole input file (a CSV, the zip) that cannot be read: the message names it and says what is wrong."""
+
+    def __init__(self, path: str | Path, problem: str) -> None:
+        super().__init__(f"{path}: {problem}")
+        self.path = str(path)
+
+
+class SourceError(Exception):
+    """One image file or zip entry that cannot be read safely; `reason` (READ_REASONS) is its quarantine reason."""
+
+    def __init__(self, member: str, reason: str, detail: str) -> None:
+        assert reason in READ_REASONS, reason
+        super().__init__(f"{member!r}: {reason}: {detail}")
+        self.member, self.reason, self.detail = member, reason, detail
 
 
 def official_paths(root: str | Path, prefer: str | None = None) -> dict[str, str]:
@@ -66,19 +98,26 @@ def unsafe_reason(member: str) -> str | None:
 
 @dataclass
 class ImageSource:
-    """The image folder or zip: list its image files, read one, and say what was refused or ignored."""
+    """The image folder or zip: list its image files, read one (bounded), and say what was refused or ignored."""
 
     path: Path
-    refused: list[tuple[str, str]] = field(default_factory=list)  # (entry name, reason)
+    max_bytes: int = DEFAULT_MAX_FILE_BYTES
+    refused: list[tuple[str, str, str]] = field(default_factory=list)  # (name, reason, detail)
     ignored: list[str] = field(default_factory=list)  # documentation and other non-image files
     _zip: zipfile.ZipFile | None = None
 
     def __post_init__(self) -> None:
         self.path = Path(self.path)
         if self.path.is_file():
-            self._zip = zipfile.ZipFile(self.path)
+            try:
+                self._zip = zipfile.ZipFile(self.path)
+            except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
+                raise DataFileError(
+                    self.path, f"not a readable zip archive ({err}); it may be truncated: download it again"
+                ) from None
         elif not self.path.is_dir():
             raise FileNotFoundError(f"image source {self.path} is neither a folder nor a zip file")
+        self._root = self.path.resolve()
 
     def __enter__(self) -> ImageSource:
         return self
@@ -94,14 +133,10 @@ class ImageSource:
         """Yield (member, image_id) for every image file, sorted by member name; fills refused/ignored."""
         self.refused.clear()
         self.ignored.clear()
-        if self._zip is not None:
-            names = [i.filename for i in self._zip.infolist() if not i.is_dir()]
-        else:
-            names = [p.relative_to(self.path).as_posix() for p in self.path.rglob("*") if p.is_file()]
+        names = self._zip_names() if self._zip is not None else self._folder_names()
         for name in sorted(names):
-            reason = unsafe_reason(name) if self._zip is not None else None
-            if reason:
-                self.refused.append((name, reason))
+            if refusal := self._refusal(name):
+                self.refused.append((name, *refusal))
                 continue
             image_id = image_id_of(name)
             if image_id is None:
@@ -109,10 +144,100 @@ class ImageSource:
                 continue
             yield name, image_id
 
-    def read(self, member: str) -> bytes:
-        """The raw bytes of one member (refuses unsafe zip names here too)."""
+    def _zip_names(self) -> list[str]:
+        return [i.filename for i in self._zip.infolist() if not i.is_dir()]
+
+    def _folder_names(self) -> list[str]:
+        """Regular files under the folder, links included; linked folders are not entered (logged)."""
+        names = []
+        for top, dirs, files in os.walk(self.path):
+            for d in dirs:
+                if os.path.islink(os.path.join(top, d)):
+                    log.warning(
+                        "%s is a link to a folder (%s): not entered, its files are not read",
+                        os.path.join(top, d),
+                        os.path.realpath(os.path.join(top, d)),
+                    )
+            for f in files:
+                full = os.path.join(top, f)
+                # A link out of the folder is listed so that it is refused by name; other odd entries (FIFOs,
+                # sockets, devices, dangling links) are never read.
+                if os.path.isfile(full) or (os.path.islink(full) and self._outside(full)):
+                    names.append(Path(full).relative_to(self.path).as_posix())
+                else:
+                    log.warning(
+                        "%s is not a regular file (FIFO, socket, device or dangling link): not read", full
+                    )
+        return names
+
+    def _outside(self, path: str | Path) -> Path | None:
+        """Where `path` really leads when that is outside the folder (through a link or `..`), else None."""
+        target = Path(os.path.realpath(path))
+        return None if target == self._root or target.is_relative_to(self._root) else target
+
+    def _refusal(self, name: str) -> tuple[str, str] | None:
+        """(reason, detail) when a listed name must not be read: an unsafe zip name, a link out of the folder."""
         if self._zip is not None:
-            if reason := unsafe_reason(member):
-                raise ValueError(f"{member!r}: {reason}")
-            return self._zip.read(member)
-        return (self.path / member).read_bytes()
+            reason = unsafe_reason(name)
+            return (reason, f"zip entry {name!r} refused") if reason else None
+        if os.path.islink(self.path / name) and (target := self._outside(self.path / name)):
+            return "link_outside_root", f"{name!r} is a link to {target}, outside {self._root}: refused"
+        return None
+
+    def read(self, member: str) -> bytes:
+        """The raw bytes of one member, at most max_bytes; SourceError when it cannot be read safely.
+
+        KeyError / FileNotFoundError when the member does not exist (any more).
+        """
+        if self._zip is not None:
+            return self._read_zip(member)
+        return self._read_file(member)
+
+    def _too_large(self, member: str, size: int | str) -> SourceError:
+        return SourceError(
+            member, "file_too_large", f"{size} bytes > data.max_file_bytes = {self.max_bytes}: not read"
+        )
+
+    def _read_zip(self, member: str) -> bytes:
+        if reason := unsafe_reason(member):
+            raise ValueError(f"{member!r}: {reason}")
+        info = self._zip.getinfo(member)
+        if info.flag_bits & 0x1:
+            raise SourceError(member, "encrypted_zip_entry", "the entry is encrypted (password-protected)")
+        if info.file_size > self.max_bytes:
+            raise self._too_large(member, info.file_size)
+        try:
+            with self._zip.open(info) as entry:  # a declared size that lies still stops at the cap
+                data = entry.read(min(info.file_size, self.max_bytes) + 1)
+        except (
+            zipfile.BadZipFile,
+            zlib.error,
+            lzma.LZMAError,
+            EOFError,
+            OSError,
+            NotImplementedError,
+        ) as err:
+            raise SourceError(member, "corrupt_zip_entry", f"{type(err).__name__}: {err}") from None
+        if len(data) > self.max_bytes:
+            raise self._too_large(member, f"more than {self.max_bytes}")
+        return data
+
+    def _read_file(self, member: str) -> bytes:
+        path = self.path / member
+        if target := self._outside(path):  # a link or a `..` out of the folder (even one made after ingest)
+            raise SourceError(member, "link_outside_root", f"points to {target}")
+        # O_NONBLOCK: opening a FIFO planted under an image's name must not hang; it is refused below.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        with open(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise OSError(errno.EINVAL, "not a regular file", str(path))
+            if st.st_size > self.max_bytes:
+                raise self._too_large(member, st.st_size)
+            # One byte more than its size, not the cap: read(cap) would allocate the whole cap for every file.
+            data = f.read(st.st_size + 1)
+            if len(data) > st.st_size:  # it grew after the size check: the rest, up to the cap
+                data += f.read(self.max_bytes + 1 - len(data))
+        if len(data) > self.max_bytes:
+            raise self._too_large(member, f"more than {self.max_bytes}")
+        return data

@@ -1,27 +1,22 @@
 # Helpers shared by every rule: where the raw data are, what the final targets are, code fingerprints.
-import os
-import sys
+# (setup.smk, included by the Snakefile before validation, has made the package importable.)
 from pathlib import Path
 
-# The package under src/ holds all logic. Make it importable here and in every job, installed or not.
-SRC = str(Path(workflow.basedir) / "src")
-sys.path.insert(0, SRC)
-# (This sets PYTHONPATH rather than requiring it: jobs inherit it, locally and through SLURM.)
-os.environ.update(
-    PYTHONPATH=os.pathsep.join(p for p in (SRC, os.getenv("PYTHONPATH")) if p)
-)
-
 from dermcompress import config as dc_config
-from dermcompress import experiments, lineage, sources
+from dermcompress import experiments, fingerprint, lineage, resize, sources
 from dermcompress.fingerprint import code_fingerprint
 from snakemake_interface_executor_plugins.settings import DeploymentMethod
 
-dc_config.check(config)
+# What the schema cannot say, and each experiment's `training:` overrides against the training section's.
+SCHEMA = Path(workflow.basedir) / "workflow/schemas/config.schema.yaml"
+dc_config.check(config, schema=SCHEMA)
 
 SYNTHETIC = config["data"]["isic_root"] is None
 ISIC_ROOT = "results/data/synthetic" if SYNTHETIC else config["data"]["isic_root"]
 RESOLUTIONS = [int(r) for r in config["resize"]["resolutions"]]
 VARIANTS = list(config["degrade"]["variants"])
+# The variants the degrade rule makes (clean is the resize rule's output); a pattern that matches nothing if none.
+DEGRADED_VARIANTS = "|".join(v for v in VARIANTS if v != "clean") or "(?!)"
 EXPERIMENTS = experiments.selected_experiments(config)
 RUNS = experiments.expand_runs(config)
 RUN_DIR = experiments.RUN_DIR
@@ -50,6 +45,11 @@ onstart:
         logger.warning(sources.SYNTHETIC_BANNER)
 
 
+# Where the package remembers what it works out about its code and the installed packages (fingerprint.MEMO):
+# made now, so that this process, not the first job, fills it.
+Path(fingerprint.MEMO.parent).mkdir(parents=True, exist_ok=True)
+
+
 def get_code(module):
     """What a job depends on besides its inputs: the fingerprint of a package module and everything it imports from
     the package, and the installed versions of the third-party packages those modules import.
@@ -63,6 +63,13 @@ def get_code(module):
     return code_fingerprint(f"dermcompress.{module}", packages=not in_conda)
 
 
+def get_data_threads(wildcards, input):
+    """Threads of a resize or degrade job: one per 1000 images (resize.job_threads). Snakemake asks again once
+    the job's input (the split, or the clean cache) exists; until then, one."""
+    images = resize.images_in(input.get("splits") or input.get("clean"))
+    return resize.job_threads(images) if images is not None else 1
+
+
 def get_raw_inputs():
     """The official files: ground truth, metadata and the image folder or zip (or the synthetic ones)."""
     if SYNTHETIC:
@@ -71,14 +78,11 @@ def get_raw_inputs():
 
 
 def get_degrade_input(wildcards):
-    """Degrading after resizing reads the resized images; before resizing, the raw ones."""
-    inputs = {
-        "splits": "results/data/splits.parquet",
-        "manifest": "results/data/manifest.parquet",
-    }
-    if config["degrade"]["order"] == "after_resize":
-        inputs["resized"] = f"results/resized/{wildcards.res}px.parquet"
-    else:
+    """A variant is made from the clean cache of its resolution; degrading before resizing also reads the raw
+    images (and the manifest's sha256 of each)."""
+    inputs = {"clean": f"results/cache/{wildcards.res}px/clean"}
+    if config["degrade"]["order"] == "before_resize":
+        inputs["manifest"] = "results/data/manifest.parquet"
         inputs["images"] = get_raw_inputs()["images"]
     return inputs
 

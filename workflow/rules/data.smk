@@ -1,4 +1,5 @@
-# The data half of the DAG: raw ISIC files -> manifest -> task -> grouped split -> resize -> degrade -> cache.
+# The data half of the DAG: raw ISIC files -> manifest -> task -> grouped split -> resize (the clean variant's
+# cache) -> degrade (each other variant's cache).
 
 
 rule synth:
@@ -8,6 +9,8 @@ rule synth:
         images=directory("results/data/synthetic/ISIC_2019_Training_Input"),
     log:
         "results/logs/synth.log",
+    benchmark:
+        "results/benchmarks/synth.tsv"
     conda:
         "../../envs/data.yaml"
     params:
@@ -32,6 +35,7 @@ rule ingest:
         "../../envs/data.yaml"
     params:
         max_pixels=config["data"]["max_pixels"],
+        max_file_bytes=config["data"]["max_file_bytes"],
         synthetic=SYNTHETIC,
         code=get_code("ingest"),
     script:
@@ -45,6 +49,8 @@ rule task:
         task="results/data/task.parquet",
     log:
         "results/logs/task.log",
+    benchmark:
+        "results/benchmarks/task.tsv"
     conda:
         "../../envs/data.yaml"
     params:
@@ -64,6 +70,8 @@ rule split:
         report="results/data/split_report.json",
     log:
         "results/logs/split.log",
+    benchmark:
+        "results/benchmarks/split.tsv"
     conda:
         "../../envs/data.yaml"
     params:
@@ -82,19 +90,25 @@ rule resize:
         manifest="results/data/manifest.parquet",
         images=get_raw_inputs()["images"],
     output:
-        resized="results/resized/{res}px.parquet",
+        # The clean variant is the resized pixels, cached as they are made: one stored copy.
+        cache=directory("results/cache/{res}px/clean"),
     log:
         "results/logs/resize/{res}px.log",
     benchmark:
         "results/benchmarks/resize/{res}px.tsv"
     conda:
         "../../envs/data.yaml"
-    # A thread pool decodes, resizes and degrades (Pillow and OpenCV release the GIL); profiles may change it.
-    threads: 4
+    # A thread pool decodes and resizes (Pillow releases the GIL): one thread per 1000 images, so that small
+    # jobs run side by side; profiles may set it.
+    threads: get_data_threads
     params:
         policy=config["resize"]["policy"],
         reduced_decode=config["resize"]["reduced_decode"],
         max_pixels=config["data"]["max_pixels"],
+        max_file_bytes=config["data"]["max_file_bytes"],
+        classes=config["data"]["classes"],
+        rows_per_shard=config["cache"]["rows_per_shard"],
+        row_group_size=config["cache"]["row_group_size"],
         code=get_code("resize"),
     script:
         "../../scripts/resize.py"
@@ -104,39 +118,23 @@ rule degrade:
     input:
         unpack(get_degrade_input),
     output:
-        degraded="results/degraded/{res}px/{variant}.parquet",
+        cache=directory("results/cache/{res}px/{variant}"),
     log:
         "results/logs/degrade/{res}px/{variant}.log",
     benchmark:
         "results/benchmarks/degrade/{res}px/{variant}.tsv"
+    # Every variant but clean, which the resize rule writes.
+    wildcard_constraints:
+        variant=DEGRADED_VARIANTS,
     conda:
         "../../envs/data.yaml"
-    # A thread pool decodes, resizes and degrades (Pillow and OpenCV release the GIL); profiles may change it.
-    threads: 4
+    # A thread pool degrades (Pillow and OpenCV release the GIL): one thread per 1000 images; profiles may set it.
+    threads: get_data_threads
     params:
         variant=get_variant,
         order=config["degrade"]["order"],
-        policy=config["resize"]["policy"],
-        reduced_decode=config["resize"]["reduced_decode"],
         max_pixels=config["data"]["max_pixels"],
+        max_file_bytes=config["data"]["max_file_bytes"],
         code=get_code("degrade"),
     script:
         "../../scripts/degrade.py"
-
-
-rule cache:
-    input:
-        degraded="results/degraded/{res}px/{variant}.parquet",
-    output:
-        cache=directory("results/cache/{res}px/{variant}"),
-    log:
-        "results/logs/cache/{res}px/{variant}.log",
-    conda:
-        "../../envs/data.yaml"
-    params:
-        classes=config["data"]["classes"],
-        rows_per_shard=config["cache"]["rows_per_shard"],
-        row_group_size=config["cache"]["row_group_size"],
-        code=get_code("cache"),
-    script:
-        "../../scripts/cache.py"
