@@ -1,7 +1,7 @@
-"""Snakemake adapter: one training run (model x resolution x variant x settings) -> config, history, predictions,
-metrics in the run folder. A Preempted exception (SIGTERM/SIGUSR1, checkpoint saved) fails the job on purpose:
-Snakemake's retry then resumes from the checkpoint. With N > 1 GPUs (resource `gpu`) the script first replaces
-itself by torchrun, which runs it on N ranks (distributed.py)."""
+"""Snakemake adapter: one training run through the backbone (finetune, freeze_blocks, lora) -> weights, history,
+config and train.json in the run folder. A Preempted exception (SIGTERM/SIGUSR1, checkpoint saved) fails the job
+on purpose: Snakemake's retry then resumes from the checkpoint. With N > 1 GPUs (resource `gpu`) the script first
+replaces itself by torchrun, which runs it on N ranks (distributed.py)."""
 
 from pathlib import Path
 
@@ -14,9 +14,8 @@ with job_logging(snakemake):
     run_training(
         model_name=snakemake.wildcards.model,
         model_entry=snakemake.params.model,
-        train_cache=snakemake.input.train_cache,
-        eval_cache=snakemake.input.eval_cache,
-        run_dir=str(Path(snakemake.output.metrics).parent),
+        train_cache=snakemake.input.cache,
+        run_dir=str(Path(snakemake.output.summary).parent),
         checkpoint_dir=snakemake.params.checkpoint_dir,
         settings=snakemake.params.settings,
         resolution=int(snakemake.wildcards.res),

@@ -62,7 +62,7 @@ STUDY = {
     },
     "cache": {"rows_per_shard": 16, "row_group_size": 8},
     "models": {"tiny": {"source": "timm:resnet10t", "pretrained": False}},
-    "training": {"batch_size": 16, "epochs": 1, "n_bootstrap": 20},
+    "training": {"batch_size": 16, "epochs": 1, "n_bootstrap": 20, "probe": {"iterations": 50}},
     "experiments": {
         "base": {
             "models": ["tiny"],
@@ -79,7 +79,6 @@ STUDY = {
             "train_variants": ["clean"],
             "eval_variants": ["clean"],
             "modes": ["linear"],
-            "lr": [1.0e-2],
             "seeds": [0],
         },
     },

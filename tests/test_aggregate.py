@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import asdict
+import re
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +14,9 @@ import yaml
 from conftest import REPO
 
 from dermcompress import aggregate, experiments, figures
-from dermcompress.experiments import Run
+from dermcompress import runs as runs_module
 from dermcompress.loader import CacheDataset
+from dermcompress.runs import Evaluation, Run
 from dermcompress.subsample import grouped_subsample
 
 
@@ -26,37 +27,109 @@ def study_config() -> dict:
 # ------------------------------------------------------------------------------------------- experiments
 
 
+def evaluations_of(config: dict) -> dict[str, list[Evaluation]]:
+    return experiments.expand(config)[1]
+
+
 def test_study_grids_are_the_papers():
-    runs = experiments.expand_runs(study_config())
-    by = {name: [r for r in runs if r.experiment == name] for name in {r.experiment for r in runs}}
+    by = {name: [e.point() for e in evals] for name, evals in evaluations_of(study_config()).items()}
     table1 = by["resolution_sweep"]
-    assert {(r.model, r.res) for r in table1} == {
+    assert {(p["model"], p["res"]) for p in table1} == {
         (m, res) for m in ("vit_b16", "dinov2_b14", "simclr_r50") for res in (224, 112, 56)
     }
-    assert {(r.lr, r.schedule, r.epochs, r.mode) for r in table1} == {("1e-05", "linear", 3, "finetune")}
-    assert {(r.res, r.lr) for r in by["vit_lr_sweep"]} == {
+    assert {(p["lr"], p["schedule"], p["epochs"], p["mode"]) for p in table1} == {
+        ("1e-05", "linear", 3, "finetune")
+    }
+    assert {(p["res"], p["lr"]) for p in by["vit_lr_sweep"]} == {
         (res, lr) for res in (224, 112, 56) for lr in ("0.0001", "5e-05", "1e-05")
     }
-    assert {(r.schedule, r.epochs) for r in by["vit_lr_sweep"] + by["dinov2_lr_sweep"]} == {("cosine", 6)}
-    assert {(r.model, r.res, r.lr) for r in by["dinov2_lr_sweep"]} == {
+    assert {(p["schedule"], p["epochs"]) for p in by["vit_lr_sweep"] + by["dinov2_lr_sweep"]} == {
+        ("cosine", 6)
+    }
+    assert {(p["model"], p["res"], p["lr"]) for p in by["dinov2_lr_sweep"]} == {
         ("dinov2_b14", 224, lr) for lr in ("1e-05", "5e-06", "1e-06")
     }
-    assert {r.label_fraction for r in by["label_efficiency"]} == {"0.01", "0.1", "0.25", "0.5", "1"}
-    assert {(r.train_variant, r.eval_variant) for r in by["robustness"]} == {
+    assert {p["label_fraction"] for p in by["label_efficiency"]} == {"0.01", "0.1", "0.25", "0.5", "1"}
+    assert {(p["train_variant"], p["eval_variant"]) for p in by["robustness"]} == {
         (t, e) for t in ("clean", "degraded") for e in ("clean", "jpeg_only", "blur_only", "quantize_only")
     }
-    assert {r.mode for r in by["frozen_vs_finetuned"]} == {"linear", "knn", "finetune"}
-    assert all(len({r.seed for r in group}) == 5 for group in by.values())
+    assert {p["mode"] for p in by["frozen_vs_finetuned"]} == {"linear", "knn", "finetune"}
+    for name, points in by.items():
+        seeds = {p["seed"] for p in points if p["mode"] != "knn"}
+        assert seeds == {0, 1, 2, 3, 4}, name
+
+
+def test_each_distinct_training_runs_once_however_many_experiments_ask():
+    """The study: 125 distinct finetunes (not 205 jobs): the robustness grid trains each model once and
+    evaluates it four times; a frozen_vs_finetuned finetune is a vit_lr_sweep or dinov2_lr_sweep point."""
+    config = study_config()
+    runs, evaluations = experiments.expand(config)
+    finetunes = [r for r in runs if r.mode == "finetune"]
+    assert len(finetunes) == 125 and len(set(finetunes)) == 125
+    robust = evaluations["robustness"]
+    assert len(robust) == 2 * 2 * 4 * 5 and len({e.run for e in robust}) == 2 * 2 * 5
+    frozen = {
+        e.run
+        for e in evaluations["frozen_vs_finetuned"]
+        if e.run.model == "vit_b16" and e.run.mode == "finetune"
+    }
+    sweep = {e.run for e in evaluations["vit_lr_sweep"]}
+    assert frozen and frozen <= sweep
+    # kNN on all labels of a pretrained backbone cannot depend on the seed: one run; on random weights, five.
+    knn = {(e.run.model, e.run.seed) for e in evaluations["frozen_vs_finetuned"] if e.run.mode == "knn"}
+    assert knn == {
+        ("vit_b16", 0),
+        ("dinov2_b14", 0),
+        ("simclr_r50", 0),
+        *(("resnet18_scratch", s) for s in range(5)),
+    }
+    # label_efficiency's 100% probes are frozen_vs_finetuned's.
+    full = {e.run for e in evaluations["label_efficiency"] if e.run.label_fraction == "1"}
+    assert full <= {e.run for e in evaluations["frozen_vs_finetuned"]}
 
 
 def test_distinct_runs_get_distinct_folders_and_paths_parse_back():
-    runs = experiments.expand_runs(study_config())
+    runs, evaluations = experiments.expand(study_config())
     assert len({r.run_dir for r in runs}) == len(runs)
     for run in runs:
-        assert experiments.parse_run_dir(run.run_dir) == run
-        assert experiments.parse_run_dir(f"/somewhere/else/{run.run_dir}/") == run
+        assert runs_module.parse_run_dir(run.run_dir) == run
+        assert runs_module.parse_run_dir(f"/somewhere/else/{run.run_dir}/") == run
+    for evaluation in {e for evals in evaluations.values() for e in evals}:
+        assert runs_module.parse_eval_dir(evaluation.eval_dir) == evaluation
     with pytest.raises(ValueError, match="not a run folder"):
-        experiments.parse_run_dir("results/runs/x/y")
+        runs_module.parse_run_dir("results/runs/x/y")
+    with pytest.raises(ValueError, match="hyperparameters"):
+        runs_module.parse_run_dir("results/runs/m/56px/clean/finetune/probe/labels1/seed0")
+
+
+def test_identity_leaves_out_what_does_not_change_the_weights():
+    """An experiment that only logs or validates more often shares its runs; one that changes the weight
+    decay gets runs of its own (a tag in the path); a probe ignores settings of the modes that train."""
+    config = study_config()
+    grid = {
+        "models": ["vit_b16"],
+        "resolutions": [224],
+        "train_variants": ["clean"],
+        "eval_variants": ["clean"],
+        "modes": ["finetune", "linear"],
+        "lr": {"finetune": [1e-4]},
+        "seeds": [0],
+    }
+    config["experiments"] = {
+        "plain": grid,
+        "chatty": {**grid, "training": {"log_every": 5, "eval_every_epochs": 2}},
+        "decayed": {**grid, "training": {"weight_decay": 0.1}},
+    }
+    config["run_experiments"] = "all"
+    runs, evaluations = experiments.expand(config)
+    plain, chatty, decayed = ({e.run for e in evaluations[n]} for n in ("plain", "chatty", "decayed"))
+    assert plain == chatty and len(runs) == 3
+    (tagged,) = {r for r in decayed if r.mode == "finetune"}
+    assert re.fullmatch(r"[0-9a-f]{8}", tagged.tag) and tagged.hparams == f"lr0.0001_linear_3ep_{tagged.tag}"
+    assert {r for r in decayed if r.mode == "linear"} <= plain  # weight decay: not a probe's
+    assert (
+        runs[next(r for r in plain if r.mode == "finetune")]["log_every"] == config["training"]["log_every"]
+    )
 
 
 def test_epochs_schedules_and_label_fractions_are_grid_dimensions_with_defaults():
@@ -75,17 +148,17 @@ def test_epochs_schedules_and_label_fractions_are_grid_dimensions_with_defaults(
         "wide": {**grid, "epochs": [2, 4], "schedules": ["linear", "cosine"], "label_fractions": [0.5, 1]},
     }
     config["run_experiments"] = "all"
-    plain = experiments.runs_of(config, "plain")
-    # Defaults from the training section; kNN trains nothing, so it runs once whatever the learning rates.
-    assert {(r.epochs, r.schedule, r.label_fraction) for r in plain} == {(3, "linear", "1")}
-    assert sorted((r.mode, r.lr) for r in plain) == [
-        ("finetune", "0.0001"),
-        ("finetune", "1e-05"),
-        ("knn", "0"),
+    runs, evaluations = experiments.expand(config)
+    plain = [e.run for e in evaluations["plain"]]
+    # Defaults from the training section; kNN takes no learning rate, schedule or epochs.
+    assert sorted((r.mode, r.lr, r.schedule, r.epochs, r.label_fraction) for r in plain) == [
+        ("finetune", "0.0001", "linear", 3, "1"),
+        ("finetune", "1e-05", "linear", 3, "1"),
+        ("knn", "", "", 0, "1"),
     ]
-    wide = experiments.runs_of(config, "wide")
-    assert len(wide) == 2 * 2 * 2 * (2 + 1)
-    settings = experiments.run_settings(config, wide[0])
+    wide = [e.run for e in evaluations["wide"]]
+    assert len(wide) == 2 * 2 * 2 * 2 + 2  # finetune: lr x epochs x schedules x fractions; kNN: fractions
+    settings = runs[wide[0]]
     assert {k: settings[k] for k in ("epochs", "schedule", "label_fraction", "lr", "seed")} == {
         "epochs": 2,
         "schedule": "linear",
@@ -93,8 +166,8 @@ def test_epochs_schedules_and_label_fractions_are_grid_dimensions_with_defaults(
         "lr": 1e-4,
         "seed": 0,
     }
-    assert experiments.figure_kinds(config, "plain") == ["curves"]
-    assert experiments.figure_kinds(config, "wide") == ["curves", "label_efficiency"]
+    assert experiments.figure_kinds(evaluations["plain"]) == ["curves"]
+    assert experiments.figure_kinds(evaluations["wide"]) == ["curves", "label_efficiency"]
 
 
 def test_lr_per_mode_and_model_and_conflicting_overrides_are_reported():
@@ -102,25 +175,37 @@ def test_lr_per_mode_and_model_and_conflicting_overrides_are_reported():
     a rate that suits random weights, the pretrained models at the study's."""
     config = study_config()
     grid = copy.deepcopy(config["experiments"]["frozen_vs_finetuned"])
-    runs = experiments.runs_of(config, "frozen_vs_finetuned")
+    runs = [e.run for e in evaluations_of(config)["frozen_vs_finetuned"]]
     rates = {(r.mode, r.model, r.lr) for r in runs}
     assert {(mode, lr) for mode, _, lr in rates} == {
-        ("linear", "0.001"),
+        ("linear", ""),
         ("finetune", "1e-05"),
         ("finetune", "0.001"),
-        ("knn", "0"),
+        ("knn", ""),
     }
     assert {model for mode, model, lr in rates if (mode, lr) == ("finetune", "0.001")} == {"resnet18_scratch"}
-    assert {lr for mode, model, lr in rates if model == "resnet18_scratch"} == {"0.001", "0"}
+    assert {lr for mode, model, lr in rates if model == "resnet18_scratch"} == {"0.001", ""}
     assert experiments.check_experiments(config) == []
     config["experiments"]["frozen_vs_finetuned"] = {
         **grid,
-        "lr": {"finetune": [1e-5], "linear:vit_b16": [1e-3], "finetune:nope": [1e-3]},
+        "lr": {
+            "freeze_blocks": [1e-5],
+            "finetune:vit_b16": [1e-3],
+            "finetune:nope": [1e-3],
+            "linear": [1e-3],
+        },
+        "modes": ["finetune", "freeze_blocks", "linear"],
         "training": {"epochs": 2},
     }
     problems = experiments.check_experiments(config)
     missing = next(p for p in problems if "no learning rates for" in p)
-    assert "'linear:dinov2_b14'" in missing and "linear:vit_b16" not in missing and "finetune:" not in missing
+    assert (
+        "'finetune:dinov2_b14'" in missing and "finetune:vit_b16" not in missing and "freeze" not in missing
+    )
+    assert any(
+        p.startswith("experiments.frozen_vs_finetuned.lr.linear: linear takes no learning rate")
+        for p in problems
+    )
     assert "experiments.frozen_vs_finetuned.lr.finetune:nope: no model 'nope' in models" in problems
     # A key for a model the grid does not run is no error: an overlay may narrow the grid.
     config["experiments"]["frozen_vs_finetuned"] = {**grid, "models": ["vit_b16"]}
@@ -200,14 +285,12 @@ def test_cache_dataset_keeps_only_requested_images(tmp_path):
 
 
 def fake_runs(root: Path, points: list[dict], seeds=(0, 1), val_auc=None) -> list[str]:
-    """Run folders with a metrics.json and history.csv each (accuracy from the grid point, so rows differ;
-    validation AUC too, or `val_auc[i]` for point i)."""
+    """Evaluation folders with a metrics.json each, their runs' folders with a history.csv (kNN: none);
+    accuracy from the grid point, so rows differ; validation AUC too, or `val_auc[i]` for point i."""
     base = {
-        "experiment": "exp",
         "model": "m",
         "res": 64,
         "train_variant": "clean",
-        "eval_variant": "clean",
         "mode": "finetune",
         "lr": "0.001",
         "schedule": "cosine",
@@ -217,8 +300,12 @@ def fake_runs(root: Path, points: list[dict], seeds=(0, 1), val_auc=None) -> lis
     dirs = []
     for i, point in enumerate(points):
         for seed in seeds:
-            run = Run(**{**base, **point, "seed": seed})
-            folder = root / run.run_dir
+            fields = {**base, **point, "seed": seed}
+            if fields["mode"] == "knn":
+                fields.update(lr="", schedule="", epochs=0)
+            eval_variant = fields.pop("eval_variant", "clean")
+            evaluation = Evaluation(Run(**fields), eval_variant)
+            folder = root / evaluation.eval_dir
             folder.mkdir(parents=True)
             accuracy = 0.6 + 0.05 * i + 0.01 * seed
             metrics = {
@@ -229,7 +316,7 @@ def fake_runs(root: Path, points: list[dict], seeds=(0, 1), val_auc=None) -> lis
                 "val_accuracy": accuracy - 0.02,
                 "val_auc": (accuracy + 0.05) if val_auc is None else val_auc[i] + 0.01 * seed,
                 "val_balanced_accuracy": accuracy - 0.02,
-                "gmacs": 0.1 * run.res / 64,
+                "gmacs": 0.1 * evaluation.run.res / 64,
                 "params_m": 5.0,
                 "peak_train_mem_mb": None,
                 "peak_eval_mem_mb": None,
@@ -245,7 +332,8 @@ def fake_runs(root: Path, points: list[dict], seeds=(0, 1), val_auc=None) -> lis
                     "eval_accuracy": [None, None, 0.6, None, None, accuracy],
                 }
             )
-            history.to_csv(folder / "history.csv", index=False)
+            if evaluation.run.mode != "knn":
+                history.to_csv(root / evaluation.run.run_dir / "history.csv", index=False)
             dirs.append(str(folder))
     return dirs
 
@@ -271,7 +359,7 @@ def test_table_rows_are_means_and_stds_over_seeds_with_their_runs(tmp_path):
         values = [json.loads((Path(r) / "metrics.json").read_text())["accuracy"] for r in runs]
         assert row.accuracy_mean == pytest.approx(np.mean(values))
         assert row.accuracy_std == pytest.approx(np.std(values, ddof=1))
-        assert {asdict(experiments.parse_run_dir(r))["res"] for r in runs} == {row.res}
+        assert {runs_module.parse_eval_dir(r).run.res for r in runs} == {row.res}
     md = Path(out["md"]).read_text()
     assert "A sweep" in md and "0.605 ± 0.007" in md and aggregate.CPU_NOTE in md
     header = md.splitlines()[2]
@@ -305,7 +393,7 @@ def test_a_sweep_marks_the_setting_best_on_validation_never_on_test(tmp_path):
     [
         (
             "curves",
-            [{"res": 64}, {"res": 32}, {"model": "n", "res": 64}, {"model": "n", "mode": "knn", "lr": "0"}],
+            [{"res": 64}, {"res": 32}, {"model": "n", "res": 64}, {"model": "n", "mode": "knn"}],
         ),
         ("cost", [{"res": 64}, {"res": 32}, {"model": "n", "res": 64}]),
         (

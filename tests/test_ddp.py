@@ -19,10 +19,11 @@ import pandas as pd
 import pytest
 import torch
 from conftest import learnable_cache
+from safetensors.torch import load_file
 
+from dermcompress.checkpoints import CHECKPOINT
 from dermcompress.distributed import torchrun_command
 from dermcompress.loader import make_loader, step_batches
-from dermcompress.train import CHECKPOINT
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["MEL", "NV"]
@@ -78,12 +79,12 @@ def train(cache_dir: Path, out: Path, *, nproc: int, stop: str | None = None) ->
         "model_name": "test_vit",
         "model_entry": {"source": "timm:test_vit", "pretrained": False},
         "train_cache": str(cache_dir),
-        "eval_cache": str(cache_dir),
         "run_dir": str(out / "run"),
         "checkpoint_dir": str(out / "ckpt"),
         "settings": SETTINGS,
         "resolution": RES,
         "splits": str(cache_dir.parent / "splits.parquet"),
+        "weights_path": str(out / "run" / "weights.safetensors"),
     }
     script = out / "worker.py"
     out.mkdir(parents=True, exist_ok=True)
@@ -102,13 +103,20 @@ def train(cache_dir: Path, out: Path, *, nproc: int, stop: str | None = None) ->
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
 
 
-def outputs(out: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+def outputs(out: Path) -> tuple[dict[str, torch.Tensor], pd.DataFrame, dict]:
+    """The trained weights, history.csv and train.json of a run."""
     run = out / "run"
     return (
-        pd.read_parquet(run / "predictions.parquet"),
+        load_file(str(run / "weights.safetensors")),
         pd.read_csv(run / "history.csv"),
-        json.loads((run / "metrics.json").read_text()),
+        json.loads((run / "train.json").read_text()),
     )
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
 
 
 @pytest.fixture(scope="module")
@@ -123,14 +131,14 @@ def test_two_ranks_equal_one_process(cache_dir, one_process, tmp_path):
     proc = train(cache_dir, tmp_path, nproc=2)
     assert proc.returncode == 0, proc.stderr[-5000:]
     assert "rank 1 of 2 on cpu" in proc.stderr  # really two processes in one gloo group
-    predictions, history, metrics = outputs(tmp_path)
-    ref_predictions, ref_history, ref_metrics = outputs(one_process)
-    assert metrics["world_size"] == 2 and ref_metrics["world_size"] == 1
-    assert metrics["steps"] == ref_metrics["steps"] == STEPS
-    pd.testing.assert_frame_equal(predictions, ref_predictions, check_exact=True)
+    weights, history, summary = outputs(tmp_path)
+    ref_weights, ref_history, ref_summary = outputs(one_process)
+    assert summary["world_size"] == 2 and ref_summary["world_size"] == 1
+    assert summary["steps"] == ref_summary["steps"] == STEPS
+    assert_same_weights(weights, ref_weights)
     pd.testing.assert_frame_equal(history, ref_history, check_exact=True)
     # The run learned something, so the equality is not that of two untrained models; and clipping was at work.
-    assert metrics["accuracy"] >= 0.75
+    assert history["eval_accuracy"].dropna().iloc[-1] >= 0.75
     assert (history["grad_norm"] > SETTINGS["max_grad_norm"]).any()
 
 
@@ -143,15 +151,15 @@ def test_signal_on_one_rank_stops_both_and_resumes_on_one_process(cache_dir, one
     assert "Preempted: SIGTERM at step 2" in proc.stderr
     checkpoint = torch.load(tmp_path / "ckpt" / CHECKPOINT, weights_only=True)
     assert checkpoint["state"]["step"] == 2 and len(checkpoint["rank_rng"]) == 2
-    assert not (tmp_path / "run" / "metrics.json").exists()
+    assert not (tmp_path / "run" / "train.json").exists()
 
     proc = train(cache_dir, tmp_path, nproc=1)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resuming from" in proc.stderr and "step 2, epoch 0, 2 steps into it" in proc.stderr
-    predictions, history, metrics = outputs(tmp_path)
-    ref_predictions, ref_history, _ = outputs(one_process)
-    assert metrics["steps"] == STEPS
-    pd.testing.assert_frame_equal(predictions, ref_predictions, check_exact=True)
+    weights, history, summary = outputs(tmp_path)
+    ref_weights, ref_history, _ = outputs(one_process)
+    assert summary["steps"] == STEPS
+    assert_same_weights(weights, ref_weights)
     pd.testing.assert_frame_equal(history, ref_history, check_exact=True)
 
 

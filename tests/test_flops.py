@@ -120,7 +120,7 @@ def test_cli_flops_subprocess(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     cost = json.loads(result.stdout)
-    assert set(cost) == {"gmacs", "params_m", "effective_input_px"}
+    assert set(cost) == {"gmacs", "params_m", "effective_input_px", "feature_dim"}
     assert cost["effective_input_px"] == 48
     assert macs(cost["gmacs"]) == macs(model_cost("timm:vit_tiny_patch16_224", resolution=56)["gmacs"])
 

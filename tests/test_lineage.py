@@ -124,7 +124,8 @@ def cli(workdir: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 def run_dir(workdir: Path, experiment: str = "base") -> Path:
-    return next((workdir / f"results/runs/{experiment}").rglob("metrics.json")).parent
+    """The evaluation folder of the experiment's first table row."""
+    return workdir / pd.read_csv(workdir / f"results/tables/{experiment}.csv")["runs"][0].split(";")[0]
 
 
 def sha256(path: Path) -> str:
@@ -147,8 +148,11 @@ def test_table_row_names_the_raw_image_hashes_of_its_test_split(finished_study):
     report = json.loads(proc.stdout)
     assert report["broken"] == [] and report["files_checked"] > 100
     assert report["runs"] == rows.loc[0, "runs"].split(";")
-    run = finished_study / report["runs"][0]
-    eval_cache = json.loads((run / "config.json").read_text())["eval_cache"]
+    # The run's weights, temporary, are gone: removed after use, their hash on record, not a broken link.
+    (removed,) = report["removed"]
+    assert removed["path"].endswith("weights.safetensors") and not Path(removed["path"]).exists()
+    stages = {s["rule"]: s for s in report["stages"]}
+    eval_cache = next(e["path"] for e in stages["evaluate"]["inputs"] if e["name"] == "cache")
     test_ids = read_split(finished_study / eval_cache, "test").image_ids
     manifest = pd.read_parquet(finished_study / "results/data/manifest.parquet").set_index("image_id")
     named = {r["image_id"]: r["sha256"] for r in report["images"]["by_split"]["test"]}
@@ -159,8 +163,17 @@ def test_table_row_names_the_raw_image_hashes_of_its_test_split(finished_study):
         raw = finished_study / RAW_IMAGES / manifest.at[image_id, "member"]
         assert digest == sha256(raw)  # hashed here, independently of the pipeline
     # Every stage from the table back to the synthetic raw files, with the parameters that made this row.
-    stages = {s["rule"]: s for s in report["stages"]}
-    assert set(stages) == {"table", "train", "degrade", "resize", "split", "task", "ingest", "synth"}
+    assert set(stages) == {
+        "table",
+        "evaluate",
+        "train",
+        "degrade",
+        "resize",
+        "split",
+        "task",
+        "ingest",
+        "synth",
+    }
     assert stages["train"]["params"]["settings"]["lr"] == 1.0e-3
     # Trained on the degraded variant (degrade's cache), evaluated on the clean one (resize's cache).
     degrades = {s["wildcards"]["variant"]: s for s in report["stages"] if s["rule"] == "degrade"}
@@ -172,17 +185,18 @@ def test_table_row_names_the_raw_image_hashes_of_its_test_split(finished_study):
     assert stages["degrade"]["code"]["source"] == fingerprint.module_fingerprint("dermcompress.degrade")
     text = cli(finished_study, "results/tables/base.md", "--row", "0").stdout
     assert f"test  {test_ids[0]}  sha256 {named[test_ids[0]]}" in text
-    assert "OK: all" in text
+    assert "OK: all" in text and "Removed after use (1)" in text
 
 
 @pytest.mark.workflow
 def test_a_row_follows_only_its_own_runs(finished_study):
     report = lineage.trace(finished_study / "results/runs/index.csv", verify=False)
-    assert sum(s["rule"] == "train" for s in report["stages"]) == 2
+    rules = [s["rule"] for s in report["stages"]]
+    assert rules.count("train") == rules.count("linear") == 1  # base's finetune, other's linear probe
     table = finished_study / "results/tables/other.csv"
     report = lineage.trace(table, row=0, verify=False)
-    trains = [s for s in report["stages"] if s["rule"] == "train"]
-    assert [t["wildcards"]["experiment"] for t in trains] == ["other"]
+    rules = [s["rule"] for s in report["stages"]]
+    assert "linear" in rules and "features" in rules and "train" not in rules
     with pytest.raises(lineage.LineageError, match=r"rows 0\.\.0"):
         lineage.trace(table, row=5)
 
@@ -192,7 +206,7 @@ def test_run_folder_and_cache_shard_walk_back_to_the_raw_images(finished_study):
     run = run_dir(finished_study)
     report = lineage.trace(run)
     assert report["broken"] == []
-    assert report["stages"][0]["rule"] == "train"
+    assert [s["rule"] for s in report["stages"][:2]] == ["evaluate", "train"]
     splits = pd.read_parquet(finished_study / "results/data/splits.parquet")
     by_split = {s: {r["image_id"] for r in rows} for s, rows in report["images"]["by_split"].items()}
     assert by_split == {s: set(ids) for s, ids in splits.groupby("split")["image_id"]}
@@ -228,8 +242,8 @@ def test_tampered_cache_shard_is_a_broken_link(study_copy):
     assert broken[shard]["sha256_now"] == sha256(shard)
     assert broken[shard]["recorded"][0]["sha256"] != sha256(shard)
     cache = broken[study_copy / "results/cache/16px/clean"]
-    # Written by resize, read by the run and by the degrade job that made the run's training cache.
-    assert {r["by"].split("[")[0] for r in cache["recorded"]} == {"train", "resize", "degrade"}
+    # Written by resize, read by the evaluation and by the degrade job that made the run's training cache.
+    assert {r["by"].split("[")[0] for r in cache["recorded"]} == {"evaluate", "resize", "degrade"}
     text = cli(study_copy, str(shard.relative_to(study_copy))).stdout
     assert "BROKEN LINKS" in text and str(shard.relative_to(study_copy)) in text
 

@@ -47,22 +47,40 @@ def jobs_of(jobs, rule: str) -> list[dict[str, str]]:
     return [wildcards(job) for job in jobs if job[0] == rule]
 
 
-def experiments_touched(jobs) -> set[str]:
-    """The experiments of every planned job that belongs to one (training and per-experiment aggregation)."""
-    return {wildcards(job)["experiment"] for job in jobs if "experiment" in wildcards(job)}
+def tables(jobs) -> set[str]:
+    """The experiments whose table a dry run plans."""
+    return {w["experiment"] for w in jobs_of(jobs, "table")}
+
+
+# STUDY's runs: `base` finetunes on the degraded variant (and is evaluated on clean); `other` is a linear probe
+# on the clean one.
+BASE_RUN = {"model": "tiny", "res": "16", "train_variant": "degraded", "mode": "finetune"}
 
 
 def test_nothing_changed_nothing_planned(finished_study):
     assert dry_run(finished_study) == set()
 
 
-def test_new_learning_rate_reruns_only_that_experiments_training_and_aggregation(finished_study):
+def test_new_learning_rate_reruns_only_that_training_its_evaluations_and_tables(finished_study):
     jobs = dry_run(finished_study, {"experiments": {"base": {"lr": [5.0e-4]}}})
     assert not rules_of(jobs) & DATA_RULES
-    assert [(t["experiment"], t["lr"]) for t in jobs_of(jobs, "train")] == [("base", "0.0005")]
-    assert experiments_touched(jobs) == {"base"}
-    assert jobs_of(jobs, "table") == [{"experiment": "base"}]
+    assert [t["hparams"] for t in jobs_of(jobs, "train")] == ["lr0.0005_linear_1ep"]
+    assert [(e["hparams"], e["eval_variant"]) for e in jobs_of(jobs, "evaluate")] == [
+        ("lr0.0005_linear_1ep", "clean")
+    ]
+    assert not rules_of(jobs) & {"features", "linear", "evaluate_probe"}
+    assert tables(jobs) == {"base"}
     assert "data_summary" not in rules_of(jobs)
+
+
+def test_new_eval_variant_evaluates_the_run_again(finished_study):
+    """A new eval variant needs the run's weights, which were temporary: the run trains again, and so its
+    existing evaluation runs again too (with training.keep_weights only the new one would run:
+    tests/test_train_workflow.py)."""
+    jobs = dry_run(finished_study, {"experiments": {"base": {"eval_variants": ["clean", "degraded"]}}})
+    assert sorted(e["eval_variant"] for e in jobs_of(jobs, "evaluate")) == ["clean", "degraded"]
+    assert [{k: t[k] for k in BASE_RUN} for t in jobs_of(jobs, "train")] == [BASE_RUN]
+    assert tables(jobs) == {"base"}
 
 
 def test_new_jpeg_quality_reruns_the_degraded_variant_and_what_uses_it(finished_study):
@@ -73,8 +91,10 @@ def test_new_jpeg_quality_reruns_the_degraded_variant_and_what_uses_it(finished_
         ("32", "degraded"),
     ]
     # Only `base` trains on the degraded variant; `other` is clean throughout.
-    assert [t["experiment"] for t in jobs_of(jobs, "train")] == ["base"]
-    assert experiments_touched(jobs) == {"base"}
+    assert [{k: t[k] for k in BASE_RUN} for t in jobs_of(jobs, "train")] == [BASE_RUN]
+    assert len(jobs_of(jobs, "evaluate")) == 1
+    assert not rules_of(jobs) & {"features", "linear", "evaluate_probe"}
+    assert tables(jobs) == {"base"}
     assert "data_summary" not in rules_of(jobs)
 
 
@@ -83,9 +103,9 @@ def test_new_resolution_reruns_only_its_resize_and_downstream(finished_study):
     jobs = dry_run(finished_study, change)
     assert not rules_of(jobs) & {"synth", "ingest", "task", "split"}
     assert jobs_of(jobs, "resize") == [{"res": "8"}]
-    for rule in ("degrade", "train"):
+    for rule in ("degrade", "train", "evaluate"):
         assert jobs_of(jobs, rule) and all(w["res"] == "8" for w in jobs_of(jobs, rule))
-    assert experiments_touched(jobs) == {"base"}
+    assert tables(jobs) == {"base"}
 
 
 def test_edit_to_degradation_module_reruns_degradation_and_downstream(finished_study):
@@ -103,8 +123,9 @@ def test_edit_to_degradation_module_reruns_degradation_and_downstream(finished_s
         ("32", "degraded"),
     ]
     # `base` trains on the degraded variant; `other` only reads clean caches, so it stands.
-    assert {t["experiment"] for t in jobs_of(jobs, "train")} == {"base"}
-    assert {t["experiment"] for t in jobs_of(jobs, "table")} == {"base"}
+    assert [{k: t[k] for k in BASE_RUN} for t in jobs_of(jobs, "train")] == [BASE_RUN]
+    assert not rules_of(jobs) & {"features", "linear", "evaluate_probe"}
+    assert tables(jobs) == {"base"}
     assert "data_summary" not in rules_of(jobs)
 
 
@@ -118,13 +139,13 @@ def test_edit_to_training_code_retrains_from_step_zero(finished_study, tmp_path)
     module.write_text(module.read_text() + "\n# an edit to the training code\n")
     proc = snakemake(workdir)
     assert "rule train:" in proc.stdout + proc.stderr
-    for log in (workdir / "results/logs/runs").rglob("*.log"):
+    logs = list((workdir / "results/logs/runs").rglob("train.log"))
+    assert logs
+    for log in logs:
         text = log.read_text()
-        if "mode finetune" not in text and "mode linear" not in text:
-            continue
         assert "resuming" not in text, log
         assert re.search(r"step 1/\d+ lr", text), log  # trained from the first step
-    history = pd.read_csv(next((workdir / "results/runs/base").rglob("history.csv")))
+    history = pd.read_csv(next((workdir / "results/runs/tiny/16px/degraded/finetune").rglob("history.csv")))
     steps = history.dropna(subset=["train_loss"])["step"].tolist()
     assert steps == list(range(1, len(steps) + 1)) and steps, "a loss row per step (log_every 1)"
     assert not list((workdir / "results/checkpoints").rglob("*.pt"))
@@ -132,7 +153,9 @@ def test_edit_to_training_code_retrains_from_step_zero(finished_study, tmp_path)
 
 @pytest.mark.parametrize(
     ("distribution", "reruns"),
-    [("timm", {"train"}), ("tqdm", set())],  # tqdm draws progress bars: a new one changes no number
+    # timm builds every backbone: the GPU stages rerun (and what reads them). tqdm draws progress bars: a new one
+    # changes no number.
+    [("timm", {"train", "evaluate", "features"}), ("tqdm", set())],
 )
 def test_new_package_version_reruns_only_the_rules_that_import_it(finished_study, distribution, reruns):
     # A distribution found first on sys.path wins: the workflow puts its src/ there, so this is "installed".
@@ -146,5 +169,5 @@ def test_new_package_version_reruns_only_the_rules_that_import_it(finished_study
     if not reruns:
         assert jobs == set()
         return
-    assert rules_of(jobs) & (DATA_RULES | {"train"}) == reruns
-    assert {t["experiment"] for t in jobs_of(jobs, "train")} == {"base", "other"}
+    assert not rules_of(jobs) & DATA_RULES
+    assert rules_of(jobs) & {"train", "evaluate", "features"} == reruns

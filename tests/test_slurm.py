@@ -1,12 +1,14 @@
 """The workflow through a real SLURM: a one-node cluster stood up on this machine (tests/slurm/up.sh), the
 SLURM executor plugin, the CI profile (profiles/slurm-ci), sbatch and srun for every job.
 
-One workflow run (the module fixture) carries the tests: a trimmed demo with three identical training runs but
-for where they run: `single` on one fake H100; `preempted` likewise but stopped mid-training with the signal
-SLURM sends before a time limit (`scancel --signal=TERM`, what `--signal=TERM@...` delivers), then resumed by
-Snakemake's retry; and `ddp` on two fake H100s, i.e. two ranks under torchrun, stopped and resumed likewise.
-The model is a ViT without dropout and the micro batch is half the global batch, so all three must end with the
-very same predictions (test_ddp.py explains why exactly).
+The module fixture runs a trimmed demo with three trainings that are the same computation under three registry
+names (so three runs): `tiny_single` on one fake H100, evaluated on two variants, the training and both
+evaluations one group submission asking for one GPU; `tiny_preempted` likewise but stopped mid-training with
+the signal SLURM sends before a time limit (`scancel --signal=TERM`, what `--signal=TERM@...` delivers), then
+resumed by Snakemake's retry; and, in a second Snakemake run with a per-submission pool of two GPUs,
+`tiny_ddp` on two fake H100s, i.e. two ranks under torchrun, stopped and resumed likewise. The model is a ViT
+without dropout and the micro batch is half the global batch, so all three must end with the very same
+predictions (test_ddp.py explains why exactly).
 
 Without root or apt the SLURM tests skip locally, saying why; with DERMCOMPRESS_REQUIRE_SLURM=1 (`make test`,
 `make test-slurm`) or CI set they fail instead.
@@ -33,12 +35,11 @@ pytestmark = [pytest.mark.workflow, pytest.mark.slurm]
 UP, DOWN = REPO / "tests/slurm/up.sh", REPO / "tests/slurm/down.sh"
 REQUIRED = bool(os.environ.get("DERMCOMPRESS_REQUIRE_SLURM") or os.environ.get("CI"))
 TIMEOUT_S = 900  # the whole workflow run; `timeout -s INT` makes Snakemake cancel its jobs and stop
-SUBMITTED = re.compile(r"Job \d+ has been submitted with SLURM jobid (\d+) \(log: (\S+)\)\.")
+SUBMITTED = re.compile(r"Job \S+ has been submitted with SLURM jobid (\d+) \(log: (\S+)\)\.")
 STEP_LINE = re.compile(r"\bstep (\d+)/(\d+)\b")
 
-# Three runs that differ only in their experiment's name (and so in how the CI profile places them).
+# Three trainings that differ only in their model's registry name (and so in how the CI profile places them).
 GRID = {
-    "models": ["tiny_vit"],
     "resolutions": [64],
     "train_variants": ["clean"],
     "eval_variants": ["clean"],
@@ -48,18 +49,35 @@ GRID = {
     "epochs": [4],
     "seeds": [0],
 }
-EXPERIMENTS = ("single", "preempted", "ddp")
+EXPERIMENTS = {"single": "tiny_single", "preempted": "tiny_preempted", "ddp": "tiny_ddp"}
 PREEMPTED = ("preempted", "ddp")  # stopped once mid-training, then resumed by Snakemake's retry
+FIRST = ("single", "preempted")  # the first Snakemake run; the second (a pool of two GPUs) adds ddp
 METRICS = ("accuracy", "auc", "f1_macro", "balanced_accuracy")
 OVERLAY = {
     "data": {"synthetic": {"n": 1000, "seed": 0}},
     "resize": {"resolutions": [64]},
-    "degrade": {"variants": {"clean": {"fractions": {}}}},
+    "degrade": {
+        "variants": {
+            "clean": {"fractions": {}},
+            "jpeg_only": {"fractions": {"jpeg": 1.0}, "splits": ["train", "val", "test"]},
+        }
+    },
     "cache": {"rows_per_shard": 256, "row_group_size": 32},
-    "models": {"tiny_vit": {"source": "timm:vit_tiny_patch16_224", "pretrained": False}},
+    "models": {
+        name: {"source": "timm:vit_tiny_patch16_224", "pretrained": False} for name in EXPERIMENTS.values()
+    },
     # Two micro batches per step: one process accumulates them, two ranks take one each.
     "training": {"batch_size": 32, "micro_batch_size": 16, "epochs": 4, "log_every": 1, "n_bootstrap": 50},
-    "experiments": {name: {"description": f"SLURM test: {name}", **GRID} for name in EXPERIMENTS},
+    "experiments": {
+        name: {
+            "description": f"SLURM test: {name}",
+            **GRID,
+            "models": [model],
+            # `single` is evaluated on two variants: both evaluations ride in its training's submission.
+            "eval_variants": ["clean", "jpeg_only"] if name == "single" else ["clean"],
+        }
+        for name, model in EXPERIMENTS.items()
+    },
     "run_experiments": list(EXPERIMENTS),
 }
 
@@ -98,6 +116,7 @@ class Run:
             cmd, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
         )
         self.lines: list[str] = []
+        self.shown: dict[str, str] = {}  # SLURM job id -> `scontrol show job`
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
 
@@ -116,170 +135,210 @@ class Run:
                 )
         return found
 
+    def watch_jobs(self) -> None:
+        """Keep what `scontrol show job` says of each submission while SLURM still knows it (slurmctld forgets
+        finished jobs after MinJobAge)."""
+        for job, _, _ in self.submissions():
+            if job not in self.shown:
+                shown = subprocess.run(
+                    ["scontrol", "show", "job", job], capture_output=True, text=True
+                ).stdout
+                if shown:
+                    self.shown[job] = shown
+
     def wait(self) -> int:
-        code = self.proc.wait(timeout=TIMEOUT_S + 60)
+        deadline = time.monotonic() + TIMEOUT_S + 60
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            self.watch_jobs()
+            time.sleep(0.5)
+        code = self.proc.wait(timeout=60)
         self.reader.join(timeout=10)
+        self.watch_jobs()
         return code
 
 
-def run_log(workdir: Path, experiment: str) -> Path:
-    return next((workdir / "results/logs/runs" / experiment).rglob("*.log"))
+def train_log(workdir: Path, experiment: str) -> Path:
+    return next((workdir / "results/logs/runs" / EXPERIMENTS[experiment]).rglob("train.log"))
 
 
-def preempt_when_training(run: Run, workdir: Path) -> dict[str, tuple[str, int]]:
-    """Wait for the first attempt of each run in PREEMPTED to log an optimizer step, then send its job SIGTERM as
-    SLURM would before a time limit. Returns experiment -> (its SLURM job id, the run's total steps)."""
+def run_jobs(run: Run, experiment: str) -> list[tuple[str, Path]]:
+    """(SLURM job id, SLURM log) of each submission of an experiment's run (its training's group), in order."""
+    folder = f"results/runs/{EXPERIMENTS[experiment]}/"
+    return [
+        (j, log)
+        for j, rule, log in run.submissions()
+        if rule.startswith("group_run_") and log.is_file() and folder in log.read_text()
+    ]
+
+
+def preempt_when_training(
+    run: Run, workdir: Path, experiments: tuple[str, ...]
+) -> dict[str, tuple[str, int]]:
+    """Wait for the first attempt of each run in `experiments` to log an optimizer step, then send its job
+    SIGTERM as SLURM would before a time limit. Returns experiment -> (its SLURM job id, the run's steps)."""
     signalled: dict[str, tuple[str, int]] = {}
     deadline = time.monotonic() + TIMEOUT_S
-    while time.monotonic() < deadline and run.proc.poll() is None and len(signalled) < len(PREEMPTED):
-        for experiment in set(PREEMPTED) - set(signalled):
-            jobs = [
-                j
-                for j, rule, log in run.submissions()
-                if rule == "train" and log.parent.name.startswith(experiment)
-            ]
-            logs = list((workdir / "results/logs/runs" / experiment).rglob("*.log"))
+    while time.monotonic() < deadline and run.proc.poll() is None and len(signalled) < len(experiments):
+        for experiment in set(experiments) - set(signalled):
+            jobs = run_jobs(run, experiment)
+            logs = list((workdir / "results/logs/runs" / EXPERIMENTS[experiment]).rglob("train.log"))
             steps = STEP_LINE.findall(logs[0].read_text()) if jobs and logs else []
             if steps:
-                subprocess.run(["scancel", "--signal=TERM", jobs[0]], check=True)
-                signalled[experiment] = jobs[0], int(steps[0][1])
+                subprocess.run(["scancel", "--signal=TERM", jobs[0][0]], check=True)
+                signalled[experiment] = jobs[0][0], int(steps[0][1])
+        run.watch_jobs()
         time.sleep(0.05)
-    if len(signalled) < len(PREEMPTED):
+    if len(signalled) < len(experiments):
         pytest.fail(
-            f"only {sorted(signalled)} of {PREEMPTED} started training:\n" + "\n".join(run.lines[-60:])
+            f"only {sorted(signalled)} of {experiments} started training:\n" + "\n".join(run.lines[-60:])
         )
     return signalled
 
 
-@pytest.fixture(scope="module")
-def finished(slurm, request, tmp_path_factory):
-    """The trimmed demo through SLURM with the runs in PREEMPTED stopped once: (workdir, Run, {experiment: (job
-    id, steps)})."""
-    workdir = copy_workflow(tmp_path_factory.mktemp("slurm"))
-    config = yaml.safe_load((workdir / "config.yaml").read_text())
-    for key, value in OVERLAY.items():  # sections merge, except the model registry and the experiments
-        merge = isinstance(value, dict) and key not in ("models", "experiments")
-        config[key] = {**config[key], **value} if merge else value
-    write_config(workdir / "config.yaml", config)
-    run = Run(workdir, "--profile", "profiles/slurm-ci")
-    signalled = preempt_when_training(run, workdir)
+def through_slurm(request, workdir: Path, experiments: tuple[str, ...], *args: str) -> tuple[Run, dict]:
+    """One Snakemake run through SLURM, its runs in `experiments` stopped once mid-training."""
+    run = Run(workdir, "--profile", "profiles/slurm-ci", *args)
+    signalled = preempt_when_training(run, workdir, experiments)
     code = run.wait()
     for line in run.lines:  # Snakemake's own words: real sbatch job ids
         if "submitted with SLURM jobid" in line:
             say(request, line)
     if code != 0:
         pytest.fail(f"snakemake through SLURM failed ({code}):\n" + "\n".join(run.lines[-150:]))
-    return workdir, run, signalled
+    return run, signalled
 
 
-def outputs(workdir: Path, experiment: str) -> tuple[Path, dict]:
-    metrics = next((workdir / "results/runs" / experiment).rglob("metrics.json"))
+@pytest.fixture(scope="module")
+def finished(slurm, request, tmp_path_factory):
+    """The trimmed demo through SLURM in two Snakemake runs, the runs in PREEMPTED stopped once: (workdir,
+    {experiment: its Snakemake Run}, {experiment: (job id, steps)})."""
+    workdir = copy_workflow(tmp_path_factory.mktemp("slurm"))
+    config = yaml.safe_load((workdir / "config.yaml").read_text())
+    for key, value in OVERLAY.items():  # sections merge, except the model registry and the experiments
+        merge = isinstance(value, dict) and key not in ("models", "experiments")
+        config[key] = {**config[key], **value} if merge else value
+    write_config(workdir / "config.yaml", config)
+    write_config(workdir / "first.yaml", {"run_experiments": list(FIRST)})
+    first, signalled = through_slurm(request, workdir, ("preempted",), "--configfile", "first.yaml")
+    # The second adds the run that trains on both GPUs.
+    second, more = through_slurm(request, workdir, ("ddp",))
+    runs = {name: second if name == "ddp" else first for name in EXPERIMENTS}
+    return workdir, runs, signalled | more
+
+
+def evaluation(workdir: Path, experiment: str, variant: str = "clean") -> tuple[Path, dict]:
+    (metrics,) = (workdir / "results/runs" / EXPERIMENTS[experiment]).rglob(f"eval/{variant}/metrics.json")
     return metrics.parent, json.loads(metrics.read_text())
 
 
-def train_jobs(run: Run, experiment: str) -> list[tuple[str, Path]]:
-    """(SLURM job id, SLURM log) of each attempt of an experiment's training run, in order."""
-    return [
-        (j, log)
-        for j, rule, log in run.submissions()
-        if rule == "train" and log.parent.name.startswith(experiment)
-    ]
-
-
 def test_demo_runs_end_to_end_through_slurm(finished):
-    workdir, run, signalled = finished
-    jobs = run.submissions()
+    workdir, runs, signalled = finished
+    jobs = runs["single"].submissions()
     rules = {rule for _, rule, _ in jobs}
-    # Every stage went through sbatch (aggregation too, unless the workflow declares it local).
-    assert {"synth", "ingest", "task", "split", "resize", "degrade", "train"} <= rules, rules
+    # Every stage went through sbatch (aggregation too, unless the workflow declares it local); training and
+    # evaluation only inside groups.
+    assert {
+        "synth",
+        "ingest",
+        "task",
+        "split",
+        "resize",
+        "degrade",
+        "group_run_64px_evaluate_train",
+    } <= rules, rules
+    assert not rules & {"train", "evaluate"}, rules
     assert all(log.is_file() for _, _, log in jobs), "SLURM writes each job's log"
-    # Training jobs asked SLURM for H100s on the GPU partition: one, or two for the `ddp` experiment.
-    for experiment in EXPERIMENTS:
-        for job, _ in train_jobs(run, experiment):
-            shown = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
-            gpus = 2 if experiment == "ddp" else 1
-            assert f"TresPerJob=gres:gpu:h100:{gpus}" in shown and "Partition=gpu" in shown, shown
+    # One submission for the training and both its evaluations, asking SLURM for one H100 on the GPU partition.
+    ((job, log),) = run_jobs(runs["single"], "single")
+    text = log.read_text()
+    # (the job step's Snakemake runs each as a local rule)
+    assert text.count("localrule train:") == 1 and text.count("localrule evaluate:") == 2, text[-3000:]
+    shown = runs["single"].shown[job]
+    assert "TresPerJob=gres:gpu:h100:1" in shown and "Partition=gpu" in shown, shown
+    for job, _ in run_jobs(runs["ddp"], "ddp"):
+        assert "TresPerJob=gres:gpu:h100:2" in runs["ddp"].shown[job]
     # With two GPUs the script relaunched itself under torchrun, and the run trained on two ranks.
-    _, ddp = outputs(workdir, "ddp")
-    assert ddp["world_size"] == 2 and ddp["steps"] == signalled["ddp"][1]
-    assert all("launching 2 ranks" in log.read_text() for _, log in train_jobs(run, "ddp"))
+    _, ddp = evaluation(workdir, "ddp")
+    assert ddp["steps"] == signalled["ddp"][1]
+    assert "launching 2 ranks" in train_log(workdir, "ddp").read_text()
     # The three runs agree to the last bit: one GPU; one GPU, stopped and resumed; two GPUs, stopped and resumed.
-    single_dir, single = outputs(workdir, "single")
-    assert single["world_size"] == 1 and single["accuracy"] > 0.5
+    single_dir, single = evaluation(workdir, "single")
+    assert single["accuracy"] > 0.5
     reference = pd.read_parquet(single_dir / "predictions.parquet")
     for experiment in PREEMPTED:
-        other_dir, other = outputs(workdir, experiment)
+        other_dir, other = evaluation(workdir, experiment)
         pd.testing.assert_frame_equal(
             pd.read_parquet(other_dir / "predictions.parquet"), reference, check_exact=True
         )
         assert {k: other[k] for k in METRICS} == {k: single[k] for k in METRICS}
-    # Aggregation ran on the finished runs.
-    assert len(pd.read_csv(workdir / "results/runs/index.csv")) == len(EXPERIMENTS)
+    # The weights went away with their evaluations; aggregation ran on the finished runs.
+    assert not list((workdir / "results").rglob("weights.safetensors"))
+    assert not list((workdir / "results").rglob("checkpoint.pt"))
+    assert (
+        len(pd.read_csv(workdir / "results/runs/index.csv")) == len(EXPERIMENTS) + 1
+    )  # single: two variants
 
 
 @pytest.mark.parametrize("experiment", PREEMPTED)
 def test_preempted_training_resumes_from_its_checkpoint(finished, experiment):
-    workdir, run, signalled = finished
+    workdir, runs, signalled = finished
     signalled_job, total_steps = signalled[experiment]
-    attempts = train_jobs(run, experiment)
+    attempts = run_jobs(runs[experiment], experiment)
     assert [job for job, _ in attempts] == [signalled_job, attempts[-1][0]] and len(attempts) == 2, attempts
     # Attempt 1: stopped by the signal after a step (or an epoch), wrote a checkpoint, failed on purpose.
     first = attempts[0][1].read_text()
     stopped = re.search(r"Preempted: SIGTERM (?:at step (\d+)|after epoch \d+)", first)
     assert stopped, first[-3000:]
     # Attempt 2 (Snakemake's retry): the checkpoint was still there (outside the job's outputs) and it resumed.
-    log = run_log(workdir, experiment).read_text()
+    log = train_log(workdir, experiment).read_text()
     resumed = re.search(r"resuming from \S+checkpoint\.pt: step (\d+), epoch (\d+)", log)
     assert resumed, log[-3000:]
     step = int(resumed.group(1))
     assert 0 < step < total_steps
     if stopped.group(1):
         assert int(stopped.group(1)) == step
-    _, metrics = outputs(workdir, experiment)
+    _, metrics = evaluation(workdir, experiment)
     assert metrics["steps"] == total_steps
 
 
 def test_h100_profile_maps_rules_to_partitions_and_gpus(tmp_path):
-    """The production profile as Snakemake reads it (a dry run: no cluster needed): data stages on the CPU
-    partition, training on one H100 with the warning signal, and its documented per-experiment GPU override."""
+    """The production profile as Snakemake reads it (a dry run of the study: no cluster needed): data stages
+    and probes on the CPU partition; training, evaluation and features on one H100, training with the warning
+    signal; and its documented GPU override for some runs."""
     workdir = copy_workflow(tmp_path / "wf")
-    profile = yaml.safe_load((workdir / "profiles/slurm-h100/config.yaml").read_text())
-    override = (
-        "4 if wildcards.experiment == 'resolution_sweep' else 1"  # the example in the profile's comments
-    )
-    assert f'gpu: "{override}"' in (workdir / "profiles/slurm-h100/config.yaml").read_text()
+    text = (workdir / "profiles/slurm-h100/config.yaml").read_text()
+    override = "4 if wildcards.model == 'vit_b16' and wildcards.res == '224' else 1"  # the profile's example
+    assert f'gpu: "{override}"' in text
+    profile = yaml.safe_load(text)
     profile["set-resources"]["train"]["gpu"] = override
     (workdir / "profiles/slurm-h100/config.yaml").write_text(yaml.safe_dump(profile))
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "snakemake",
-            "--profile",
-            "profiles/slurm-h100",
-            "--configfile",
-            str(REPO / "config.demo.yaml"),
-            "-n",
-        ],
-        cwd=workdir,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    cmd = [sys.executable, "-m", "snakemake", "--profile", "profiles/slurm-h100", "-n"]
+    proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    # Each planned job: its `rule NAME:` line, then indented lines, among them its resources and wildcards.
-    jobs = re.findall(r"(?m)^rule (\w+):\n(?:[ \t].*\n)*?[ \t]+resources: (.*)", proc.stdout + proc.stderr)
-    by_rule: dict[str, list[str]] = {}
-    for rule, resources in jobs:
-        by_rule.setdefault(rule, []).append(resources)
-    assert all("slurm_partition=cpu" in r and "gpu" not in r for r in by_rule["degrade"] + by_rule["resize"])
+    # Each planned job: its `rule NAME:` line, then indented lines, among them its wildcards and resources.
+    jobs = re.findall(
+        r"(?m)^\s*rule (\w+):\n(?:[ \t].*\n)*?[ \t]+wildcards: (.*)\n(?:[ \t].*\n)*?[ \t]+resources: (.*)",
+        proc.stdout + proc.stderr,
+    )
+    by_rule: dict[str, list[tuple[str, str]]] = {}
+    for rule, wildcards, resources in jobs:
+        by_rule.setdefault(rule, []).append((wildcards, resources))
+    for rule in ("degrade", "resize", "linear", "evaluate_probe"):
+        assert all("slurm_partition=cpu" in r and "gpu=" not in r for _, r in by_rule[rule]), rule
+    for rule in ("train", "features"):
+        assert all("slurm_partition=gpu" in r and "gpu_model=h100" in r for _, r in by_rule[rule]), rule
+    # Evaluations use their training's GPU: a group asks for the training's GPUs, not one more per evaluation.
+    evaluations = by_rule["evaluate"]
+    assert all("slurm_partition=gpu" in r and re.search(r"\bgpu=0\b", r) for _, r in evaluations), (
+        evaluations[0]
+    )
+    assert all("--signal=TERM@600" in r for _, r in by_rule["train"])
     trains = by_rule["train"]
-    assert all(
-        "slurm_partition=gpu" in r and "gpu_model=h100" in r and "--signal=TERM@600" in r for r in trains
+    assert len(trains) == 125
+    for wildcards, resources in trains:
+        big = "model=vit_b16" in wildcards and "res=224," in wildcards
+        assert f"gpu={4 if big else 1}," in resources, (wildcards, resources)
+    assert any("model=vit_b16" in w and "res=224," in w for w, _ in trains)
+    assert (
+        "Group job run_56px" in proc.stdout + proc.stderr and "Group job probes" in proc.stdout + proc.stderr
     )
-    wildcards = re.findall(
-        r"(?m)^rule train:\n(?:[ \t].*\n)*?[ \t]+wildcards: experiment=(\w+)", proc.stdout + proc.stderr
-    )
-    assert len(wildcards) == len(trains) > 1 and "resolution_sweep" in wildcards
-    for experiment, resources in zip(wildcards, trains, strict=True):
-        assert f"gpu={4 if experiment == 'resolution_sweep' else 1}," in resources, (experiment, resources)

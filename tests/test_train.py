@@ -1,4 +1,5 @@
-"""Training runs end to end on a tiny cache: every mode's outputs, learning, frozen weights, exact resume."""
+"""Training runs end to end on a tiny cache: each mode that trains through the backbone, its evaluation,
+learning, frozen weights, clipping, augmentation, and checkpoints that resume exactly, only for their own code."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +21,14 @@ from safetensors.torch import load_file
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from dermcompress import models
+from dermcompress.checkpoints import CHECKPOINT
+from dermcompress.evaluate import run_evaluation
+from dermcompress.inference import predict
+from dermcompress.loader import make_loader
 from dermcompress.metrics import EXTRA_KEYS, METRIC_KEYS, VAL_PREFIX, compute_run_metrics
-from dermcompress.train import CHECKPOINT, HISTORY_COLUMNS, resolve_settings, run_training
+from dermcompress.runs import HISTORY_COLUMNS
+from dermcompress.settings import resolve_settings
+from dermcompress.train import run_training
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["MEL", "NV"]
@@ -47,34 +55,43 @@ PREDICTION_COLUMNS = ["split", "image_id", "group_id", "label", "pred", "prob_ME
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> tuple[Path, Path]:
-    """A 32 px cache (48 train / 16 val / 16 test, balanced, NV brighter) and its splits table (conftest)."""
-    return learnable_cache(tmp_path_factory.mktemp("train_cache"), res=RES, seed=0)
-
-
-@pytest.fixture(scope="module")
-def caches(data) -> Path:
-    return data[0]
+def caches(tmp_path_factory) -> Path:
+    """A 32 px cache (48 train / 16 val / 16 test, balanced, NV brighter) beside its splits table (conftest)."""
+    return learnable_cache(tmp_path_factory.mktemp("train_cache"), res=RES, seed=0)[0]
 
 
 def run_args(caches: Path, out: Path, *, model=MODEL, entry=ENTRY, **overrides) -> dict:
-    """run_training's arguments for a run of `model` in `out` (run/, ckpt/, weights.safetensors)."""
+    """run_training's arguments for a run of `model` in `out` (run/, ckpt/, run/weights.safetensors)."""
     return {
         "model_name": model,
         "model_entry": entry,
         "train_cache": str(caches),
-        "eval_cache": str(caches),
         "run_dir": str(out / "run"),
         "checkpoint_dir": str(out / "ckpt"),
         "settings": {**SETTINGS, **overrides},
         "resolution": RES,
         "splits": str(caches.parent / "splits.parquet"),
-        "weights_path": str(out / "weights.safetensors"),
+        "weights_path": str(out / "run" / "weights.safetensors"),
     }
 
 
 def train(caches: Path, out: Path, **kwargs) -> dict:
     return run_training(**run_args(caches, out, **kwargs))
+
+
+def evaluate(caches: Path, out: Path, *, model=MODEL, entry=ENTRY, **overrides) -> dict:
+    """run_evaluation of the run in `out` on the cache's val and test splits, into out/run/eval/clean."""
+    return run_evaluation(
+        model_name=model,
+        model_entry=entry,
+        weights=str(out / "run" / "weights.safetensors"),
+        train_summary=str(out / "run" / "train.json"),
+        eval_cache=str(caches),
+        out_dir=str(out / "run" / "eval" / "clean"),
+        settings={**SETTINGS, **overrides},
+        resolution=RES,
+        splits=str(caches.parent / "splits.parquet"),
+    )
 
 
 def initial_state(model=MODEL, entry=ENTRY, seed=0) -> dict[str, torch.Tensor]:
@@ -85,21 +102,23 @@ def initial_state(model=MODEL, entry=ENTRY, seed=0) -> dict[str, torch.Tensor]:
 
 
 def final_state(out: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(out / "weights.safetensors"))
+    return load_file(str(out / "run" / "weights.safetensors"))
 
 
 def check_outputs(run: Path, mode: str) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    """All four files exist with the contracted columns/keys, and metrics.json is recomputable from predictions."""
+    """The run's files and its evaluation's exist with the contracted columns and keys, and metrics.json is
+    recomputable from predictions.parquet."""
     config = json.loads((run / "config.json").read_text())
     assert config["settings"]["mode"] == mode and config["settings"]["batch_size"] == SETTINGS["batch_size"]
     history = pd.read_csv(run / "history.csv")
     assert list(history.columns) == list(HISTORY_COLUMNS)
-    predictions = pd.read_parquet(run / "predictions.parquet")
+    evaluation = run / "eval" / "clean"
+    predictions = pd.read_parquet(evaluation / "predictions.parquet")
     assert list(predictions.columns) == PREDICTION_COLUMNS
     # The final model scored on val and on test, every image of each once, with its lesion group.
     assert predictions.groupby("split").size().to_dict() == {"test": 16, "val": 16}
     assert predictions["image_id"].is_unique and predictions["group_id"].str.startswith("IL_").all()
-    metrics = json.loads((run / "metrics.json").read_text())
+    metrics = json.loads((evaluation / "metrics.json").read_text())
     val_keys = {f"{VAL_PREFIX}{k}" for k in METRIC_KEYS}
     assert set(METRIC_KEYS) | val_keys | set(EXTRA_KEYS) | {"mode", "trainable_params_m"} <= set(metrics)
     assert metrics["mode"] == mode and metrics["n_eval"] == metrics["val_n_eval"] == 16
@@ -112,14 +131,21 @@ def check_outputs(run: Path, mode: str) -> tuple[pd.DataFrame, pd.DataFrame, dic
     )
     assert {k: metrics[k] for k in recomputed} == json.loads(json.dumps(recomputed))
     assert metrics["train_img_per_s"] == pytest.approx(metrics["train_images"] / metrics["train_seconds"])
+    # Where the job's wall time went, the process's start-up included.
+    assert {"start-up", "setup", "train", "writing", "total"} <= set(metrics["wall_seconds"]["train"])
+    assert {"setup", "evaluate", "total"} <= set(metrics["wall_seconds"]["evaluate"])
     return history, predictions, metrics
+
+
+def train_and_evaluate(caches: Path, out: Path, *, model=MODEL, entry=ENTRY, **overrides) -> Path:
+    train(caches, out, model=model, entry=entry, **overrides)
+    evaluate(caches, out, model=model, entry=entry, **overrides)
+    return out
 
 
 @pytest.fixture(scope="module")
 def finetuned(caches, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("finetune")
-    train(caches, out)
-    return out
+    return train_and_evaluate(caches, tmp_path_factory.mktemp("finetune"))
 
 
 def test_finetune_learns_and_writes_everything(finetuned):
@@ -142,23 +168,20 @@ def test_finetune_learns_and_writes_everything(finetuned):
     assert metrics["params_m"] == pytest.approx(n_params / 1e6)
 
 
-def test_linear_trains_only_the_head(caches, tmp_path):
-    train(caches, tmp_path, mode="linear", lr=1e-2)
-    history, _, metrics = check_outputs(tmp_path / "run", "linear")
-    assert history.train_loss.notna().sum() == STEPS
-    before, after = initial_state(), final_state(tmp_path)
-    assert before.keys() == after.keys()
-    for name, value in before.items():
-        if name.startswith("head."):
-            assert not torch.equal(value, after[name]), name
-        else:  # weights and BatchNorm statistics alike
-            assert torch.equal(value, after[name]), name
-    n_head = sum(v.numel() for k, v in before.items() if k.startswith("head."))
-    assert metrics["trainable_params_m"] == pytest.approx(n_head / 1e6)
+def test_evaluation_scores_the_trained_weights(finetuned, caches):
+    """The evaluation rebuilds the model from the weights file alone: its predictions are the trained model's."""
+    model = models.build_architecture(models.parse_spec(MODEL, ENTRY), num_classes=2, resolution=RES)
+    model.load_state_dict(final_state(finetuned))
+    loader = make_loader(caches, "test", batch_size=8, shuffle=False, seed=0)
+    result = predict(model, loader, device=torch.device("cpu"), autocast=nullcontext)
+    predictions = pd.read_parquet(finetuned / "run" / "eval" / "clean" / "predictions.parquet").query(
+        "split == 'test'"
+    )
+    np.testing.assert_allclose(predictions["prob_NV"].to_numpy(), result["probs"][:, 1], rtol=1e-6)
 
 
 def test_freeze_blocks_keeps_stem_and_first_blocks(caches, tmp_path):
-    train(caches, tmp_path, mode="freeze_blocks", freeze_blocks=2)
+    train_and_evaluate(caches, tmp_path, mode="freeze_blocks", freeze_blocks=2)
     check_outputs(tmp_path / "run", "freeze_blocks")
     torch.manual_seed(0)
     model = models.build_model(models.parse_spec(MODEL, ENTRY), num_classes=len(CLASSES), resolution=RES)
@@ -183,9 +206,7 @@ LORA = {"mode": "lora", "lr": 1e-2}  # lora_dropout draws from torch's RNG: resu
 
 @pytest.fixture(scope="module")
 def lora_run(caches, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("lora")
-    train(caches, out, model=VIT, entry=VIT_ENTRY, **LORA)
-    return out
+    return train_and_evaluate(caches, tmp_path_factory.mktemp("lora"), model=VIT, entry=VIT_ENTRY, **LORA)
 
 
 def test_lora_trains_adapters_and_head_only(lora_run):
@@ -203,28 +224,9 @@ def test_lora_trains_adapters_and_head_only(lora_run):
     assert 0 < metrics["trainable_params_m"] < 0.5 * metrics["params_m"]
 
 
-def test_knn_needs_no_training(caches, tmp_path):
-    train(caches, tmp_path, mode="knn", knn={"k": 5})
-    history, predictions, metrics = check_outputs(tmp_path / "run", "knn")
-    assert history.train_loss.isna().all() and len(history) == 1 and history.eval_accuracy.notna().all()
-    assert metrics["trainable_params_m"] == 0 and metrics["steps"] == 0
-    assert not (tmp_path / "ckpt" / CHECKPOINT).exists()
-    probs = predictions[["prob_MEL", "prob_NV"]].to_numpy()
-    np.testing.assert_allclose(probs.sum(axis=1), 1.0)
-
-
-def test_knn_train_rate_counts_train_images(caches, tmp_path):
-    """kNN's "training" is extracting the 48 train images' features: its rate divides those, not the 16
-    validation images scored afterwards, by the time it took."""
-    train(caches, tmp_path, mode="knn", knn={"k": 5})
-    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert metrics["train_images"] == 48
-    assert metrics["train_img_per_s"] == pytest.approx(48 / metrics["train_seconds"])
-
-
 def test_finished_run_deletes_its_checkpoint(finetuned):
     """results/checkpoints/ holds runs in progress only: a finished run leaves no checkpoint (nor its folder)."""
-    assert (finetuned / "run" / "metrics.json").is_file()
+    assert (finetuned / "run" / "train.json").is_file()
     assert not (finetuned / "ckpt").exists()
 
 
@@ -256,14 +258,12 @@ def test_gradients_are_clipped_to_max_grad_norm_and_the_norm_is_logged(caches, t
 
 
 def test_augmentation_is_seeded_and_changes_training(caches, finetuned, tmp_path):
-    train(caches, tmp_path / "a", augment=["hflip", "vflip", "rot90"])
-    train(caches, tmp_path / "b", augment=["hflip", "vflip", "rot90"])
-    a, b, plain = (
-        pd.read_parquet(d / "run" / "predictions.parquet")
-        for d in (tmp_path / "a", tmp_path / "b", finetuned)
-    )
-    pd.testing.assert_frame_equal(a, b, check_exact=True)
-    assert not np.array_equal(a["prob_NV"], plain["prob_NV"])
+    flips = ["hflip", "vflip", "rot90"]
+    train(caches, tmp_path / "a", augment=flips)
+    train(caches, tmp_path / "b", augment=flips)
+    a, b, plain = (final_state(d) for d in (tmp_path / "a", tmp_path / "b", finetuned))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], plain[k]) for k in a)
     with pytest.raises(ValueError, match="augment"):
         resolve_settings({"augment": ["hflip", "zoom"]})
 
@@ -272,7 +272,7 @@ def test_augmentation_is_seeded_and_changes_training(caches, finetuned, tmp_path
 # hook; 0: never); prints the number of optimizer steps it took.
 INTERRUPTED = """
 import json, os, signal, sys, torch
-from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from dermcompress.train import run_training
 args, threads, stop_at = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 torch.set_num_threads(threads)
@@ -301,7 +301,7 @@ def preempt(args: dict, stop_at: int, src: Path = REPO / "src") -> None:
     assert proc.returncode != 0 and f"Preempted: SIGTERM at step {stop_at}" in proc.stderr, proc.stderr[
         -3000:
     ]
-    assert not (Path(args["run_dir"]) / "metrics.json").exists()
+    assert not Path(args["weights_path"]).exists()
 
 
 def test_resume_after_sigterm_matches_uninterrupted_run(caches, lora_run, tmp_path, caplog):
@@ -314,17 +314,14 @@ def test_resume_after_sigterm_matches_uninterrupted_run(caches, lora_run, tmp_pa
     steps = []
     hook = register_optimizer_step_post_hook(lambda *a: steps.append(1))
     try:
-        with caplog.at_level("INFO", logger="dermcompress.train"):
+        with caplog.at_level("INFO", logger="dermcompress"):
             run_training(**args)
     finally:
         hook.remove()
     assert len(steps) == STEPS - stop_at, "the resumed run trains only the remaining steps"
     assert "resuming from" in caplog.text
-    pd.testing.assert_frame_equal(
-        pd.read_parquet(tmp_path / "run" / "predictions.parquet"),
-        pd.read_parquet(lora_run / "run" / "predictions.parquet"),
-        check_exact=True,
-    )
+    resumed, whole = final_state(tmp_path), final_state(lora_run)
+    assert all(torch.equal(resumed[k], whole[k]) for k in whole)
     pd.testing.assert_frame_equal(
         pd.read_csv(tmp_path / "run" / "history.csv"),
         pd.read_csv(lora_run / "run" / "history.csv"),
@@ -346,11 +343,8 @@ def test_checkpoint_of_other_code_is_not_resumed(caches, finetuned, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"optimizer steps: {STEPS}" in proc.stdout, "it trains from step 0"
     assert "ignoring checkpoint" in proc.stderr and "code" in proc.stderr and "resuming" not in proc.stderr
-    pd.testing.assert_frame_equal(
-        pd.read_parquet(tmp_path / "run" / "predictions.parquet"),
-        pd.read_parquet(finetuned / "run" / "predictions.parquet"),
-        check_exact=True,
-    )
+    trained, whole = final_state(tmp_path), final_state(finetuned)
+    assert all(torch.equal(trained[k], whole[k]) for k in whole)
 
 
 def test_checkpoint_of_other_settings_is_ignored(caches, tmp_path, caplog):
@@ -374,3 +368,6 @@ def test_settings_are_checked():
     with pytest.raises(ValueError, match="unknown lora setting"):
         resolve_settings({"lora": {"rank": 4}})
     assert resolve_settings({"lora": {"r": 4}})["lora"] == {**resolve_settings({})["lora"], "r": 4}
+    assert resolve_settings({"knn": {"k": 5}})["knn"]["k"] == [5]
+    with pytest.raises(ValueError, match=r"probe\.iterations"):
+        resolve_settings({"probe": {"iterations": 0}})

@@ -1,7 +1,8 @@
 """Every training mode end to end through Snakemake, from "pretrained" weights the test saves locally.
 
 The weights go through the real loading code: a timm ViT from a safetensors file, and a transformers DINOv2 from
-a saved folder (from_pretrained), with the hub switched off as on a compute node.
+a saved folder (from_pretrained), with the hub switched off as on a compute node. `training.keep_weights` keeps
+the trained weights for the checks below (by default they are deleted after the evaluations).
 """
 
 from __future__ import annotations
@@ -13,11 +14,16 @@ import pandas as pd
 import pytest
 import timm
 import torch
+import yaml
 from conftest import copy_workflow, snakemake, tiny_dinov2_config, write_config
 from safetensors.torch import load_file, save_file
 
+from dermcompress.features import read_features
+from dermcompress.loader import make_loader, normalize
 from dermcompress.metrics import METRIC_KEYS, VAL_PREFIX, compute_run_metrics
-from dermcompress.train import HISTORY_COLUMNS, MODES
+from dermcompress.models import build_model
+from dermcompress.registry import parse_spec
+from dermcompress.runs import HISTORY_COLUMNS, MODES, parse_eval_dir
 
 pytestmark = pytest.mark.workflow
 
@@ -69,7 +75,9 @@ def finished(tmp_path_factory) -> Path:
             "log_every": 1,
             "n_bootstrap": N_BOOTSTRAP,
             "freeze_blocks": 1,
-            "knn": {"k": 5},
+            "knn": {"k": [3, 5]},
+            "probe": {"iterations": 40, "batch_size": 16},
+            "keep_weights": True,
         },
         "experiments": {
             "modes": {"description": "every mode on the local ViT", **grid(["vit_local"], list(MODES))},
@@ -89,11 +97,11 @@ def finished(tmp_path_factory) -> Path:
 
 
 def runs(workdir: Path) -> dict[tuple[str, str], Path]:
-    """(model, mode) -> run folder, found from what the runs recorded about themselves."""
+    """(model, mode) -> the evaluation folder of its run (one eval variant here), read from its path."""
     found = {}
-    for config_file in (workdir / "results/runs").rglob("config.json"):
-        config = json.loads(config_file.read_text())
-        found[config["model"], config["settings"]["mode"]] = config_file.parent
+    for metrics in (workdir / "results/runs").rglob("eval/*/metrics.json"):
+        evaluation = parse_eval_dir(metrics.parent)
+        found[evaluation.run.model, evaluation.run.mode] = metrics.parent
     return found
 
 
@@ -105,8 +113,7 @@ def test_every_mode_writes_contracted_outputs_recomputable_from_predictions(fini
     }
     assert set(found) == expected
     for (model, mode), run in found.items():
-        config = json.loads((run / "config.json").read_text())
-        classes = config["classes"]
+        classes = ["MEL", "NV"]
         predictions = pd.read_parquet(run / "predictions.parquet")
         assert list(predictions.columns) == [
             *("split", "image_id", "group_id", "label", "pred"),
@@ -127,13 +134,16 @@ def test_every_mode_writes_contracted_outputs_recomputable_from_predictions(fini
                 scored["group_id"].to_numpy() == splits.loc[scored["image_id"], "group_id"].to_numpy()
             ).all()
         assert predictions["image_id"].is_unique
-        history = pd.read_csv(run / "history.csv")
-        assert list(history.columns) == list(HISTORY_COLUMNS)
-        assert history["eval_accuracy"].notna().any()
-        if mode != "knn":
-            assert history["train_loss"].notna().sum() >= 2
-        log = next(
-            (finished / "results/logs/runs").rglob(f"*{run.relative_to(finished / 'results/runs').name}.log")
+        training = run.parent.parent
+        if mode != "knn":  # kNN trains nothing: no history
+            history = pd.read_csv(training / "history.csv")
+            assert list(history.columns) == list(HISTORY_COLUMNS)
+            assert history["eval_accuracy"].notna().any() and history["train_loss"].notna().sum() >= 2
+        log = (
+            finished
+            / "results/logs/runs"
+            / training.relative_to(finished / "results/runs")
+            / "evaluate_clean.log"
         )
         assert log.stat().st_size > 0
 
@@ -146,34 +156,72 @@ def test_effective_input_is_recorded(finished):
     assert dino["effective_input_px"] == 28  # 14 px patches: the central 28 px of 32
 
 
-def checkpoint_of(run: Path, workdir: Path) -> dict[str, torch.Tensor]:
-    """The trained weights of a run; its resume checkpoint is gone, the run being finished."""
+def weights_of(evaluation: Path, workdir: Path) -> dict[str, torch.Tensor]:
+    """The trained weights of an evaluation's run (kept: keep_weights); its resume checkpoint is gone."""
+    run = evaluation.parent.parent
     assert not (workdir / "results/checkpoints" / run.relative_to(workdir / "results/runs")).exists()
     return load_file(str(run / "weights.safetensors"))
+
+
+def features_of(workdir: Path, model: str, split: str = "train") -> torch.Tensor:
+    (path,) = (workdir / "results/features" / model).rglob(f"{split}.parquet")
+    return read_features(path).features
 
 
 def test_pretrained_weights_were_loaded_and_frozen_only_where_the_mode_says(finished):
     found = runs(finished)
     saved = load_file(str(finished / "models/test_vit.safetensors"))
     key = "blocks.0.attn.qkv.weight"
-    linear = checkpoint_of(found["vit_local", "linear"], finished)
-    finetune = checkpoint_of(found["vit_local", "finetune"], finished)
-    frozen = checkpoint_of(found["vit_local", "freeze_blocks"], finished)
-    # Linear probing trains the head alone: the backbone is exactly the saved "pretrained" one.
-    assert torch.equal(linear[f"backbone.{key}"], saved[key])
+    finetune = weights_of(found["vit_local", "finetune"], finished)
+    frozen = weights_of(found["vit_local", "freeze_blocks"], finished)
     assert torch.equal(frozen[f"backbone.{key}"], saved[key])  # block 0 of 1 frozen
     assert not torch.equal(frozen["backbone.blocks.1.attn.qkv.weight"], saved["blocks.1.attn.qkv.weight"])
     assert not torch.equal(finetune[f"backbone.{key}"], saved[key])
-    # The DINOv2 linear probe kept the transformers weights it loaded from the folder.
-    from transformers import Dinov2Model
 
-    dino = Dinov2Model.from_pretrained(finished / "models/dinov2_tiny").state_dict()
-    dino_linear = checkpoint_of(found["dino_local", "linear"], finished)
-    for key, tensor in dino.items():
-        assert torch.equal(dino_linear[f"backbone.model.{key}"], tensor), key
-    dino_finetune = checkpoint_of(found["dino_local", "finetune"], finished)
-    q = "encoder.layer.0.attention.q_proj.weight"
-    assert not torch.equal(dino_finetune[f"backbone.model.{q}"], dino[q])
+
+def test_probes_read_the_saved_backbones_features(finished):
+    """Linear probes and kNN never train the backbone: their features are the saved "pretrained" backbone's,
+    the timm ViT's from its safetensors file and the DINOv2's from its transformers folder."""
+    cache = finished / "results/cache/32px/clean"
+    loader = make_loader(cache, "train", batch_size=64, shuffle=False, seed=0)
+    for name, entry in save_entries(finished).items():
+        model = build_model(parse_spec(name, entry), num_classes=2, resolution=32).eval()
+        with torch.no_grad():
+            expected = torch.cat(
+                [model.forward_features(normalize(b["pixels"], model.mean, model.std)) for b in loader]
+            )
+        torch.testing.assert_close(features_of(finished, name), expected.half().float(), rtol=2e-3, atol=2e-3)
+
+
+def save_entries(workdir: Path) -> dict[str, dict]:
+    return {
+        "vit_local": {"source": f"local:{workdir}/models/test_vit.safetensors", "arch": "timm:test_vit"},
+        "dino_local": {"source": f"local:{workdir}/models/dinov2_tiny"},
+    }
+
+
+def test_keep_weights_keeps_the_trained_weights(finished):
+    """training.keep_weights (this module's config): every trained run's weights outlive its evaluations (by
+    default they are temporary: tests/test_runs.py)."""
+    trained = [e for (_, mode), e in runs(finished).items() if mode not in ("linear", "knn")]
+    assert len(trained) == 4 and all((e.parent.parent / "weights.safetensors").is_file() for e in trained)
+
+
+def test_kept_weights_make_a_new_eval_variant_one_evaluation(finished):
+    """With keep_weights a new eval variant costs its evaluations, not a training."""
+    from test_workflow import planned_jobs
+
+    config = yaml.safe_load((finished / "test.yaml").read_text())
+    config["experiments"]["modes"]["eval_variants"] = ["clean", "jpeg_only"]
+    write_config(finished / "more.yaml", config)
+    proc = snakemake(finished, "--dry-run", "--configfile", "more.yaml")
+    planned = planned_jobs(proc.stdout + proc.stderr)
+    rules = [rule for rule, _ in planned]
+    assert "train" not in rules and "linear" not in rules
+    assert rules.count("evaluate") == 3  # finetune, freeze_blocks, lora on jpeg_only
+    assert all(
+        "eval_variant=jpeg_only" in wc for rule, wc in planned if rule in ("evaluate", "evaluate_probe")
+    )
 
 
 def test_replaced_local_weights_rerun_only_the_runs_that_load_them(finished):
@@ -187,6 +235,9 @@ def test_replaced_local_weights_rerun_only_the_runs_that_load_them(finished):
         proc = snakemake(finished, "--dry-run", "--configfile", "test.yaml")
     finally:
         weights.write_bytes(original)
-    trains = {wc for rule, wc in planned_jobs(proc.stdout + proc.stderr) if rule == "train"}
+    planned = planned_jobs(proc.stdout + proc.stderr)
+    trains = {wc for rule, wc in planned if rule == "train"}
     assert trains and all("model=vit_local" in wc for wc in trains)
-    assert len(trains) == len(MODES)
+    assert len(trains) == len([m for m in MODES if m not in ("linear", "knn")])
+    features = {wc for rule, wc in planned if rule == "features"}
+    assert features and all("model=vit_local" in wc for wc in features)

@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict
 from html import escape
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from .experiments import parse_run_dir
+from .runs import parse_eval_dir
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +76,7 @@ SHOWN = {
 }
 SELECTED_MARK = "✓"
 NOT_MEASURED = "n/a"
+NOT_APPLICABLE = "—"
 CPU_NOTE = "Peak GPU memory is not measured on a CPU (n/a)."
 TABLE_CSS = [
     {"selector": "", "props": "border-collapse: collapse; font-family: sans-serif; font-size: 13px;"},
@@ -88,13 +88,16 @@ TABLE_CSS = [
 # ------------------------------------------------------------------------------------------------- reading
 
 
-def load_runs(run_dirs: list[str]) -> pd.DataFrame:
-    """One row per run: its grid point (from its path), its metrics and costs, and `run` (its folder)."""
+def load_runs(eval_dirs: list[str]) -> pd.DataFrame:
+    """One row per evaluation: its grid point (from its path), its metrics and costs, `run` (the evaluation's
+    folder, what a table row lists) and `train_run` (the folder of the run it evaluates)."""
     rows = []
-    for run_dir in run_dirs:
-        metrics = json.loads((Path(run_dir) / "metrics.json").read_text())
-        point = asdict(parse_run_dir(run_dir))
-        rows.append({**point, **{k: metrics.get(k) for k in (*METRICS, *COSTS)}, "run": str(run_dir)})
+    for eval_dir in eval_dirs:
+        metrics = json.loads((Path(eval_dir) / "metrics.json").read_text())
+        evaluation = parse_eval_dir(eval_dir)
+        train_run = str(Path(eval_dir).parent.parent)
+        values = {k: metrics.get(k) for k in (*METRICS, *COSTS)}
+        rows.append({**evaluation.point(), **values, "run": str(eval_dir), "train_run": train_run})
     frame = pd.DataFrame(rows)
     for column in (*METRICS, *COSTS):
         frame[column] = pd.to_numeric(frame[column]).astype(float)  # null (AUC of one class, CPU memory): NaN
@@ -173,6 +176,9 @@ def display_table(table: pd.DataFrame) -> pd.DataFrame:
     out = pd.DataFrame({DIMS[d]: table[d].astype(str) for d in dims})
     if "label_fraction" in dims:
         out[DIMS["label_fraction"]] = [f"{float(f) * 100:g}%" for f in table["label_fraction"]]
+    for dim in ("lr", "schedule", "epochs"):  # a probe takes none from the grid
+        if dim in dims:
+            out[DIMS[dim]] = [NOT_APPLICABLE if v in ("", "0") else v for v in out[DIMS[dim]]]
     out["n"] = table["n_runs"]
     if table[SELECTED].any():
         out["Val-selected"] = [SELECTED_MARK if chosen else "" for chosen in table[SELECTED]]

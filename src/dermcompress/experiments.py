@@ -1,32 +1,27 @@
-"""Experiment grids: which training runs the config asks for, where their outputs go, and their settings.
+"""Experiment grids: which runs and evaluations each named experiment selects, and with which settings.
 
-A run is one point of a named experiment's grid: model x resolution x train variant x eval variant x mode x
-learning rate x schedule x epochs x label fraction x seed. Its folder under results/runs/ spells every one of them
-out (RUN_DIR), so two distinct runs never share a folder and a path says what produced it:
-
-    results/runs/vit_lr_sweep/vit_b16/112px/degraded__clean/finetune/lr5e-05_cosine_6ep/labels1/seed0
+An experiment is a grid over models x resolutions x train variants x eval variants x modes x learning rates x
+schedules x epochs x label fractions x seeds. Each point is an evaluation (runs.Evaluation) of a run
+(runs.Run): experiments select runs, they do not own them, so a training that two experiments ask for (a
+`vit_lr_sweep` point and `frozen_vs_finetuned`'s ViT finetune; a robustness model evaluated on four variants)
+trains once and is evaluated once per variant.
 
 The grid keys `schedules`, `epochs` and `label_fractions` may be left out: they then hold the one value the
-training section (or the experiment's `training:` overrides) gives, and 1 (all labels).
+training section (or the experiment's `training:` overrides) gives, and 1 (all labels). The probe modes (linear,
+knn) take no learning rate, schedule or epochs from the grid: a linear probe sweeps `training.probe`'s learning
+rates itself, kNN trains nothing. kNN on all labels of a pretrained backbone cannot depend on the seed: it runs
+once, under the grid's smallest seed.
 """
 
 from __future__ import annotations
 
 import copy
 import itertools
-import re
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
-RUN_DIR = (
-    "results/runs/{experiment}/{model}/{res}px/{train_variant}__{eval_variant}/{mode}/"
-    "lr{lr}_{schedule}_{epochs}ep/labels{label_fraction}/seed{seed}"
-)
-CHECKPOINT_DIR = RUN_DIR.replace("results/runs/", "results/checkpoints/", 1)
-RUN_FILES = ("metrics.json", "predictions.parquet", "history.csv", "config.json", "weights.safetensors")
-# Grid key in config.yaml -> Run field. Seeds last: repeats of one setting sit together.
+from .runs import PROBE_MODES, TRAINED_MODES, Evaluation, Run, identity_tag
+
+# Grid key in config.yaml -> field. Seeds last: repeats of one setting sit together.
 GRID_KEYS = {
     "models": "model",
     "resolutions": "res",
@@ -41,50 +36,20 @@ GRID_KEYS = {
 }
 # Grid dimensions that the grid itself sets; an experiment's `training:` overrides must leave them alone.
 GRID_SETTINGS = {"mode", "lr", "schedule", "epochs", "label_fraction", "seed"}
-
-
-@dataclass(frozen=True)
-class Run:
-    experiment: str
-    model: str
-    res: int
-    train_variant: str
-    eval_variant: str
-    mode: str
-    lr: str
-    schedule: str
-    epochs: int
-    label_fraction: str
-    seed: int
-
-    @property
-    def run_dir(self) -> str:
-        return RUN_DIR.format(**asdict(self))
-
-    @classmethod
-    def from_wildcards(cls, wildcards: Any) -> Run:
-        """The run a rule's wildcards (strings) name."""
-        values = {f.name: getattr(wildcards, f.name) for f in fields(cls)}
-        return cls(
-            **{
-                **values,
-                "res": int(values["res"]),
-                "epochs": int(values["epochs"]),
-                "seed": int(values["seed"]),
-            }
-        )
-
-
-# RUN_DIR as a regular expression, each {field} a named group of one path component (or less).
-_RUN_DIR_RE = re.compile(re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^/]+)", re.escape(RUN_DIR)) + "/?$")
-
-
-def parse_run_dir(path: str | Path) -> Run:
-    """The run a folder (relative or absolute, ending in RUN_DIR's layout) holds, read from its path."""
-    match = _RUN_DIR_RE.search(Path(path).as_posix())
-    if match is None:
-        raise ValueError(f"{path} is not a run folder ({RUN_DIR})")
-    return Run.from_wildcards(SimpleNamespace(**match.groupdict()))
+# Settings of the whole workflow, not of a run: an experiment may not override them.
+WORKFLOW_SETTINGS = {"keep_weights"}
+# Grid dimensions shown as table columns, in order (the fields of an evaluation but the seed and the tag).
+DIMENSIONS = (
+    "model",
+    "res",
+    "train_variant",
+    "eval_variant",
+    "mode",
+    "lr",
+    "schedule",
+    "epochs",
+    "label_fraction",
+)
 
 
 def format_number(value: float | str) -> str:
@@ -113,13 +78,14 @@ def experiment_training(config: dict[str, Any], name: str) -> dict[str, Any]:
 
 
 def grid_values(config: dict[str, Any], name: str) -> dict[str, Any]:
-    """Run field -> the values the experiment's grid takes, the optional keys filled in from its training.
+    """Field -> the values the experiment's grid takes, the optional keys filled in from its training.
 
-    `lr` stays as written: a list, or a mapping mode -> list.
+    `lr` stays as written: a list, or a mapping mode (or mode:model) -> list.
     """
     grid = config["experiments"][name]
     training = experiment_training(config, name)
     defaults = {
+        "lr": [],
         "schedules": [training.get("schedule", "linear")],
         "epochs": [training.get("epochs", 1)],
         "label_fractions": [1.0],
@@ -128,79 +94,91 @@ def grid_values(config: dict[str, Any], name: str) -> dict[str, Any]:
 
 
 def learning_rates(lr: list | dict, mode: str, model: str) -> list[str]:
-    """The learning rates of one mode and model, spelt as in paths. kNN trains nothing: its runs carry lr 0.
+    """The learning rates of one trained mode and model, spelt as in paths.
 
     `lr` is a list, or a mapping whose keys are a mode (`finetune`) or a mode and a model (`finetune:resnet18`);
     the most specific key wins, so a model trained from random weights can get a rate of its own.
     """
-    if mode == "knn":
-        return [format_number(0)]
     if isinstance(lr, dict):
-        lr = lr.get(f"{mode}:{model}", lr.get(mode))
+        lr = lr.get(f"{mode}:{model}", lr.get(mode, []))
     return [format_number(x) for x in lr]
 
 
-def expand_runs(config: dict[str, Any]) -> list[Run]:
-    """Every run of the selected experiments, in a stable order (no run twice)."""
-    runs: dict[Run, None] = {}
+def _grid_runs(config: dict[str, Any], name: str) -> list[tuple[Run, list[str], dict[str, Any]]]:
+    """(run, its eval variants, its settings) for every run of one experiment's grid, in grid order."""
+    values = grid_values(config, name)
+    lr, eval_variants, seeds = values.pop("lr"), values.pop("eval_variant"), values.pop("seed")
+    training = experiment_training(config, name)
+    found: dict[Run, tuple[list[str], dict[str, Any]]] = {}
+    for point in itertools.product(*values.values(), seeds):
+        v = dict(zip([*values, "seed"], point, strict=True))
+        fraction = format_number(v["label_fraction"])
+        if v["mode"] in TRAINED_MODES:
+            hparams = [
+                {"lr": rate, "schedule": v["schedule"], "epochs": int(v["epochs"])}
+                for rate in learning_rates(lr, v["mode"], v["model"])
+            ]
+        else:
+            hparams = [{}]
+        seed = int(v["seed"])
+        pretrained = config["models"][v["model"]].get("pretrained", True)
+        if v["mode"] == "knn" and pretrained and float(fraction) == 1:
+            seed = min(int(s) for s in seeds)  # nothing in it depends on the seed: once
+        for h in hparams:
+            settings = {
+                **training,
+                "mode": v["mode"],
+                "label_fraction": float(fraction),
+                "seed": seed,
+                **({**h, "lr": float(h["lr"])} if h else {}),
+            }
+            run = Run(
+                model=v["model"],
+                res=int(v["res"]),
+                train_variant=v["train_variant"],
+                mode=v["mode"],
+                **h,
+                tag=identity_tag(settings, config["training"], v["mode"]),
+                label_fraction=fraction,
+                seed=seed,
+            )
+            found.setdefault(run, (list(eval_variants), settings))
+    return [(run, evs, settings) for run, (evs, settings) in found.items()]
+
+
+def expand(config: dict[str, Any]) -> tuple[dict[Run, dict[str, Any]], dict[str, list[Evaluation]]]:
+    """The runs of the selected experiments, each once with its settings (those of the first experiment that
+    asks for it: experiments that share a run agree on everything that changes it, see runs.IDENTITY), and
+    each experiment's evaluations, in grid order."""
+    runs: dict[Run, dict[str, Any]] = {}
+    evaluations: dict[str, list[Evaluation]] = {}
     for name in selected_experiments(config):
-        values = grid_values(config, name)
-        lr = values.pop("lr")
-        for point in itertools.product(*values.values()):
-            v = dict(zip(values, point, strict=True))
-            for rate in learning_rates(lr, v["mode"], v["model"]):
-                run = Run(
-                    experiment=name,
-                    model=v["model"],
-                    res=int(v["res"]),
-                    train_variant=v["train_variant"],
-                    eval_variant=v["eval_variant"],
-                    mode=v["mode"],
-                    lr=rate,
-                    schedule=v["schedule"],
-                    epochs=int(v["epochs"]),
-                    label_fraction=format_number(v["label_fraction"]),
-                    seed=int(v["seed"]),
-                )
-                runs[run] = None
-    return list(runs)
+        chosen: dict[Evaluation, None] = {}
+        for run, eval_variants, settings in _grid_runs(config, name):
+            runs.setdefault(run, settings)
+            chosen.update(dict.fromkeys(Evaluation(run, ev) for ev in eval_variants))
+        evaluations[name] = list(chosen)
+    return runs, evaluations
 
 
-def varying_fields(runs: list[Run]) -> list[str]:
-    """The grid dimensions (Run fields but experiment and seed) with more than one value among `runs`."""
-    names = [f.name for f in fields(Run) if f.name not in ("experiment", "seed")]
-    return [name for name in names if len({getattr(run, name) for run in runs}) > 1]
+def varying_fields(evaluations: list[Evaluation]) -> list[str]:
+    """The grid dimensions (DIMENSIONS) with more than one value among the evaluations."""
+    points = [e.point() for e in evaluations]
+    return [name for name in DIMENSIONS if len({p[name] for p in points}) > 1]
 
 
-def figure_kinds(config: dict[str, Any], experiment: str) -> list[str]:
-    """The figures an experiment's grid calls for: training curves always; the cost trade-off when resolution
-    varies; a robustness heat map when the evaluation data vary; learning curves when the label fraction does."""
-    vary = set(varying_fields(runs_of(config, experiment)))
+def figure_kinds(evaluations: list[Evaluation]) -> list[str]:
+    """The figures an experiment's evaluations call for: training curves always; the cost trade-off when
+    resolution varies; a robustness heat map when the evaluation data vary; learning curves when the label
+    fraction does."""
+    vary = set(varying_fields(evaluations))
     wanted = {"cost": "res", "robustness": "eval_variant", "label_efficiency": "label_fraction"}
     return ["curves", *(kind for kind, field in wanted.items() if field in vary)]
 
 
-def runs_of(config: dict[str, Any], experiment: str) -> list[Run]:
-    return [run for run in expand_runs(config) if run.experiment == experiment]
-
-
-def run_settings(config: dict[str, Any], run: Run) -> dict[str, Any]:
-    """The resolved training settings of one run: defaults, the experiment's overrides, then the grid point."""
-    settings = experiment_training(config, run.experiment)
-    settings.update(
-        mode=run.mode,
-        lr=float(run.lr),
-        schedule=run.schedule,
-        epochs=run.epochs,
-        label_fraction=float(run.label_fraction),
-        seed=run.seed,
-    )
-    return settings
-
-
 def check_experiments(config: dict[str, Any]) -> list[str]:
-    """Problems with the experiment grids (unknown models, resolutions or variants; grid settings also set in
-    `training:`), as 'key: problem' lines."""
+    """Problems with the experiment grids (unknown models, resolutions or variants; learning rates missing or
+    given to a probe; grid or workflow settings in `training:`), as 'key: problem' lines."""
     known = {
         "models": set(config["models"]),
         "resolutions": {int(r) for r in config["resize"]["resolutions"]},
@@ -216,27 +194,37 @@ def check_experiments(config: dict[str, Any]) -> list[str]:
             if missing := sorted(values - allowed, key=str):
                 source = where.get(key, "degrade.variants")
                 problems.append(f"experiments.{name}.{key}: {missing} not in {source}")
-        if isinstance(grid["lr"], dict):
-            problems += _check_lr_keys(name, grid, config["models"])
+        problems += _check_lr(name, grid, config["models"])
         for key in sorted(GRID_SETTINGS & set(grid.get("training", {}))):
             problems.append(
                 f"experiments.{name}.training.{key}: set by the grid (experiments.{name}.{_grid_key(key)})"
             )
+        for key in sorted(WORKFLOW_SETTINGS & set(grid.get("training", {}))):
+            problems.append(
+                f"experiments.{name}.training.{key}: a setting of the whole workflow (training.{key})"
+            )
     return problems
 
 
-def _check_lr_keys(name: str, grid: dict[str, Any], registry: dict[str, Any]) -> list[str]:
-    """An lr mapping: a `mode:model` key names a registered model (a typo is an error; a model this grid does not
-    run is not, so that an overlay can narrow a grid), and every mode and model the grid trains has rates."""
+def _check_lr(name: str, grid: dict[str, Any], registry: dict[str, Any]) -> list[str]:
+    """Every trained mode and model of the grid has learning rates; a probe mode has none (it sweeps its own);
+    a `mode:model` key names a registered model (a typo is an error; a model this grid does not run is not, so
+    that an overlay can narrow a grid)."""
+    lr = grid.get("lr", [])
+    keys = list(lr) if isinstance(lr, dict) else []
     problems = [
+        f"experiments.{name}.lr.{key}: {key.partition(':')[0]} takes no learning rate (linear probes sweep"
+        " training.probe.learning_rates; kNN trains nothing): remove it"
+        for key in keys
+        if key.partition(":")[0] in PROBE_MODES
+    ]
+    problems += [
         f"experiments.{name}.lr.{key}: no model {key.partition(':')[2]!r} in models"
-        for key in grid["lr"]
+        for key in keys
         if ":" in key and key.partition(":")[2] not in registry
     ]
-    pairs = {(mode, model) for mode in grid["modes"] if mode != "knn" for model in grid["models"]}
-    if missing := sorted(
-        f"{m}:{n}" for m, n in pairs if f"{m}:{n}" not in grid["lr"] and m not in grid["lr"]
-    ):
+    trained = [(mode, model) for mode in grid["modes"] if mode in TRAINED_MODES for model in grid["models"]]
+    if missing := [f"{m}:{n}" for m, n in trained if not learning_rates(lr, m, n)]:
         problems.append(f"experiments.{name}.lr: no learning rates for {missing}")
     return problems
 

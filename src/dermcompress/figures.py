@@ -41,8 +41,10 @@ def describe(dims: list[str], values: tuple) -> str:
     for dim, v in zip(dims, values, strict=True):
         if dim == "res":
             words.append(f"{v} px")
+        elif dim in ("lr", "schedule", "epochs") and str(v) in ("", "0"):
+            continue  # a probe takes none from the grid
         elif dim == "lr":
-            words.append(f"lr {v}" if float(v) else "no training")  # kNN runs carry lr 0
+            words.append(f"lr {v}")
         elif dim == "epochs":
             words.append(f"{v} epochs")
         elif dim == "label_fraction":
@@ -92,12 +94,16 @@ def _split_dims(runs: pd.DataFrame) -> tuple[list[str], list[str]]:
 
 
 def _seed_band(histories: list[pd.DataFrame], column: str) -> pd.DataFrame:
-    """Mean and std over seeds of `column` per epoch (only the rows that report it)."""
+    """Mean and std over seeds of `column` per epoch (only the rows that report it; none for kNN runs)."""
+    if not histories:
+        return pd.DataFrame(columns=["epoch", "mean", "std", "size"])
     rows = pd.concat([h[["epoch", column]].dropna() for h in histories])
     return rows.groupby("epoch")[column].agg(["mean", "std", "size"]).reset_index()
 
 
 def plot_curves(runs: pd.DataFrame, histories: dict[str, pd.DataFrame], title: str) -> Figure:
+    """`histories`: history.csv per run folder (`train_run`); a run evaluated on several variants is one curve."""
+    runs = runs.drop_duplicates("train_run")
     panels, lines = _split_dims(runs)
     panel_groups = _groups(runs, panels)
     colors = _colors([label for label, _ in _groups(runs, lines)])
@@ -114,11 +120,11 @@ def plot_curves(runs: pd.DataFrame, histories: dict[str, pd.DataFrame], title: s
         for row, (column, name) in enumerate(CURVES):
             ax = axes[row, col]
             for line_label, part in _groups(panel, lines):
-                band = _seed_band([histories[r] for r in part["run"]], column)
+                band = _seed_band([histories[r] for r in part["train_run"] if r in histories], column)
                 if band.empty:
                     continue
                 color = colors[line_label]
-                marker = "o" if len(band) == 1 else None  # kNN: one evaluation, no training
+                marker = "o" if len(band) == 1 else None  # a single evaluation (a probe's)
                 ax.plot(band["epoch"], band["mean"], color=color, marker=marker, label=line_label, lw=1.4)
                 if band["size"].max() > 1:
                     low, high = band["mean"] - band["std"], band["mean"] + band["std"]
@@ -265,7 +271,8 @@ def run_figure(*, kind: str, metrics: list[str], title: str, out: str) -> None:
     """One figure of one experiment from its runs' folders (the parents of `metrics`)."""
     runs = load_runs([str(Path(m).parent) for m in metrics])
     if kind == "curves":
-        histories = {run: pd.read_csv(Path(run) / "history.csv") for run in runs["run"]}
+        files = {run: Path(run) / "history.csv" for run in runs["train_run"].unique()}
+        histories = {run: pd.read_csv(path) for run, path in files.items() if path.is_file()}  # kNN: none
         fig = plot_curves(runs, histories, title)
     else:
         fig = PLOTS[kind](runs, title)

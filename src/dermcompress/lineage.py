@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from .cache import INFO, file_sha256
-from .experiments import RUN_FILES
 from .fingerprint import PACKAGE_DIR, package_versions
+from .runs import RUN_FILES, TEMPORARY_FILES
 
 FORMAT = "dermcompress-lineage/1"
 RECORD_SUFFIX = ".lineage.json"
@@ -488,18 +488,43 @@ def _ids_by_split(path: Path, workdir: Path) -> dict[str, frozenset[str]]:
     return {split: frozenset(ids) for split, ids in found.items()}
 
 
-def _run_images(node: Node, workdir: Path) -> dict[str, frozenset[str]]:
-    """A training run's images: the train split of its train cache, validation and test of its eval cache."""
-    caches = {e["name"]: node.resolve(e["path"]) for e in node.record["inputs"]}
-    train = _ids_by_split(caches["train_cache"], workdir)
-    evaluated = _ids_by_split(caches["eval_cache"], workdir)
-    used = {"train": train.get("train", frozenset())}
-    used.update({s: evaluated[s] for s in ("val", "test") if s in evaluated})
-    return {s: ids for s, ids in used.items() if ids}
+def _role(node: Node, name: str, kind: str = "inputs") -> Path | None:
+    """The path a record names under `name` among its inputs (or outputs), if any."""
+    return next((node.resolve(e["path"]) for e in node.record[kind] if e["name"] == name), None)
+
+
+def _writer(found: Walk, path: Path | None) -> Node | None:
+    """The walked job that wrote `path`."""
+    for node in found.nodes:
+        if path is not None and any(node.resolve(e["path"]) == path for e in node.record["outputs"]):
+            return node
+    return None
+
+
+def _train_images(node: Node | None, workdir: Path) -> frozenset[str]:
+    """The images a training saw: the train split of a finetune's cache, or of a probe's train features."""
+    if node is None:
+        return frozenset()
+    if (cache := _role(node, "cache")) is not None:
+        return _ids_by_split(cache, workdir).get("train", frozenset())
+    if (features := _role(node, "train")) is not None:
+        return frozenset().union(*_ids_by_split(features, workdir).values())
+    return frozenset()
+
+
+def _run_images(node: Node, found: Walk, workdir: Path) -> dict[str, frozenset[str]]:
+    """An evaluation's images: those its model trained on, and the val and test images it was scored on."""
+    used = {s: ids for s, ids in _ids_by_split(_role(node, "predictions", "outputs"), workdir).items()}
+    if (bank := _role(node, "bank")) is not None:  # kNN: the train features are its model
+        train = frozenset().union(*_ids_by_split(bank, workdir).values())
+    else:
+        train = _train_images(_writer(found, _role(node, "weights") or _role(node, "head")), workdir)
+    return {s: ids for s, ids in {"train": train, **used}.items() if ids and s != "all"}
 
 
 def _is_run(node: Node) -> bool:
-    return {"train_cache", "eval_cache"} <= {e["name"] for e in node.record["inputs"]}
+    """An evaluation of a run (rules evaluate, evaluate_probe): what a table row and a run folder stand for."""
+    return _role(node, "predictions", "outputs") is not None
 
 
 def _merge(parts: list[dict[str, frozenset[str]]]) -> dict[str, frozenset[str]]:
@@ -545,6 +570,7 @@ class Checker:
         self.hashes: dict[Path, dict[str, str]] = {}
         self.broken: dict[str, dict[str, Any]] = {}
         self.external: dict[str, dict[str, Any]] = {}
+        self.removed: dict[str, dict[str, Any]] = {}  # temporary outputs, deleted after use by design
         self.checked = 0
 
     def in_scope(self, path: Path) -> bool:
@@ -577,7 +603,10 @@ class Checker:
             return
         sha, problem = self.now(path, entry["kind"])
         self.checked += 1
-        if problem or sha != entry["sha256"]:
+        if problem == "missing" and path.name in TEMPORARY_FILES:
+            item = self.removed.setdefault(str(path), {"path": str(path), "recorded": []})
+            item["recorded"].append({"by": by, "sha256": entry["sha256"]})
+        elif problem or sha != entry["sha256"]:
             self.flag(path, problem or "changed", sha, by, entry["sha256"])
 
     def flag(
@@ -681,9 +710,9 @@ def _images_used(path: Path, found: Walk, run_dirs: list[Path], workdir: Path) -
     """Image ids per split behind the result: its runs' (a table), the run's, or those the file itself holds."""
     if run_dirs:
         runs = [n for n in found.nodes if _is_run(n) and any(n.file.is_relative_to(r) for r in run_dirs)]
-        return _merge([_run_images(n, workdir) for n in runs])
+        return _merge([_run_images(n, found, workdir) for n in runs])
     if found.nodes and _is_run(found.nodes[0]):
-        return _run_images(found.nodes[0], workdir)
+        return _run_images(found.nodes[0], found, workdir)
     return _ids_by_split(path.absolute(), workdir)
 
 
@@ -744,6 +773,7 @@ def trace(
         "files_checked": checker.checked,
         "broken": list(checker.broken.values()),
         "external": list(checker.external.values()),
+        "removed": list(checker.removed.values()),
         "stages": [_stage(n, follow) for n in found.nodes],
         "raw_files": list(found.raw.values()),
         "images": _image_table(used, manifest),
@@ -833,7 +863,15 @@ def format_text(report: dict[str, Any]) -> str:
             for rec in item["recorded"]:
                 lines.append(f"      recorded {_short(rec['sha256'])} by {rec['by']}")
     elif report["verified"]:
-        lines.append(f"OK: all {report['files_checked']} recorded hashes match the files on disk.")
+        removed = f" (but {len(report['removed'])} temporary, removed after use)" if report["removed"] else ""
+        lines.append(f"OK: all {report['files_checked']} recorded hashes match the files on disk{removed}.")
+    if report["removed"]:
+        lines.append(
+            f"Removed after use ({len(report['removed'])}): temporary outputs (a run's weights, deleted once its "
+            "evaluations had read them); their hashes stay on record"
+        )
+        for item in report["removed"]:
+            lines.append(f"  {_show(item['path'])}  recorded {_short(item['recorded'][0]['sha256'])}")
     if report["external"]:
         lines.append(
             f"External ({len(report['external'])}): outside the workflow folder {report['workdir']}, so not read "

@@ -23,6 +23,7 @@ import logging
 import math
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -127,7 +128,7 @@ def _class_indices(values: pd.Series, classes: list[str], column: str) -> np.nda
     return values.astype(str).map(index).to_numpy(dtype=np.int64)
 
 
-def _auc(y_true: np.ndarray, probs: np.ndarray) -> float | None:
+def auc_score(y_true: np.ndarray, probs: np.ndarray) -> float | None:
     """Binary AUC of probs[:, 1], or one-vs-rest macro AUC over the classes present; None if undefined."""
     present = np.unique(y_true)
     if len(present) < 2:
@@ -164,7 +165,7 @@ def compute_metrics(
         "accuracy": float(accuracy_score(y_true, y_pred)),
         "f1_macro": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
         "f1_weighted": float(f1_score(y_true, y_pred, labels=labels, average="weighted", zero_division=0)),
-        "auc": _auc(y_true, probs),
+        "auc": auc_score(y_true, probs),
         # The ISIC challenge score: mean recall over the classes present in the labels.
         "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
         "per_class_recall": {
@@ -250,4 +251,64 @@ def write_metrics(path: str | Path, metrics: dict, extra: dict | None = None) ->
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+    return payload
+
+
+# train.json keys that metrics.json repeats: what the run cost to train, and its architecture's figures.
+TRAIN_KEYS = (
+    "gmacs",
+    "params_m",
+    "trainable_params_m",
+    "effective_input_px",
+    "peak_train_mem_mb",
+    "train_img_per_s",
+    "train_images",
+    "train_seconds",
+    "steps",
+    "probe_lr",  # linear: the learning rate its head was chosen with (on val)
+    "knn_k",  # knn: the k chosen (on val)
+    "knn_val_scores",
+)
+
+
+def group_ids(splits: str | Path, image_ids: list[str], where: str) -> list[str]:
+    """The lesion (patient) group of each image, from the splits table; every image must be there."""
+    groups = pd.read_parquet(splits, columns=["image_id", "group_id"]).set_index("image_id")["group_id"]
+    if missing := sorted(set(image_ids) - set(groups.index)):
+        raise ValueError(f"{len(missing)} images of {where} are not in {splits}: {missing[:5]}")
+    return groups.loc[image_ids].astype(str).tolist()
+
+
+def write_evaluation(
+    out_dir: str | Path,
+    predictions: pd.DataFrame,
+    classes: list[str],
+    settings: dict,
+    *,
+    train: dict[str, Any],
+    cost: dict[str, Any],
+    phases: Any,
+) -> dict:
+    """predictions.parquet and metrics.json (scores, the run's training costs, this evaluation's) in `out_dir`."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    predictions.to_parquet(out_dir / "predictions.parquet", index=False)
+    scores = compute_run_metrics(
+        predictions, classes, n_bootstrap=settings["n_bootstrap"], seed=settings["seed"]
+    )
+    extra = {
+        **{key: train.get(key) for key in TRAIN_KEYS},
+        **cost,
+        "mode": settings["mode"],
+        "wall_seconds": {"train": train.get("wall_seconds"), "evaluate": phases.summary()},
+    }
+    payload = write_metrics(out_dir / "metrics.json", scores, extra)
+    log.info(
+        "test accuracy %.4f, AUC %s (n=%d); val accuracy %s, AUC %s",
+        scores["accuracy"],
+        scores["auc"],
+        scores["n_eval"],
+        scores.get("val_accuracy"),
+        scores.get("val_auc"),
+    )
     return payload

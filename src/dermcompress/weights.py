@@ -291,3 +291,14 @@ def convert_simclr_checkpoint(src: str | Path, dst: str | Path, *, arch: str = "
     )
     log.info("wrote %s: %d tensors for timm %s", dst, len(cleaned), name)
     return dst
+
+
+def save_weights(model: nn.Module, path: str | Path) -> None:
+    """The trained model's state dict as safetensors (written to a temporary name, then renamed)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    tmp.replace(path)

@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from dermcompress import config as dc_config
-from dermcompress import experiments, fingerprint, lineage, resize, sources
+from dermcompress import experiments, fingerprint, lineage, resize, runs, sources
 from dermcompress.fingerprint import code_fingerprint
 from snakemake_interface_executor_plugins.settings import DeploymentMethod
 
@@ -18,10 +18,11 @@ VARIANTS = list(config["degrade"]["variants"])
 # The variants the degrade rule makes (clean is the resize rule's output); a pattern that matches nothing if none.
 DEGRADED_VARIANTS = "|".join(v for v in VARIANTS if v != "clean") or "(?!)"
 EXPERIMENTS = experiments.selected_experiments(config)
-RUNS = experiments.expand_runs(config)
-RUN_DIR = experiments.RUN_DIR
-CHECKPOINT_DIR = experiments.CHECKPOINT_DIR
-# The run's path below results/runs/, reused for its log and benchmark.
+# Every run once (with its settings), and each experiment's evaluations of them (experiments.py).
+RUNS, EVALUATIONS = experiments.expand(config)
+RUN_DIR, EVAL_DIR, FEATURES = runs.RUN_DIR, runs.EVAL_DIR, runs.FEATURES
+CHECKPOINT_DIR = runs.CHECKPOINT_DIR
+# The run's path below results/runs/, reused for its logs and benchmarks.
 RUN_ID = RUN_DIR.removeprefix("results/runs/")
 
 
@@ -32,12 +33,12 @@ wildcard_constraints:
     eval_variant="|".join(VARIANTS),
     experiment="|".join(config["experiments"]) or "^$",
     model="|".join(config["models"]) or "^$",
-    mode="finetune|linear|knn|freeze_blocks|lora",
-    lr=r"[0-9.e+-]+",
-    schedule="linear|cosine",
-    epochs=r"\d+",
+    mode="|".join(runs.MODES),
+    hparams=r"[^/]+",
     label_fraction=r"[0-9.e+-]+",
     seed=r"\d+",
+    split="train|val|test",
+    init=r"pretrained|seed\d+",
 
 
 onstart:
@@ -107,34 +108,110 @@ def get_local_weights(wildcards):
     return [path] if source.startswith("local:") and Path(path).exists() else []
 
 
+def get_run(wildcards):
+    """The run a job's wildcards name (runs.Run)."""
+    return runs.Run.from_wildcards(wildcards)
+
+
 def get_run_settings(wildcards):
-    """Training defaults, overridden by the experiment's, then the run's grid point (mode, lr, seed...)."""
-    return experiments.run_settings(config, experiments.Run.from_wildcards(wildcards))
+    """The run's resolved training settings: defaults, the experiment's overrides, the grid point."""
+    run = get_run(wildcards)
+    if run not in RUNS:
+        raise ValueError(f"no selected experiment asks for {run.run_dir}")
+    return RUNS[run]
+
+
+def get_run_group(wildcards):
+    """One cluster job per training: a run's train job and its evaluations (and the weights between them) are
+    one group, named by resolution so that a profile can pack several small runs into one submission.
+    """
+    return f"run_{wildcards.res}px"
+
+
+def get_weights_output(path):
+    """The trained weights: temporary (deleted once every evaluation of the run has read them) unless
+    training.keep_weights."""
+    return path if config["training"].get("keep_weights", False) else temp(path)
+
+
+def is_pretrained(model):
+    return bool(config["models"][model].get("pretrained", True))
+
+
+def get_probe_features(split, variant_wildcard="train_variant"):
+    """Input function: the frozen features of a probe run's backbone on `split` of the run's training variant
+    (or, with variant_wildcard="eval_variant", of the evaluated one)."""
+
+    def features(wildcards):
+        run = get_run(wildcards)
+        variant = getattr(wildcards, variant_wildcard)
+        return run.features(variant, split, pretrained=is_pretrained(run.model))
+
+    return features
+
+
+def get_probe_inputs(wildcards):
+    """What a probe's evaluation reads: the eval variant's val and test features; a linear probe's head and
+    summary, or kNN's bank (the training variant's train features) and the validation features that choose k.
+    """
+    run = get_run(wildcards)
+    inputs = {
+        "splits": "results/data/splits.parquet",
+        **{
+            f"eval_{split}": get_probe_features(split, "eval_variant")(wildcards)
+            for split in ("val", "test")
+        },
+    }
+    if run.mode == "linear":
+        inputs |= {
+            "head": f"{run.run_dir}/head.safetensors",
+            "summary": f"{run.run_dir}/train.json",
+        }
+    else:
+        inputs |= {
+            "bank": get_probe_features("train")(wildcards),
+            "choose": get_probe_features("val")(wildcards),
+        }
+    return inputs
+
+
+def get_features_seed(wildcards):
+    """The seed a backbone is built from: its own for a random-init one (part of the path), else 0."""
+    return (
+        0
+        if wildcards.init == runs.PRETRAINED_INIT
+        else int(wildcards.init.removeprefix("seed"))
+    )
 
 
 def get_all_metrics():
-    """metrics.json of every run of the selected experiments."""
-    return [f"{run.run_dir}/metrics.json" for run in RUNS]
+    """metrics.json of every evaluation of the selected experiments, each once."""
+    return list(
+        dict.fromkeys(
+            f"{e.eval_dir}/metrics.json"
+            for evals in EVALUATIONS.values()
+            for e in evals
+        )
+    )
 
 
 def get_experiment_metrics(wildcards):
-    return [
-        f"{run.run_dir}/metrics.json"
-        for run in RUNS
-        if run.experiment == wildcards.experiment
-    ]
+    return [f"{e.eval_dir}/metrics.json" for e in EVALUATIONS[wildcards.experiment]]
 
 
 def get_experiment_histories(wildcards):
-    return [
-        f"{run.run_dir}/history.csv"
-        for run in RUNS
-        if run.experiment == wildcards.experiment
-    ]
+    """history.csv of every run of the experiment that trains (kNN trains nothing)."""
+    return list(
+        dict.fromkeys(
+            f"{e.run.run_dir}/history.csv"
+            for e in EVALUATIONS[wildcards.experiment]
+            if e.run.mode != "knn"
+        )
+    )
 
 
 def get_experiment_runs(wildcards):
-    """The run folders behind an experiment's table and figures, which their report captions list."""
+    """The evaluation folders behind an experiment's table and figures, which their report captions list."""
     return lineage.runs_of(get_experiment_metrics(wildcards))
 
 
@@ -149,7 +226,7 @@ def get_figures():
     return [
         f"results/figures/{name}_{kind}.png"
         for name in EXPERIMENTS
-        for kind in experiments.figure_kinds(config, name)
+        for kind in experiments.figure_kinds(EVALUATIONS[name])
     ]
 
 

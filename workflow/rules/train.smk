@@ -1,23 +1,27 @@
-# One training run and its evaluation: model x resolution x train/eval variant x mode x lr x seed.
+# The run layer (src/dermcompress/runs.py): each distinct training once, evaluated once per eval variant.
+#   train -> weights (temporary) -> evaluate        finetune, freeze_blocks, lora: one cluster job per training
+#   features (once per model x resolution x variant x split) -> linear -> evaluate_probe,  -> evaluate_probe (knn)
 
 
 rule train:
     input:
-        train_cache="results/cache/{res}px/{train_variant}",
-        eval_cache="results/cache/{res}px/{eval_variant}",
+        cache="results/cache/{res}px/{train_variant}",
         # Groups of the train split, for label-fraction runs (subsample.py).
         splits="results/data/splits.parquet",
         weights=get_local_weights,
     output:
-        metrics=f"{RUN_DIR}/metrics.json",
-        predictions=f"{RUN_DIR}/predictions.parquet",
+        weights=get_weights_output(f"{RUN_DIR}/weights.safetensors"),
         history=f"{RUN_DIR}/history.csv",
         config=f"{RUN_DIR}/config.json",
-        weights=f"{RUN_DIR}/weights.safetensors",
+        summary=f"{RUN_DIR}/train.json",
     log:
-        f"results/logs/runs/{RUN_ID}.log",
+        f"results/logs/runs/{RUN_ID}/train.log",
     benchmark:
-        f"results/benchmarks/runs/{RUN_ID}.tsv"
+        f"results/benchmarks/runs/{RUN_ID}/train.tsv"
+    wildcard_constraints:
+        mode="finetune|freeze_blocks|lora",
+    group:
+        get_run_group
     conda:
         "../../envs/torch.yaml"
     resources:
@@ -32,3 +36,102 @@ rule train:
         code=get_code("train"),
     script:
         "../../scripts/train.py"
+
+
+rule evaluate:
+    input:
+        weights=f"{RUN_DIR}/weights.safetensors",
+        summary=f"{RUN_DIR}/train.json",
+        cache="results/cache/{res}px/{eval_variant}",
+        splits="results/data/splits.parquet",
+    output:
+        predictions=f"{EVAL_DIR}/predictions.parquet",
+        metrics=f"{EVAL_DIR}/metrics.json",
+    log:
+        f"results/logs/runs/{RUN_ID}/evaluate_{{eval_variant}}.log",
+    benchmark:
+        f"results/benchmarks/runs/{RUN_ID}/evaluate_{{eval_variant}}.tsv"
+    wildcard_constraints:
+        mode="finetune|freeze_blocks|lora",
+    group:
+        get_run_group
+    conda:
+        "../../envs/torch.yaml"
+    resources:
+        gpu=1,
+    params:
+        model=get_model_entry,
+        settings=get_run_settings,
+        code=get_code("evaluate"),
+    script:
+        "../../scripts/evaluate.py"
+
+
+rule features:
+    input:
+        cache="results/cache/{res}px/{variant}",
+        weights=get_local_weights,
+    output:
+        FEATURES,
+    log:
+        "results/logs/features/{model}/{res}px/{variant}/{init}/{split}.log",
+    benchmark:
+        "results/benchmarks/features/{model}/{res}px/{variant}/{init}/{split}.tsv"
+    conda:
+        "../../envs/torch.yaml"
+    resources:
+        gpu=1,
+    params:
+        model=get_model_entry,
+        settings=config["training"],
+        seed=get_features_seed,
+        code=get_code("features"),
+    script:
+        "../../scripts/features.py"
+
+
+rule linear:
+    input:
+        train=get_probe_features("train"),
+        val=get_probe_features("val"),
+        splits="results/data/splits.parquet",
+    output:
+        head=f"{RUN_DIR}/head.safetensors",
+        probe=f"{RUN_DIR}/probe.csv",
+        history=f"{RUN_DIR}/history.csv",
+        config=f"{RUN_DIR}/config.json",
+        summary=f"{RUN_DIR}/train.json",
+    log:
+        f"results/logs/runs/{RUN_ID}/linear.log",
+    wildcard_constraints:
+        mode="linear",
+    group:
+        "probes"
+    conda:
+        "../../envs/torch.yaml"
+    params:
+        settings=get_run_settings,
+        code=get_code("probes"),
+    script:
+        "../../scripts/linear.py"
+
+
+rule evaluate_probe:
+    input:
+        unpack(get_probe_inputs),
+    output:
+        predictions=f"{EVAL_DIR}/predictions.parquet",
+        metrics=f"{EVAL_DIR}/metrics.json",
+    log:
+        f"results/logs/runs/{RUN_ID}/evaluate_{{eval_variant}}.log",
+    wildcard_constraints:
+        mode="linear|knn",
+    group:
+        "probes"
+    conda:
+        "../../envs/torch.yaml"
+    params:
+        settings=get_run_settings,
+        code=get_code("probes"),
+    script:
+        "../../scripts/evaluate_probe.py"

@@ -1,0 +1,16 @@
+"""Snakemake adapter: one split of one cache variant through a frozen backbone -> a features table."""
+
+from dermcompress.features import run_features
+from dermcompress.logs import job_logging
+
+with job_logging(snakemake):
+    run_features(
+        model_name=snakemake.wildcards.model,
+        model_entry=snakemake.params.model,
+        cache_dir=snakemake.input.cache,
+        split=snakemake.wildcards.split,
+        out=snakemake.output[0],
+        settings=snakemake.params.settings,
+        resolution=int(snakemake.wildcards.res),
+        seed=snakemake.params.seed,
+    )

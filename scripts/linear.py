@@ -1,0 +1,15 @@
+"""Snakemake adapter: frozen train and val features -> a linear probe run (the best of many heads, on val)."""
+
+from pathlib import Path
+
+from dermcompress.logs import job_logging
+from dermcompress.probes import run_linear
+
+with job_logging(snakemake):
+    run_linear(
+        train_features=snakemake.input.train,
+        val_features=snakemake.input.val,
+        splits=snakemake.input.splits,
+        settings=snakemake.params.settings,
+        run_dir=str(Path(snakemake.output.summary).parent),
+    )
