@@ -51,6 +51,25 @@ def _lineage(args: argparse.Namespace) -> int:
     return 1 if report["broken"] else 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    import json
+
+    from dermcompress.plan import format_plan, make_plan
+
+    try:
+        plan = make_plan(
+            args.directory,
+            configfiles=args.configfile,
+            profile=args.profile or None,
+            throughput=args.throughput,
+            full_isic2019=args.full_isic2019,
+        )
+    except RuntimeError as err:
+        raise SystemExit(f"dermcompress plan: {err}") from None
+    print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dermcompress", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -106,6 +125,36 @@ def build_parser() -> argparse.ArgumentParser:
         "as external and not read",
     )
     lineage.set_defaults(func=_lineage)
+
+    plan = commands.add_parser(
+        "plan",
+        help="what a config costs before it runs: jobs, cluster submissions, image-passes, disk, GPU-hours",
+        description="Plan the whole workflow with Snakemake (a dry run with a cluster profile, so jobs are "
+        "grouped as they will be submitted) and count trainings, evaluations, feature extractions, GPU jobs and "
+        "submissions, backbone image-passes, disk for weights, checkpoints and caches, and GPU-hours.",
+    )
+    plan.add_argument(
+        "--configfile",
+        nargs="*",
+        default=[],
+        help="overlays of config.yaml, as for snakemake (e.g. config.demo.yaml)",
+    )
+    plan.add_argument(
+        "--profile",
+        default="profiles/slurm-h100",
+        help="the cluster profile whose grouping counts (default profiles/slurm-h100; '' for none)",
+    )
+    plan.add_argument(
+        "--throughput", help="a CSV of measured images/s from benchmarks/gpu.py (default: an estimate)"
+    )
+    plan.add_argument(
+        "--full-isic2019",
+        action="store_true",
+        help="size the plan for the whole ISIC 2019 training set, whatever data the config names",
+    )
+    plan.add_argument("--directory", default=".", help="the workflow folder (default: the current one)")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.set_defaults(func=_plan)
     return parser
 
 
