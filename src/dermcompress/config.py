@@ -75,6 +75,8 @@ def check_training_overrides(config: dict[str, Any], training_schema: dict[str, 
     for name, grid in config["experiments"].items():
         overrides = grid.get("training") or {}
         for err in sorted(validator.iter_errors(overrides), key=lambda e: [str(p) for p in e.path]):
+            # Of a oneOf's failures, the one that fits the value ("0 is less than the minimum of 1").
+            err = jsonschema.exceptions.best_match([err])
             key = ".".join(["experiments", name, "training", *map(str, err.absolute_path)])
             if err.validator == "additionalProperties":
                 unknown = sorted(set(err.instance) - set(err.schema.get("properties", {})))
