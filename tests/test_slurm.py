@@ -260,7 +260,8 @@ def test_demo_runs_end_to_end_through_slurm(finished):
     # With two GPUs the script relaunched itself under torchrun, and the run trained on two ranks.
     _, ddp = evaluation(workdir, "ddp")
     assert ddp["steps"] == signalled["ddp"][1]
-    assert "launching 2 ranks" in train_log(workdir, "ddp").read_text()
+    assert all("launching 2 ranks" in log.read_text() for _, log in run_jobs(runs["ddp"], "ddp"))
+    assert "rank 0 of 2" in train_log(workdir, "ddp").read_text()
     # The three runs agree to the last bit: one GPU; one GPU, stopped and resumed; two GPUs, stopped and resumed.
     single_dir, single = evaluation(workdir, "single")
     assert single["accuracy"] > 0.5
