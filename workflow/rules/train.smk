@@ -1,6 +1,7 @@
 # The run layer (src/dermcompress/runs.py): each distinct training once, evaluated once per eval variant.
 #   train -> weights (temporary) -> evaluate        finetune, freeze_blocks, lora: one cluster job per training
-#   features (once per model x resolution x variant x split) -> linear -> evaluate_probe,  -> evaluate_probe (knn)
+#   features (once per model x resolution x variant x split) -> linear -> evaluate_probe   linear probes
+#   features -> evaluate_probe                                                            knn
 
 
 rule train:
