@@ -19,7 +19,7 @@ import copy
 import itertools
 from typing import Any
 
-from .runs import PROBE_MODES, TRAINED_MODES, Evaluation, Run, identity_tag
+from .runs import PROBE_MODES, TRAINED_MODES, Evaluation, Run, identity_tag, is_pretrained
 
 # Grid key in config.yaml -> field. Seeds last: repeats of one setting sit together.
 GRID_KEYS = {
@@ -121,7 +121,7 @@ def _grid_runs(config: dict[str, Any], name: str) -> list[tuple[Run, list[str], 
         else:
             hparams = [{}]
         seed = int(v["seed"])
-        pretrained = config["models"][v["model"]].get("pretrained", True)
+        pretrained = is_pretrained(config["models"][v["model"]])
         if v["mode"] == "knn" and pretrained and float(fraction) == 1:
             seed = min(int(s) for s in seeds)  # nothing in it depends on the seed: once
         for h in hparams:

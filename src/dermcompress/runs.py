@@ -151,6 +151,18 @@ class Run:
         return FEATURES.format(model=self.model, res=self.res, variant=variant, init=init, split=split)
 
 
+def is_pretrained(entry: dict[str, Any]) -> bool:
+    """Whether a model's registry entry loads pretrained weights (the default) or starts from random ones, whose
+    draw depends on the seed (so its features are keyed by seed)."""
+    return bool(entry.get("pretrained", True))
+
+
+def init_seed(init: str) -> int:
+    """The seed a backbone is built from, from the {init} part of a features path (Run.features): 0 for a
+    pretrained one, its own for a random-init one."""
+    return 0 if init == PRETRAINED_INIT else int(init.removeprefix("seed"))
+
+
 @dataclass(frozen=True)
 class Evaluation:
     """One evaluation of a run: its final model scored on the val and test splits of one variant."""

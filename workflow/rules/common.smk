@@ -123,7 +123,7 @@ def get_run_settings(wildcards):
 
 def get_run_group(wildcards):
     """One cluster job per training: a run's train job and its evaluations (and the weights between them) are
-    one group, named by resolution so that a profile can pack several small runs into one submission.
+    one group (named by resolution, as the SLURM logs show it).
     """
     return f"run_{wildcards.res}px"
 
@@ -134,10 +134,6 @@ def get_weights_output(path):
     return path if config["training"].get("keep_weights", False) else temp(path)
 
 
-def is_pretrained(model):
-    return bool(config["models"][model].get("pretrained", True))
-
-
 def get_probe_features(split, variant_wildcard="train_variant"):
     """Input function: the frozen features of a probe run's backbone on `split` of the run's training variant
     (or, with variant_wildcard="eval_variant", of the evaluated one)."""
@@ -145,7 +141,9 @@ def get_probe_features(split, variant_wildcard="train_variant"):
     def features(wildcards):
         run = get_run(wildcards)
         variant = getattr(wildcards, variant_wildcard)
-        return run.features(variant, split, pretrained=is_pretrained(run.model))
+        return run.features(
+            variant, split, pretrained=runs.is_pretrained(config["models"][run.model])
+        )
 
     return features
 
@@ -176,12 +174,8 @@ def get_probe_inputs(wildcards):
 
 
 def get_features_seed(wildcards):
-    """The seed a backbone is built from: its own for a random-init one (part of the path), else 0."""
-    return (
-        0
-        if wildcards.init == runs.PRETRAINED_INIT
-        else int(wildcards.init.removeprefix("seed"))
-    )
+    """The seed a features job builds its backbone from (runs.init_seed)."""
+    return runs.init_seed(wildcards.init)
 
 
 def get_all_metrics():
