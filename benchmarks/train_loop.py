@@ -59,7 +59,7 @@ from torch.utils.data import Dataset
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from dermcompress import models, train
+from dermcompress import loop, models, train
 from dermcompress.cache import run_cache
 from dermcompress.loader import CacheDataset, make_loader, normalize
 from dermcompress.pixeltable import write_pixel_table
@@ -254,7 +254,8 @@ def run_trainer(cache: Path, out: Path, args: argparse.Namespace) -> dict:
 def line_counts() -> str:
     """The two code paths' sizes, measured from their source; empty if that source changed since import."""
     objects = {
-        "_train": getattr(train, "_train", None),  # private: it may be renamed
+        "Loop": loop.Loop,
+        "train": loop.train,
         "run_training": train.run_training,
         "PixelDataset": PixelDataset,
         "EpochOrder": EpochOrder,
@@ -269,12 +270,13 @@ def line_counts() -> str:
     if not all(f" {name}" in lines[0] for name, lines in sources.items()):
         return ""
     n = {name: len(lines) for name, lines in sources.items()}
+    ours = n["Loop"] + n["train"]
     glue = sum(
         n[name] for name in ("PixelDataset", "EpochOrder", "OrderedTrainer", "WithLoss", "run_trainer")
     )
     trainer_py = len(Path(inspect.getsourcefile(Trainer)).read_text().splitlines())
     return (
-        f"Lines: our loop train._train is {n['_train']} (the steps plus checkpoint/resume and SIGTERM/SIGUSR1"
+        f"Lines: our loop (loop.Loop and loop.train) is {ours} (the steps plus checkpoint/resume and SIGTERM/SIGUSR1"
         f" handling; run_training around it, {n['run_training']} more, adds setup, evaluation and outputs); the"
         f" Trainer glue here (PixelDataset, EpochOrder, OrderedTrainer, WithLoss, run_trainer) is {glue}, for"
         " training only, on top of"

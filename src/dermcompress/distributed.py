@@ -4,7 +4,7 @@ A Snakemake job that asks for N > 1 GPUs (resource `gpu`) re-executes its script
 (`relaunch_under_torchrun`), so every rank runs the same script and the same `run_training`; with one process
 nothing here does anything and the code path is the single-GPU (or CPU) one.
 
-What N processes compute is what one process computes (train.py): each optimizer step takes the same global
+What N processes compute is what one process computes (loop.py): each optimizer step takes the same global
 batch of the seeded permutation, cut into the same micro batches, dealt round-robin to the ranks
 (`loader.step_batches`); the gradients are summed over the ranks (`all_reduce_gradients`), and since every
 micro batch's loss is already divided by the size of the whole global batch, that sum is the mean over the
