@@ -8,7 +8,8 @@ the signal SLURM sends before a time limit (`scancel --signal=TERM`, what `--sig
 resumed by Snakemake's retry; and, in a second Snakemake run with a per-submission pool of two GPUs,
 `tiny_ddp` on two fake H100s, i.e. two ranks under torchrun, stopped and resumed likewise. The model is a ViT
 without dropout and the micro batch is half the global batch, so all three must end with the very same
-predictions (test_ddp.py explains why exactly).
+predictions (test_ddp.py explains why exactly). A linear probe (`tiny_probe`, in the first run) reads frozen
+features of three splits, extracted in one submission on one GPU.
 
 Without root or apt the SLURM tests skip locally, saying why; with DERMCOMPRESS_REQUIRE_SLURM=1 (`make test`,
 `make test-slurm`) or CI set they fail instead.
@@ -51,7 +52,8 @@ GRID = {
 }
 EXPERIMENTS = {"single": "tiny_single", "preempted": "tiny_preempted", "ddp": "tiny_ddp"}
 PREEMPTED = ("preempted", "ddp")  # stopped once mid-training, then resumed by Snakemake's retry
-FIRST = ("single", "preempted")  # the first Snakemake run; the second (a pool of two GPUs) adds ddp
+FIRST = ("single", "preempted", "probe")  # the first Snakemake run; the second (a pool of two GPUs) adds ddp
+PROBE = "tiny_probe"  # a linear probe on frozen features: its three feature extractions share one submission
 METRICS = ("accuracy", "auc", "f1_macro", "balanced_accuracy")
 OVERLAY = {
     "data": {"synthetic": {"n": 1000, "seed": 0}},
@@ -64,10 +66,18 @@ OVERLAY = {
     },
     "cache": {"rows_per_shard": 256, "row_group_size": 32},
     "models": {
-        name: {"source": "timm:vit_tiny_patch16_224", "pretrained": False} for name in EXPERIMENTS.values()
+        name: {"source": "timm:vit_tiny_patch16_224", "pretrained": False}
+        for name in (*EXPERIMENTS.values(), PROBE)
     },
     # Two micro batches per step: one process accumulates them, two ranks take one each.
-    "training": {"batch_size": 32, "micro_batch_size": 16, "epochs": 4, "log_every": 1, "n_bootstrap": 50},
+    "training": {
+        "batch_size": 32,
+        "micro_batch_size": 16,
+        "epochs": 4,
+        "log_every": 1,
+        "n_bootstrap": 50,
+        "probe": {"learning_rates": [1.0e-3, 1.0e-2], "iterations": 20, "batch_size": 64, "momentum": 0.9},
+    },
     "experiments": {
         name: {
             "description": f"SLURM test: {name}",
@@ -77,8 +87,16 @@ OVERLAY = {
             "eval_variants": ["clean", "jpeg_only"] if name == "single" else ["clean"],
         }
         for name, model in EXPERIMENTS.items()
+    }
+    | {
+        "probe": {
+            "description": "SLURM test: a linear probe",
+            **{k: v for k, v in GRID.items() if k not in ("lr", "schedules", "epochs")},
+            "models": [PROBE],
+            "modes": ["linear"],
+        }
     },
-    "run_experiments": list(EXPERIMENTS),
+    "run_experiments": [*EXPERIMENTS, "probe"],
 }
 
 
@@ -222,7 +240,7 @@ def finished(slurm, request, tmp_path_factory):
     first, signalled = through_slurm(request, workdir, ("preempted",), "--configfile", "first.yaml")
     # The second adds the run that trains on both GPUs.
     second, more = through_slurm(request, workdir, ("ddp",))
-    runs = {name: second if name == "ddp" else first for name in EXPERIMENTS}
+    runs = {name: second if name == "ddp" else first for name in [*EXPERIMENTS, "probe"]}
     return workdir, runs, signalled | more
 
 
@@ -276,8 +294,26 @@ def test_demo_runs_end_to_end_through_slurm(finished):
     assert not list((workdir / "results").rglob("weights.safetensors"))
     assert not list((workdir / "results").rglob("checkpoint.pt"))
     assert (
-        len(pd.read_csv(workdir / "results/runs/index.csv")) == len(EXPERIMENTS) + 1
-    )  # single: two variants
+        len(pd.read_csv(workdir / "results/runs/index.csv")) == len(EXPERIMENTS) + 2
+    )  # single: two variants; the probe
+
+
+def test_feature_extractions_share_one_submission_and_one_gpu(finished):
+    """The probe's three feature extractions (train, val, test of its variant) are one submission (the
+    profile packs them, group-components), run one after another and asking SLURM for one H100, not three; the
+    probe read what they wrote."""
+    workdir, runs, _ = finished
+    run = runs["probe"]
+    rules = [rule for _, rule, _ in run.submissions()]
+    assert "features" not in rules and rules.count("group_features_features") == 1, rules
+    ((job, log),) = [(j, log) for j, rule, log in run.submissions() if rule == "group_features_features"]
+    assert log.read_text().count("localrule features:") == 3
+    shown = run.shown[job]
+    assert "TresPerJob=gres:gpu:h100:1" in shown and "Partition=gpu" in shown, shown
+    features = sorted(p.name for p in (workdir / "results/features" / PROBE).rglob("*.parquet"))
+    assert features == ["test.parquet", "train.parquet", "val.parquet"], features
+    (metrics,) = (workdir / "results/runs" / PROBE).rglob("eval/clean/metrics.json")
+    assert json.loads(metrics.read_text())["n_eval"] > 0
 
 
 @pytest.mark.parametrize("experiment", PREEMPTED)

@@ -78,6 +78,10 @@ rule features:
         "results/logs/features/{model}/{res}px/{variant}/{init}/{split}.log",
     benchmark:
         "results/benchmarks/features/{model}/{res}px/{variant}/{init}/{split}.tsv"
+    # Short GPU jobs: a cluster profile packs several into one submission (group-components), one after another
+    # on one GPU (the profile's features_slot).
+    group:
+        "features"
     conda:
         "../../envs/torch.yaml"
     resources:
