@@ -4,7 +4,7 @@
 from pathlib import Path
 
 from dermcompress.evaluate import run_evaluation
-from dermcompress.logs import job_logging
+from dermcompress.logs import exit_now, job_logging
 
 with job_logging(snakemake):
     run_evaluation(
@@ -18,3 +18,4 @@ with job_logging(snakemake):
         resolution=int(snakemake.wildcards.res),
         splits=snakemake.input.splits,
     )
+exit_now()  # the outputs are written: skip the interpreter's slow teardown after torch

@@ -3,7 +3,7 @@ predictions.parquet and metrics.json in the run's eval/<variant>/ folder."""
 
 from pathlib import Path
 
-from dermcompress.logs import job_logging
+from dermcompress.logs import exit_now, job_logging
 from dermcompress.probes import run_probe_evaluation
 
 inputs = snakemake.input
@@ -19,3 +19,4 @@ with job_logging(snakemake):
         bank_features=inputs.get("bank"),
         choose_features=inputs.get("choose"),
     )
+exit_now()  # the outputs are written: skip the interpreter's slow teardown after torch

@@ -1,7 +1,7 @@
 """Snakemake adapter: one split of one cache variant through a frozen backbone -> a features table."""
 
 from dermcompress.features import run_features
-from dermcompress.logs import job_logging
+from dermcompress.logs import exit_now, job_logging
 
 with job_logging(snakemake):
     run_features(
@@ -14,3 +14,4 @@ with job_logging(snakemake):
         resolution=int(snakemake.wildcards.res),
         seed=snakemake.params.seed,
     )
+exit_now()  # the outputs are written: skip the interpreter's slow teardown after torch

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from dermcompress.logs import job_logging
+from dermcompress.logs import exit_now, job_logging
 from dermcompress.probes import run_linear
 
 with job_logging(snakemake):
@@ -13,3 +13,4 @@ with job_logging(snakemake):
         settings=snakemake.params.settings,
         run_dir=str(Path(snakemake.output.summary).parent),
     )
+exit_now()  # the outputs are written: skip the interpreter's slow teardown after torch

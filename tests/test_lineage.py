@@ -72,6 +72,28 @@ def test_failed_job_leaves_no_record_not_even_an_old_one(tmp_path, monkeypatch):
     assert not Path("out.csv.lineage.json").exists()
 
 
+def test_exit_now_keeps_everything_the_job_wrote_and_said(tmp_path):
+    """The torch scripts end with exit_now (no interpreter teardown): what the job logged, printed and wrote is
+    all there, the exit status is 0, and the teardown (here an atexit handler) did not run."""
+    script = tmp_path / "job.py"
+    script.write_text(
+        "import atexit, logging, sys\n"
+        "import torch\n"
+        "from dermcompress.logs import exit_now, job_logging\n"
+        "atexit.register(lambda: print('teardown ran'))\n"
+        f"with job_logging({str(tmp_path / 'job.log')!r}) as log:\n"
+        f"    open({str(tmp_path / 'out.txt')!r}, 'w').write('done')\n"
+        "    log.info('last words')\n"
+        "    print('said', end='')\n"
+        "exit_now()\n"
+    )
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "said"
+    assert (tmp_path / "job.log").read_text().rstrip().endswith("dermcompress: last words")
+    assert (tmp_path / "out.txt").read_text() == "done"
+
+
 def test_directory_hash_ignores_records_and_snakemakes_timestamp(tmp_path):
     folder = tmp_path / "cache"
     (folder / "train").mkdir(parents=True)
