@@ -5,6 +5,7 @@ left behind; and `dermcompress plan`, which counts it all from the same DAG."""
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from pathlib import Path
 
@@ -97,13 +98,14 @@ def test_finished_study_leaves_no_weights_and_no_checkpoints(finished_study):
 
 def test_plan_counts_the_study_from_the_dag(tmp_path):
     """`dermcompress plan` on the repository's study: 125 distinct finetunes, one feature extraction per
-    model x resolution x variant x split, one GPU submission per training (its evaluations in it) and one per
-    eight feature extractions (at most 140 in all), nothing left on disk at the end."""
+    model x resolution x variant x split, one GPU submission per training (its evaluations in it), the short
+    56 px runs and the feature extractions packed (at most 140 in all), nothing left on disk at the end."""
     workdir = copy_workflow(tmp_path / "wf")
     plan = make_plan(workdir, full_isic2019=True)
     assert plan["trainings"] == 125 and plan["jobs"]["train"] == 125
     assert plan["feature_extractions"] == 3 * 4 + 4 * 5  # 3 pretrained x 4 splits, the random one x 5 seeds
-    assert plan["gpu_submissions"] == plan["trainings"] + 32 // 8 <= 140 < plan["gpu_jobs"]
+    # 90 trainings at 224 and 112 px alone, the 35 at 56 px four to a pack, the extractions eight to a pack
+    assert plan["gpu_submissions"] == 90 + math.ceil(35 / 4) + 32 // 8 <= 140 < plan["gpu_jobs"]
     assert plan["disk"]["weights_end_gb"] == plan["disk"]["checkpoints_end_gb"] == 0
     assert plan["split_sizes"] == {"train": 6511, "val": 724, "test": 1809}
     assert plan["image_passes_forward_backward"] > 0 and plan["gpu_hours"] > 0

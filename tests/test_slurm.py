@@ -316,6 +316,34 @@ def test_feature_extractions_share_one_submission_and_one_gpu(finished):
     assert json.loads(metrics.read_text())["n_eval"] > 0
 
 
+def test_short_runs_pack_into_one_submission_on_one_gpu(finished, request):
+    """Two more runs packed into one submission (`--group-components run_64px=2`, as slurm-h100 packs its 56 px
+    runs): the pack asks SLURM for one H100 and the sum of its trainings' time limits plus an evaluation's; the
+    trainings run one after another on that GPU (the profile's one gpu_slot per submission), each followed by
+    its evaluation."""
+    workdir, _, _ = finished
+    grid = {**GRID, "models": ["tiny_single"], "lr": [3.0e-3, 1.0e-2]}
+    packed = {"experiments": {"packed": {"description": "SLURM test: a pack", **grid}}}
+    write_config(workdir / "packed.yaml", packed | {"run_experiments": ["packed"]})
+    run, _ = through_slurm(
+        request, workdir, (), "--configfile", "packed.yaml", "--group-components", "run_64px=2"
+    )
+    ((job, log),) = [(j, log) for j, rule, log in run.submissions() if rule.startswith("group_run_")]
+    text = log.read_text()
+    assert text.count("localrule train:") == 2 and text.count("localrule evaluate:") == 2, text[-3000:]
+    shown = run.shown[job]
+    # runtime: 30 + 30 minutes of training, then the evaluations side by side (30)
+    assert "TresPerJob=gres:gpu:h100:1" in shown and "TimeLimit=01:30:00" in shown, shown
+    spans = []
+    for lr in ("lr0.003", "lr0.01"):
+        (train,) = (workdir / "results/logs/runs/tiny_single").rglob(f"{lr}_*/**/train.log")
+        stamps = [line[:23] for line in train.read_text().splitlines() if line[:2] == "20"]
+        spans.append((stamps[0], stamps[-1]))
+        assert list((workdir / "results/runs/tiny_single").rglob(f"{lr}_*/**/eval/clean/metrics.json"))
+    first, second = sorted(spans)
+    assert first[1] <= second[0], spans  # one after another
+
+
 @pytest.mark.parametrize("experiment", PREEMPTED)
 def test_preempted_training_resumes_from_its_checkpoint(finished, experiment):
     workdir, runs, signalled = finished

@@ -79,7 +79,7 @@ rule features:
     benchmark:
         "results/benchmarks/features/{model}/{res}px/{variant}/{init}/{split}.tsv"
     # Short GPU jobs: a cluster profile packs several into one submission (group-components), one after another
-    # on one GPU (the profile's features_slot).
+    # on one GPU (the profile's gpu_slot).
     group:
         "features"
     conda:
