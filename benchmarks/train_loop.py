@@ -277,7 +277,7 @@ def line_counts() -> str:
     trainer_py = len(Path(inspect.getsourcefile(Trainer)).read_text().splitlines())
     return (
         f"Lines: our loop (loop.Loop and loop.train) is {ours} (the steps plus checkpoint/resume and SIGTERM/SIGUSR1"
-        f" handling; run_training around it, {n['run_training']} more, adds setup, evaluation and outputs); the"
+        f" handling; run_training around it, {n['run_training']} more, adds setup, validation and outputs); the"
         f" Trainer glue here (PixelDataset, EpochOrder, OrderedTrainer, WithLoss, run_trainer) is {glue}, for"
         " training only, on top of"
         f" transformers' trainer.py ({trainer_py} lines)."

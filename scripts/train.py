@@ -5,7 +5,7 @@ replaces itself by torchrun, which runs it on N ranks (distributed.py)."""
 
 from pathlib import Path
 
-from dermcompress.distributed import relaunch_under_torchrun, world_size
+from dermcompress.distributed import relaunch_under_torchrun
 from dermcompress.logs import exit_now, job_logging
 from dermcompress.train import run_training
 
@@ -22,7 +22,4 @@ with job_logging(snakemake):
         splits=snakemake.input.splits,
         weights_path=snakemake.output.weights,
     )
-# The outputs are written: skip the interpreter's slow teardown after torch. Ranks under torchrun end the usual
-# way, leaving their process group at exit.
-if world_size() == 1:
-    exit_now()
+exit_now()  # the outputs are written: skip the interpreter's slow teardown after torch

@@ -92,6 +92,10 @@ def test_exit_now_keeps_everything_the_job_wrote_and_said(tmp_path):
     assert proc.stdout == "said"
     assert (tmp_path / "job.log").read_text().rstrip().endswith("dermcompress: last words")
     assert (tmp_path / "out.txt").read_text() == "done"
+    # A rank under torchrun exits the usual way (its process group is left in an atexit handler).
+    env = {**os.environ, "WORLD_SIZE": "2"}
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0 and proc.stdout == "saidteardown ran\n", proc.stderr
 
 
 def test_directory_hash_ignores_records_and_snakemakes_timestamp(tmp_path):

@@ -7,7 +7,7 @@ import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from . import lineage
 
@@ -60,15 +60,18 @@ def job_logging(job: Any, name: str = "dermcompress"):
             log_file.close()
 
 
-def exit_now() -> NoReturn:
+def exit_now() -> None:
     """End a finished job's process at once, skipping the interpreter's finalisation.
 
     Tearing down the thousands of modules torch and timm load costs ~0.6-1.3 s of CPU at every exit, and the
     workflow runs many short torch jobs side by side on few cores. Call it only after the job's `job_logging`
     block has ended normally: its outputs and lineage records are written and closed; this flushes the logging
     handlers and the standard streams, then exits with status 0. A job that raises never gets here, so it exits
-    the usual way, with its traceback.
+    the usual way, with its traceback. Under torchrun (WORLD_SIZE > 1) it returns: each rank leaves its process
+    group in an atexit handler (distributed.py), which only a normal exit runs.
     """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
