@@ -80,6 +80,9 @@ def test_shards_and_row_groups(tmp_path):
             "split",
             "degradation",
             "degradation_params",
+            "codec",
+            "codec_quality",
+            "encoded_bytes",
             "pixels",
         ]
         groups = [pf.metadata.row_group(i) for i in range(pf.num_row_groups)]

@@ -15,7 +15,8 @@ import yaml
 from PIL import Image
 from test_resize import CACHE, MAX_PIXELS, photo_jpeg, read_cache, write_dataset
 
-from dermcompress.cache import ChecksumError, load_info
+from dermcompress import codec
+from dermcompress.cache import ChecksumError, bytes_stats, load_info
 from dermcompress.config import variant_settings
 from dermcompress.degrade import apply_degradation, plan_degradation, plan_rows, run_degrade
 from dermcompress.images import decode_image
@@ -25,7 +26,17 @@ from dermcompress.resize import SourceChangedError, resize_image, run_resize
 CONFIG = yaml.safe_load((Path(__file__).parents[1] / "config.yaml").read_text())
 DEGRADED = variant_settings(CONFIG, "degraded")
 CLEAN = variant_settings(CONFIG, "clean")
-COLUMNS = ["image_id", "label", "label_idx", "split", "degradation", "degradation_params"]
+COLUMNS = [
+    "image_id",
+    "label",
+    "label_idx",
+    "split",
+    "degradation",
+    "degradation_params",
+    "codec",
+    "codec_quality",
+    "encoded_bytes",
+]
 OPS = {"none", "jpeg", "blur", "quantize"}
 RES = 32
 
@@ -307,3 +318,125 @@ def test_unknown_order_or_missing_input_is_refused(data, tmp_path):
     with pytest.raises(ValueError, match="needs `manifest`, `images`"):
         run_degrade(clean=data.clean, out_dir=tmp_path / "d", variant=DEGRADED, order="before_resize")
     assert not (tmp_path / "d").exists()
+
+
+# ------------------------------------------------------------------------------------------ bytes on the wire
+
+
+def codec_variant(name: str, settings: dict, splits=("val", "test")) -> dict:
+    config = copy.deepcopy(CONFIG)
+    config["degrade"]["variants"][name] = {"codec": settings, "splits": list(splits)}
+    return variant_settings(config, name)
+
+
+def opencv_jpeg_size(pixels: np.ndarray, quality: int, subsampling: str) -> int:
+    """An independent JPEG encoder (OpenCV's libjpeg) at the same quality and chroma subsampling."""
+    factor = {"4:2:0": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_420, "4:4:4": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444}
+    params = [cv2.IMWRITE_JPEG_QUALITY, quality, cv2.IMWRITE_JPEG_SAMPLING_FACTOR, factor[subsampling]]
+    ok, data = cv2.imencode(".jpg", pixels[..., ::-1].copy(), params)
+    assert ok
+    return int(data.size)
+
+
+def png_size_by_pillow_round_trip(pixels: np.ndarray) -> tuple[int, np.ndarray]:
+    """A PNG re-encode of the cached pixels (OpenCV's defaults, what the reference is), and Pillow's decode."""
+    ok, data = cv2.imencode(".png", pixels[..., ::-1].copy())
+    assert ok
+    return int(data.size), codec.decode(data.tobytes())
+
+
+def test_the_clean_cache_records_a_lossless_png_per_image(data):
+    meta, pixels = read_cache(data.clean)
+    assert set(meta["codec"]) == {"png"} and meta["codec_quality"].isna().all()
+    for i in range(len(meta)):
+        size, decoded = png_size_by_pillow_round_trip(pixels[i])
+        assert meta["encoded_bytes"].iat[i] == size  # PNG bytes equal a re-encode
+        np.testing.assert_array_equal(decoded, pixels[i])  # and it is lossless
+    info = load_info(data.clean)
+    for split, stats in info["bytes"].items():
+        sizes = meta.loc[meta["split"] == split, "encoded_bytes"].to_numpy()
+        assert stats == bytes_stats(sizes, RES * RES, ["png"] * len(sizes), [None] * len(sizes))
+        assert stats["codec"] == "png" and stats["quality"] is None
+        assert stats["mean_kb"] == pytest.approx(sizes.mean() / 1000)
+        assert stats["bpp"] == pytest.approx(8 * sizes.mean() / RES**2)
+
+
+@pytest.mark.parametrize("subsampling", ["4:2:0", "4:4:4"])
+@pytest.mark.parametrize("quality", [30, 90])
+def test_a_jpeg_codec_records_what_an_independent_encoder_sends(data, tmp_path, quality, subsampling):
+    variant = codec_variant("jpeg_x", {"format": "jpeg", "quality": quality, "subsampling": subsampling})
+    meta, pixels = degrade(data, tmp_path / "d", "after_resize", variant=variant)
+    _, clean = read_cache(data.clean)
+    sent = meta["split"].isin(["val", "test"]).to_numpy()
+    assert sent.any() and (~sent).any()
+    assert set(meta.loc[sent, "codec"]) == {"jpeg"} and set(meta.loc[sent, "codec_quality"]) == {quality}
+    for i in np.flatnonzero(sent):
+        independent = opencv_jpeg_size(clean[i], quality, subsampling)
+        assert abs(meta["encoded_bytes"].iat[i] / independent - 1) < 0.05, meta["image_id"].iat[i]
+        # The cache holds what the receiver decodes: a JPEG decoder's output on the image, not the image.
+        assert not np.array_equal(pixels[i], clean[i])
+        assert np.abs(pixels[i].astype(int) - clean[i]).mean() < 12
+    # Images outside the variant's splits are sent as they are: the clean PNG bytes, the clean pixels.
+    np.testing.assert_array_equal(pixels[~sent], clean[~sent])
+    assert set(meta.loc[~sent, "codec"]) == {"png"}
+    clean_meta, _ = read_cache(data.clean)
+    assert meta.loc[~sent, "encoded_bytes"].tolist() == clean_meta.loc[~sent, "encoded_bytes"].tolist()
+
+
+def test_4_4_4_subsampling_costs_more_than_4_2_0(data, tmp_path):
+    sizes = {}
+    for sub in ("4:2:0", "4:4:4"):
+        variant = codec_variant("jpeg_x", {"format": "jpeg", "quality": 75, "subsampling": sub})
+        meta, _ = degrade(data, tmp_path / sub.replace(":", ""), "after_resize", variant=variant)
+        sizes[sub] = meta.loc[meta["codec"] == "jpeg", "encoded_bytes"].sum()
+    assert sizes["4:4:4"] > 1.1 * sizes["4:2:0"]
+
+
+@pytest.mark.parametrize("fmt", ["webp", "avif"])
+def test_webp_and_avif_codecs_record_their_bytes_and_decoded_pixels(data, tmp_path, fmt):
+    variant = codec_variant(f"{fmt}_x", {"format": fmt, "quality": 40}, splits=("train", "val", "test"))
+    meta, pixels = degrade(data, tmp_path / "d", "after_resize", variant=variant, threads=2)
+    _, clean = read_cache(data.clean)
+    assert set(meta["codec"]) == {fmt} and set(meta["codec_quality"]) == {40}
+    with_pillow = [codec.encode(clean[i], {"format": fmt, "quality": 40}) for i in range(len(meta))]
+    assert meta["encoded_bytes"].tolist() == [len(b) for b in with_pillow]
+    header = {"webp": b"WEBP", "avif": b"ftypavif"}[fmt]
+    assert all(header in b[:32] for b in with_pillow)
+    np.testing.assert_array_equal(pixels, np.stack([codec.decode(b) for b in with_pillow]))
+    png = read_cache(data.clean)[0]["encoded_bytes"].to_numpy()
+    assert (meta["encoded_bytes"].to_numpy() < png).all()  # a lossy codec at q40 beats the lossless PNG
+
+
+def test_the_jpeg_degradation_records_its_jpeg_bytes(data, tmp_path):
+    meta, pixels = degrade(data, tmp_path / "d", "after_resize")
+    _, clean = read_cache(data.clean)
+    jpeg = (meta["degradation"] == "jpeg").to_numpy()
+    assert jpeg.any()
+    assert set(meta.loc[jpeg, "codec"]) == {"jpeg"} and set(meta.loc[~jpeg, "codec"]) == {"png"}
+    for i in np.flatnonzero(jpeg):
+        q = json.loads(meta["degradation_params"].iat[i])["quality"]
+        assert meta["encoded_bytes"].iat[i] == len(codec.encode(clean[i], {"format": "jpeg", "quality": q}))
+    for i in np.flatnonzero(~jpeg):  # blurred, quantized or untouched: a PNG of what is cached
+        assert meta["encoded_bytes"].iat[i] == png_size_by_pillow_round_trip(pixels[i])[0]
+
+
+def test_the_same_config_writes_byte_identical_shards(data, tmp_path):
+    for name, variant in {
+        "degraded": DEGRADED,
+        "avif": codec_variant("avif_x", {"format": "avif", "quality": 50}),
+        "jpeg": codec_variant("jpeg_x", {"format": "jpeg", "quality": 30}),
+    }.items():
+        shards = []
+        for attempt, threads in enumerate((2, 1)):
+            out = tmp_path / name / str(attempt)
+            run_degrade(clean=data.clean, out_dir=out, variant=variant, order="after_resize", threads=threads)
+            shards.append([(s["path"], s["sha256"]) for s in load_info(out)["shards"]])
+        assert shards[0] == shards[1], name
+    again = tmp_path / "clean"
+    run_resize(
+        splits=data.splits, manifest=data.manifest, images=data.images, out_dir=again,
+        resolution=RES, policy="squash", reduced_decode=True, max_pixels=MAX_PIXELS, threads=1, **CACHE,
+    )  # fmt: skip
+    assert [s["sha256"] for s in load_info(again)["shards"]] == [
+        s["sha256"] for s in load_info(data.clean)["shards"]
+    ]

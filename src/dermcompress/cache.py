@@ -6,8 +6,14 @@ other variant's, shard by shard from the clean cache's (CacheWriter): one stored
 Layout of `out_dir`:
 
     {split}/part-00000.parquet ...   rows sorted by image_id; image_id, label, label_idx, split, degradation,
-                                     degradation_params, pixels (raw uint8 H x W x 3, exactly the input's)
-    _info.json                       shape, classes, rows per split, and every shard with its sha256
+                                     degradation_params, codec, codec_quality, encoded_bytes, pixels (raw
+                                     uint8 H x W x 3, exactly the input's)
+    _info.json                       shape, classes, rows per split, bytes per image per split, and every
+                                     shard with its sha256
+
+`encoded_bytes` is what the image costs on the wire in its variant: its codec's bytes (`codec` jpeg, webp or
+avif, at `codec_quality`) where the variant or the image's degradation encoded it, else a lossless PNG of the
+cached pixels (`codec` png, the reference), which the writer computes for every row that does not bring one.
 
 Shards are written first and _info.json last (each through a temporary name and an atomic rename), so a crash
 never leaves an _info.json that points at partial shards. Readers verify the checksums before trusting a shard.
@@ -31,6 +37,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from .codec import REFERENCE, png_size
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -47,9 +55,20 @@ log = logging.getLogger(__name__)
 
 INFO = "_info.json"
 SPLITS = ("train", "val", "test")
-COLUMNS = ("image_id", "label", "label_idx", "split", "degradation", "degradation_params", PIXELS)
-INPUT_COLUMNS = tuple(c for c in COLUMNS if c != "label_idx")
-FORMAT_VERSION = 1
+BYTES_COLUMNS = ("codec", "codec_quality", "encoded_bytes")
+COLUMNS = (
+    "image_id",
+    "label",
+    "label_idx",
+    "split",
+    "degradation",
+    "degradation_params",
+    *BYTES_COLUMNS,
+    PIXELS,
+)
+INPUT_COLUMNS = tuple(c for c in COLUMNS if c != "label_idx" and c not in BYTES_COLUMNS)
+# 2: the bytes columns (codec, codec_quality, encoded_bytes) and _info.json's `bytes`.
+FORMAT_VERSION = 2
 RERUN = "rerun the job that writes it (resize for the clean variant, degrade for the others)"
 
 
@@ -147,14 +166,16 @@ class CacheWriter:
         self.shards: list[dict[str, Any]] = []
         self.shape: tuple[int, int] | None = None
         self._counters: dict[str, int] = {}
+        self._sent: dict[str, dict[str, list]] = {}  # the bytes columns per split, for _info.json
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-writer")
         self._writing: Future | None = None
         _clear_old_cache(self.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
 
     def write(self, split: str, rows: pa.Table | pd.DataFrame, pixels: np.ndarray) -> None:
-        """One shard of `split`: the rows (image_id, label, split, degradation, degradation_params; in
-        image_id order) and their (N, H, W, 3) uint8 pixels."""
+        """One shard of `split`: the rows (image_id, label, split, degradation, degradation_params, and where
+        an image was encoded, codec, codec_quality and encoded_bytes; in image_id order) and their
+        (N, H, W, 3) uint8 pixels. Rows without encoded_bytes get a PNG's (on the writer's thread)."""
         table = rows if isinstance(rows, pa.Table) else pa.Table.from_pandas(rows, preserve_index=False)
         if len(pixels) != table.num_rows:
             raise ValueError(f"{table.num_rows} rows but {len(pixels)} images")
@@ -162,15 +183,14 @@ class CacheWriter:
         if self.shape not in (None, shape):
             raise ValueError(f"images of {shape} px in a cache of {self.shape} px")
         self.shape = shape
-        columns = [table.column(c) for c in INPUT_COLUMNS if c != PIXELS]
-        table = pa.table(dict(zip([c for c in INPUT_COLUMNS if c != PIXELS], columns, strict=True)))
+        coded = {c: table.column(c) for c in BYTES_COLUMNS if c in table.column_names}
+        table = pa.table({c: table.column(c) for c in INPUT_COLUMNS if c != PIXELS})
         table = table.add_column(2, "label_idx", _label_indices(table, self.classes))
-        table = table.append_column(PIXELS, pixels_to_arrow(pixels))
         number = self._counters.get(split, 0)
         self._counters[split] = number + 1
         self._wait()
         self._writing = self._pool.submit(
-            self._write, f"{split}/part-{number:05d}.parquet", split, table, shape
+            self._write, f"{split}/part-{number:05d}.parquet", split, table, coded, pixels
         )
 
     def _wait(self) -> None:
@@ -179,7 +199,15 @@ class CacheWriter:
             writing, self._writing = self._writing, None
             self.shards.append(writing.result())
 
-    def _write(self, rel: str, split: str, table: pa.Table, shape: tuple[int, int]) -> dict[str, Any]:
+    def _write(
+        self, rel: str, split: str, table: pa.Table, coded: dict[str, pa.ChunkedArray], pixels: np.ndarray
+    ) -> dict[str, Any]:
+        table = table.append_column(PIXELS, pixels_to_arrow(pixels))
+        for name, column in zip(BYTES_COLUMNS, _bytes_columns(coded, pixels), strict=True):
+            table = table.add_column(table.column_names.index(PIXELS), name, column)
+        for name in BYTES_COLUMNS:
+            self._sent.setdefault(split, {}).setdefault(name, []).extend(table.column(name).to_pylist())
+        shape = (int(pixels.shape[1]), int(pixels.shape[2]))
         path = self.out_dir / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
@@ -226,6 +254,12 @@ class CacheWriter:
             "rows": rows_per_split,
             "rows_per_shard": self.rows_per_shard,
             "row_group_size": self.row_group_size,
+            "bytes": {
+                split: bytes_stats(
+                    sent["encoded_bytes"], height * width, sent["codec"], sent["codec_quality"]
+                )
+                for split, sent in self._sent.items()
+            },
             "input": input,
             "shards": self.shards,
         }
@@ -241,6 +275,38 @@ class CacheWriter:
             self.out_dir,
         )
         return info
+
+
+def _bytes_columns(coded: dict[str, pa.ChunkedArray], pixels: np.ndarray) -> list[pa.Array]:
+    """codec, codec_quality and encoded_bytes of a shard: as given, and a PNG's for every row given none."""
+    n = len(pixels)
+    sizes = coded.get("encoded_bytes")
+    sizes = [None] * n if sizes is None else sizes.to_pylist()
+    codecs = coded.get("codec")
+    codecs = [None] * n if codecs is None else codecs.to_pylist()
+    quality = coded.get("codec_quality")
+    quality = [None] * n if quality is None else quality.to_pylist()
+    for i in range(n):
+        if sizes[i] is None:
+            sizes[i], codecs[i], quality[i] = png_size(pixels[i]), REFERENCE, None
+    return [pa.array(codecs, pa.string()), pa.array(quality, pa.int32()), pa.array(sizes, pa.int64())]
+
+
+def bytes_stats(
+    sizes: np.ndarray, pixels_per_image: int, codecs: Sequence[str] = (), qualities: Sequence[Any] = ()
+) -> dict[str, Any]:
+    """Mean and median kB (1000 bytes) per image and bits per pixel, of encoded sizes in bytes; the codec
+    (`mixed` when the images were sent several ways) and its quality (None unless one)."""
+    sizes = np.asarray(sizes, dtype=np.float64)
+    formats, levels = set(codecs), set(qualities)
+    return {
+        "images": len(sizes),
+        "mean_kb": float(sizes.mean() / 1000),
+        "median_kb": float(np.median(sizes) / 1000),
+        "bpp": float(8 * sizes.mean() / pixels_per_image),
+        "codec": formats.pop() if len(formats) == 1 else "mixed" if formats else None,
+        "quality": levels.pop() if len(levels) == 1 else None,
+    }
 
 
 def run_cache(

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from dermcompress import experiments
+from dermcompress import codec, experiments
 
 DEGRADATIONS = ("jpeg", "blur", "quantize")
 DEFAULT_DEGRADED_SPLITS = ("train",)
@@ -102,9 +102,20 @@ def check(config: dict[str, Any], schema: str | Path | dict[str, Any] | None = N
                 f"degrade.variants.{name}.fractions",
                 f"the degradations are disjoint shares of the images, so they must sum to at most 1 (got {total:g})",
             )
-    if config["degrade"]["variants"]["clean"].get("fractions"):
+    for name, variant in degrade["variants"].items():
+        if "codec" in variant:
+            try:
+                codec.codec_settings(variant["codec"])
+            except ValueError as err:
+                raise ConfigError(f"degrade.variants.{name}.codec", str(err)) from None
+    clean = config["degrade"]["variants"]["clean"]
+    if clean.get("fractions"):
         raise ConfigError(
             "degrade.variants.clean.fractions", "the clean variant must have no degradation ({})"
+        )
+    if "codec" in clean:
+        raise ConfigError(
+            "degrade.variants.clean.codec", "the clean variant is the resized pixels, sent as they are"
         )
     if problems := experiments.check_experiments(config):
         key, _, problem = problems[0].partition(": ")
@@ -128,7 +139,10 @@ def variant_settings(config: dict[str, Any], name: str) -> dict[str, Any]:
     settings: dict[str, Any] = {"name": name, "fractions": fractions}
     if any(fractions.values()):
         settings["seed"] = degrade["seed"]
+    if any(fractions.values()) or "codec" in variant:
         settings["splits"] = list(variant.get("splits", DEFAULT_DEGRADED_SPLITS))
+    if "codec" in variant:
+        settings["codec"] = codec.codec_settings(variant["codec"])
     if fractions["jpeg"]:
         settings["jpeg_quality"] = degrade["jpeg_quality"]
     if fractions["blur"]:

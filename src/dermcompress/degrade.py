@@ -6,13 +6,16 @@ with the same shards, rows and order: one stored copy of the pixels per variant,
 Which image gets which operation, with which drawn parameters, follows from (seed, image_id) alone: a per-image
 generator seeded from a SHA-256 of both. Adding, removing or reordering other images changes nothing for an image,
 and the plan is the same on every machine and Python run (unlike hash()).
+
+A variant with a transmission codec (codec.py) then encodes every image of its splits, degraded or not, and
+keeps the decoded pixels and the encoded bytes. What each row costs on the wire (`encoded_bytes`): its codec's
+bytes, else its jpeg degradation's, else a PNG of its pixels (cache.CacheWriter).
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-import io
 import json
 import logging
 from collections import Counter
@@ -26,6 +29,7 @@ import pyarrow as pa
 from PIL import Image
 from tqdm import tqdm
 
+from dermcompress import codec
 from dermcompress.cache import CacheWriter, iter_shards, load_info, verify_cache
 from dermcompress.config import DEGRADATIONS
 from dermcompress.images import ImageError, decode_image
@@ -91,22 +95,25 @@ def _draw_params(op: str, rng: np.random.Generator, variant: dict[str, Any]) -> 
 
 def apply_degradation(pixels: np.ndarray, op: str, params: dict[str, Any]) -> np.ndarray:
     """(H, W, 3) uint8 -> the same shape, degraded by `op` with `params` (as planned by plan_degradation)."""
+    return degrade_image(pixels, op, params)[0]
+
+
+def degrade_image(pixels: np.ndarray, op: str, params: dict[str, Any]) -> tuple[np.ndarray, int | None]:
+    """apply_degradation, and the bytes the jpeg degradation sent (None for the others)."""
     if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
         raise ValueError(f"expected (H, W, 3) uint8 pixels, got {pixels.shape} {pixels.dtype}")
     if op == NONE:
-        return pixels
+        return pixels, None
     if op == "jpeg":
         # An in-memory round trip through PIL's encoder: the artefacts a JPEG transmission really leaves.
-        buf = io.BytesIO()
-        Image.fromarray(pixels).save(buf, format="JPEG", quality=int(params["quality"]))
-        return np.asarray(Image.open(buf).convert("RGB"), dtype=np.uint8)
+        return codec.transmit(pixels, {"format": "jpeg", "quality": int(params["quality"])})
     if op == "blur":
         k = int(params["kernel"])
-        return cv2.GaussianBlur(pixels, (k, k), float(params["sigma"]))
+        return cv2.GaussianBlur(pixels, (k, k), float(params["sigma"])), None
     if op == "quantize":
         method = QUANTIZE_METHODS[params["method"]]
         palette = Image.fromarray(pixels).quantize(colors=int(params["colors"]), method=method)
-        return np.asarray(palette.convert("RGB"), dtype=np.uint8)
+        return np.asarray(palette.convert("RGB"), dtype=np.uint8), None
     raise ValueError(f"unknown degradation {op!r}; expected none or one of {', '.join(DEGRADATIONS)}")
 
 
@@ -129,9 +136,13 @@ def plan_rows(rows: Any, variant: dict[str, Any]) -> Any:
     return rows.assign(degradation=ops, degradation_params=params)
 
 
-def _apply_task(task: tuple[np.ndarray, str, str]) -> np.ndarray:
+def _apply_task(task: tuple[np.ndarray, str, str]) -> tuple[np.ndarray, int | None]:
     pixels, op, params = task
-    return apply_degradation(pixels, op, json.loads(params))
+    return degrade_image(pixels, op, json.loads(params))
+
+
+def _codec_task(pixels: np.ndarray, *, settings: dict[str, Any]) -> tuple[np.ndarray, int]:
+    return codec.transmit(pixels, settings)
 
 
 def _degrade_task(
@@ -142,17 +153,18 @@ def _degrade_task(
     policy: str,
     max_pixels: int,
     max_file_bytes: int,
-) -> np.ndarray:
+) -> tuple[np.ndarray, int | None]:
     """before_resize: the raw image degraded at its full resolution (a reduced decode would change what a blur
-    kernel means), then resized as the resize stage does."""
+    kernel means), then resized as the resize stage does; and the bytes a jpeg degradation sent (of the
+    full-resolution image)."""
     image_id, member, sha256, op, params = task
     data = read_member(images, image_id, member, sha256, max_file_bytes)
     try:
         img = decode_image(data, max_pixels=max_pixels)
     except ImageError as err:
         raise source_changed(image_id, member, err) from None
-    degraded = apply_degradation(np.asarray(img), op, json.loads(params))
-    return resize_image(Image.fromarray(degraded), size, policy)
+    degraded, sent = degrade_image(np.asarray(img), op, json.loads(params))
+    return resize_image(Image.fromarray(degraded), size, policy), sent
 
 
 def _plan_counts(clean: Path, variant: dict[str, Any]) -> str:
@@ -235,33 +247,56 @@ def run_degrade(
             "variant_settings": json.dumps(variant, sort_keys=True),
         },
     )
+    settings = variant.get("codec")
+    coded_splits = set(variant.get("splits", ())) if settings else set()
+    total = sum(info["rows"].values())
     changed: list[SourceChangedError] = []
-    with tqdm(
-        total=sum(info["rows"].values()), desc=f"degrade {variant['name']}", unit="img", mininterval=5
-    ) as bar:
+    with tqdm(total=total, desc=f"degrade {variant['name']}", unit="img", mininterval=5) as bar:
         for shard, table in iter_shards(clean, verify=False):
             ids = table["image_id"].to_pylist()
             ops, params = plan_images(ids, table["split"].to_pylist(), variant)
             pixels = arrow_to_pixels(table.column(PIXELS), resolution, resolution).copy()
+            sent: list[int | None] = [None] * len(ids)
             todo = [i for i, op in enumerate(ops) if op != NONE]
             bar.update(len(ids) - len(todo))
+            sizes: list[int | None] = []
             if todo and order == "after_resize":
                 # jpeg and blur take < 1 ms at <= 224 px, MAXCOVERAGE quantize ~50-100 ms (most of this stage's
                 # time), and Pillow releases the GIL while it quantizes: a thread pool pays.
                 tasks = [(pixels[i], ops[i], params[i]) for i in todo]
                 pixels[todo] = map_images(
-                    _apply_task, tasks, shape=pixels.shape[1:], threads=threads, bar=bar
+                    _apply_task, tasks, shape=pixels.shape[1:], threads=threads, bar=bar, sizes=sizes
                 )
             elif todo:
                 tasks = [(ids[i], *raw[ids[i]], ops[i], params[i]) for i in todo]
                 try:
-                    pixels[todo] = map_images(fn, tasks, shape=pixels.shape[1:], threads=threads, bar=bar)
+                    pixels[todo] = map_images(
+                        fn, tasks, shape=pixels.shape[1:], threads=threads, bar=bar, sizes=sizes
+                    )
                 except SourceChangedError as err:  # look at every image before failing, to name them all
                     changed.append(err)
+            for i, size in zip(todo, sizes, strict=False):
+                sent[i] = size
+            coded = [ops[i] == "jpeg" and sent[i] is not None for i in range(len(ids))]
+            quality = [json.loads(params[i])["quality"] if coded[i] else None for i in range(len(ids))]
+            formats = ["jpeg" if c else None for c in coded]
+            if settings and not changed and shard["split"] in coded_splits:
+                # Encoded in the thread pool too: AVIF takes ~10 ms an image at 224 px, and Pillow releases the
+                # GIL while it encodes. The image sent is the degraded one, and its bytes are the codec's.
+                sizes = []
+                task = functools.partial(_codec_task, settings=settings)
+                pixels[:] = map_images(
+                    task, list(pixels), shape=pixels.shape[1:], threads=threads, sizes=sizes, desc="encode"
+                )
+                sent, formats = sizes, [settings["format"]] * len(ids)
+                quality = [settings["quality"]] * len(ids)
             if not changed:
                 rows = table.select(["image_id", "label", "split"])
                 rows = rows.append_column("degradation", pa.array(ops, pa.string()))
                 rows = rows.append_column("degradation_params", pa.array(params, pa.string()))
+                rows = rows.append_column("codec", pa.array(formats, pa.string()))
+                rows = rows.append_column("codec_quality", pa.array(quality, pa.int32()))
+                rows = rows.append_column("encoded_bytes", pa.array(sent, pa.int64()))
                 writer.write(shard["split"], rows, pixels)
     if changed:
         raise changed_error(changed)

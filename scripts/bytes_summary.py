@@ -1,0 +1,12 @@
+"""Snakemake adapter: every cache's _info.json -> the bytes-per-image table (CSV, Markdown, HTML)."""
+
+from dermcompress.bytes_summary import run_bytes_summary
+from dermcompress.logs import job_logging
+
+with job_logging(snakemake):
+    run_bytes_summary(
+        caches=list(snakemake.input.caches),
+        csv=snakemake.output.csv,
+        md=snakemake.output.md,
+        html=snakemake.output.html,
+    )
