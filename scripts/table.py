@@ -1,4 +1,5 @@
-"""Snakemake adapter: one experiment's runs -> its table (CSV with the runs of each row, Markdown, LaTeX, HTML)."""
+"""Snakemake adapter: one experiment's runs -> its table (CSV with the runs of each row, Markdown, LaTeX, HTML),
+with the bytes per image of each row's data and each row's paired differences from the reference row."""
 
 from dermcompress.aggregate import run_table
 from dermcompress.logs import job_logging
@@ -12,4 +13,8 @@ with job_logging(snakemake):
         md=snakemake.output.md,
         tex=snakemake.output.tex,
         html=snakemake.output.html,
+        bytes_csv=snakemake.input.bytes,
+        classes=list(snakemake.params.classes),
+        reference=snakemake.params.reference,
+        n_bootstrap=snakemake.params.n_bootstrap,
     )

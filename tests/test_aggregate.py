@@ -60,12 +60,21 @@ def test_study_grids_are_the_papers():
 
 
 def test_each_distinct_training_runs_once_however_many_experiments_ask():
-    """The study: 125 distinct finetunes (not 205 jobs): the robustness grid trains each model once and
+    """The study: 235 distinct finetunes (125 before compression_sweep, not 205 jobs): the robustness grid trains each model once and
     evaluates it four times; a frozen_vs_finetuned finetune is a vit_lr_sweep or dinov2_lr_sweep point."""
     config = study_config()
     runs, evaluations = experiments.expand(config)
     finetunes = [r for r in runs if r.mode == "finetune"]
-    assert len(finetunes) == 125 and len(set(finetunes)) == 125
+    assert len(finetunes) == 235 and len(set(finetunes)) == 235
+    # compression_sweep adds 110: 2 models x 3 resolutions x 5 seeds trained clean (the ViT's 224 and 56 px
+    # ones are robustness's), and 2 x 3 x 5 for each of 3 codecs trained and evaluated on alone.
+    sweep_runs = {e.run for e in evaluations["compression_sweep"]}
+    assert len(sweep_runs) == 30 + 90
+    shared = sweep_runs & {e.run for e in evaluations["robustness"]}
+    assert len(shared) == 2 * 5 and {r.train_variant for r in shared} == {"clean"}
+    for e in evaluations["compression_sweep"]:
+        assert e.run.train_variant == "clean" or e.eval_variant == e.run.train_variant
+    assert len(evaluations["compression_sweep"]) == 30 * 14 + 90
     robust = evaluations["robustness"]
     assert len(robust) == 2 * 2 * 4 * 5 and len({e.run for e in robust}) == 2 * 2 * 5
     frozen = {
@@ -166,8 +175,8 @@ def test_epochs_schedules_and_label_fractions_are_grid_dimensions_with_defaults(
         "lr": 1e-4,
         "seed": 0,
     }
-    assert experiments.figure_kinds(evaluations["plain"]) == ["curves"]
-    assert experiments.figure_kinds(evaluations["wide"]) == ["curves", "label_efficiency"]
+    assert experiments.figure_kinds(evaluations["plain"]) == ["curves", "forest"]
+    assert experiments.figure_kinds(evaluations["wide"]) == ["curves", "label_efficiency", "forest"]
 
 
 def test_lr_per_mode_and_model_and_conflicting_overrides_are_reported():

@@ -10,6 +10,12 @@ Where an experiment sweeps a hyperparameter (lr, schedule or epochs vary), the r
 a family, and the row with the best mean validation AUC over seeds (ties: validation balanced accuracy) is
 marked `selected_by_val`: the setting a study would report, chosen without looking at the test split.
 
+What the images cost: each row carries the mean kB per test image and bits per pixel of the data it was
+evaluated on (bytes_summary.py), beside its metrics. And whether a loss is real: every row is compared with
+the experiment's reference row (`reference:`, default the highest resolution on clean) on the shared test
+images, Δ AUC and Δ balanced accuracy with a paired lesion-group bootstrap interval and p-value, Holm-adjusted
+within the table, and DeLong's test as the familiar second opinion (compare.py).
+
 Every table is written as CSV (numbers, for analysis), Markdown and LaTeX (formatted, mean ± std) and HTML (for
 the report). The CSV's `runs` column lists, separated by ';', the run folders (relative to the workflow
 directory) that each row aggregates: every number is traceable to its runs, and from them to their data.
@@ -25,6 +31,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from . import compare
+from .bytes_summary import split_bytes
 from .runs import parse_eval_dir
 
 log = logging.getLogger(__name__)
@@ -74,6 +82,18 @@ SHOWN = {
     "gmacs": "GMACs",
     "peak_train_mem_mb": "Peak GPU mem. (MB)",
 }
+# Bytes per image of the data a row is evaluated on (its test split), from the bytes summary.
+BYTES = {"kb_per_image": "kB/image", "bpp": "bpp"}
+CODEC_COLUMNS = ("codec", "codec_quality")
+REFERENCE = "reference"
+REFERENCE_DEFAULT = {"eval_variant": "clean"}  # and the highest resolution
+# Paired differences against the reference row: what the Markdown / LaTeX / HTML tables show of them.
+DELTAS = {"delta_auc": "Δ AUC [95% CI]", "delta_balanced_accuracy": "Δ bal. acc. [95% CI]"}
+P_SHOWN = {
+    "delta_auc_p_holm": "p Δ AUC (Holm)",
+    "delta_balanced_accuracy_p_holm": "p Δ bal. acc. (Holm)",
+    "delong_p_holm": "DeLong p (Holm)",
+}
 SELECTED_MARK = "✓"
 NOT_MEASURED = "n/a"
 NOT_APPLICABLE = "—"
@@ -104,6 +124,23 @@ def load_runs(eval_dirs: list[str]) -> pd.DataFrame:
     return frame
 
 
+def add_bytes(runs: pd.DataFrame, bytes_csv: str | Path) -> pd.DataFrame:
+    """Each evaluation's kB per image, bits per pixel, codec and quality: of its eval variant's test split at
+    its resolution (bytes_summary.split_bytes); an error naming the (res, variant) the summary lacks."""
+    table = pd.read_csv(bytes_csv)
+    sent = split_bytes(table)
+    keys = list(zip(runs["res"].astype(int), runs["eval_variant"].astype(str), strict=True))
+    if missing := sorted(set(keys) - set(sent.index)):
+        raise ValueError(f"{bytes_csv} has no test-split bytes for (res, variant) {missing[:5]}")
+    found = sent.loc[keys]
+    return runs.assign(
+        kb_per_image=found["mean_kb"].to_numpy(),
+        bpp=found["bpp"].to_numpy(),
+        codec=found["codec"].to_numpy(),
+        codec_quality=pd.to_numeric(found["quality"]).to_numpy(dtype=float),
+    )
+
+
 def varying_dims(runs: pd.DataFrame) -> list[str]:
     """The model, and every other grid dimension with more than one value among the runs."""
     return ["model", *(d for d in DIMS if d != "model" and runs[d].nunique() > 1)]
@@ -125,6 +162,8 @@ def summarize(runs: pd.DataFrame, dims: list[str] | None = None) -> pd.DataFrame
         n_runs=("run", "size"),
         **{f"{m}_{stat}": (m, stat) for m in METRICS for stat in ("mean", "std")},
         **{c: (c, "mean") for c in COSTS},
+        **{c: (c, "mean") for c in BYTES if c in runs.columns},
+        **{c: (c, "first") for c in CODEC_COLUMNS if c in runs.columns},
         runs=("run", RUNS_SEPARATOR.join),
     ).reset_index()
     runs_column = table.pop(RUNS_COLUMN)
@@ -150,6 +189,72 @@ def select_by_val(table: pd.DataFrame, dims: list[str]) -> pd.Series:
         best = scores.fillna(-np.inf).sort_values(list(SELECT_BY), ascending=False, kind="stable").index[0]
         selected[best] = True
     return selected
+
+
+def reference_row(table: pd.DataFrame, runs: pd.DataFrame, reference: dict | None) -> int:
+    """The position of the row the others are compared with: the one whose evaluations have the grid values
+    of `reference` (default: the highest resolution, evaluated on clean, or the highest resolution alone
+    without a clean evaluation); among several, the val-selected one, else the best mean validation AUC
+    (ties: validation balanced accuracy), else the first."""
+    wanted = reference or {"res": int(runs["res"].max()), **REFERENCE_DEFAULT}
+    match = pd.Series(True, index=runs.index)
+    for field, value in wanted.items():
+        match &= runs[field].map(_spelt) == _spelt(value)
+    if reference is None and not match.any():
+        match = runs["res"].astype(int) == int(runs["res"].max())
+    if not match.any():
+        raise ValueError(f"no evaluation of the experiment has the reference grid values {wanted}")
+    chosen = set(runs.loc[match, "run"])
+    rows = table[[bool(chosen & set(cell.split(RUNS_SEPARATOR))) for cell in table[RUNS_COLUMN]]]
+    rows = rows[rows[SELECTED]] if rows[SELECTED].any() else rows
+    best = rows[list(SELECT_BY)].fillna(-np.inf).sort_values(list(SELECT_BY), ascending=False, kind="stable")
+    return table.index.get_loc(best.index[0])
+
+
+def _spelt(value) -> str:
+    """A grid value as one string: numbers as paths spell them (1e-05, 0.25, 224), names as they are."""
+    try:
+        return f"{float(value):g}"
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def add_comparisons(
+    table: pd.DataFrame,
+    runs: pd.DataFrame,
+    classes: list[str],
+    *,
+    reference: int,
+    n_bootstrap: int,
+    seed: int,
+) -> pd.DataFrame:
+    """The table with compare.paired_comparison's columns: every row against row `reference`, on each row's
+    runs' test-split predictions."""
+    frames = []
+    for cell in table[RUNS_COLUMN]:
+        paths = [Path(run) / "predictions.parquet" for run in cell.split(RUNS_SEPARATOR)]
+        frames.append([_test_rows(path) for path in paths])
+    deltas = compare.paired_comparison(frames, reference, classes, n_bootstrap=n_bootstrap, seed=seed)
+    runs_column = table[RUNS_COLUMN]
+    out = pd.concat([table.drop(columns=RUNS_COLUMN), deltas.set_axis(table.index)], axis=1)
+    return out.assign(**{RUNS_COLUMN: runs_column})
+
+
+def _test_rows(path: Path) -> pd.DataFrame:
+    frame = pd.read_parquet(path)
+    return frame[frame["split"] == "test"].reset_index(drop=True)
+
+
+def _delta(value: float, low: float, high: float, reference: bool) -> str:
+    if reference:
+        return REFERENCE
+    if np.isnan(value):
+        return NOT_MEASURED
+    return f"{value:+.3f} [{low:+.3f}, {high:+.3f}]"
+
+
+def _p(value: float) -> str:
+    return "" if np.isnan(value) else "<0.001" if value < 0.001 else f"{value:.3f}"
 
 
 def _mean_std(mean: float, std: float, n: int) -> str:
@@ -188,6 +293,17 @@ def display_table(table: pd.DataFrame) -> pd.DataFrame:
             out[header] = [_mean_std(*v) for v in zip(means, stds, table["n_runs"], strict=True)]
         else:
             out[header] = [_cost(column, v) for v in table[column]]
+    if "kb_per_image" in table.columns:
+        out[BYTES["kb_per_image"]] = [
+            f"{v:.3g}" if pd.notna(v) else NOT_MEASURED for v in table["kb_per_image"]
+        ]
+        out[BYTES["bpp"]] = [f"{v:.3g}" if pd.notna(v) else NOT_MEASURED for v in table["bpp"]]
+    if REFERENCE in table.columns:
+        for column, header in DELTAS.items():
+            parts = (table[column], table[f"{column}_low"], table[f"{column}_high"], table[REFERENCE])
+            out[header] = [_delta(*v) for v in zip(*parts, strict=True)]
+        for column, header in P_SHOWN.items():
+            out[header] = [_p(v) for v in table[column]]
     return out
 
 
@@ -204,6 +320,18 @@ def table_notes(table: pd.DataFrame) -> list[str]:
         )
     if table["peak_train_mem_mb"].isna().all():
         notes.append(CPU_NOTE)
+    if "kb_per_image" in table.columns:
+        notes.append(
+            "kB/image and bpp: the mean encoded size of the test images evaluated on (the codec's bytes, else a "
+            "lossless PNG's; results/data/bytes.csv)."
+        )
+    if REFERENCE in table.columns:
+        notes.append(
+            "Δ: each row minus the reference row, on the same test images: per seed on the same lesion-group "
+            "resample, averaged over seeds, with a 95% paired group-bootstrap interval and two-sided p-value, "
+            "Holm-adjusted within the table. DeLong p: DeLong's test of the two AUCs, image-level (it ignores "
+            "that images of one lesion are correlated, so its p-values run small), Holm-adjusted."
+        )
     return notes
 
 
@@ -228,11 +356,29 @@ def write_table(
 
 
 def run_table(
-    *, metrics: list[str], title: str, label: str, csv: str, md: str, tex: str, html: str
+    *,
+    metrics: list[str],
+    title: str,
+    label: str,
+    csv: str,
+    md: str,
+    tex: str,
+    html: str,
+    bytes_csv: str | None = None,
+    classes: list[str] | None = None,
+    reference: dict | None = None,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
 ) -> pd.DataFrame:
-    """The table of one experiment from its runs' metrics.json files."""
+    """The table of one experiment from its runs' metrics.json files; with `bytes_csv`, each row's bytes per
+    image; with `classes`, each row compared with the reference row (from the runs' predictions.parquet)."""
     runs = load_runs([str(Path(m).parent) for m in metrics])
+    if bytes_csv is not None:
+        runs = add_bytes(runs, bytes_csv)
     table = summarize(runs)
+    if classes is not None:
+        row = reference_row(table, runs, reference)
+        table = add_comparisons(table, runs, classes, reference=row, n_bootstrap=n_bootstrap, seed=seed)
     write_table(table, title=title, csv=csv, md=md, tex=tex, html=html, label=label)
     log.info("%s: %d rows from %d runs, by %s", csv, len(table), len(runs), varying_dims(runs))
     return table

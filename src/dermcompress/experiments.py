@@ -6,6 +6,10 @@ schedules x epochs x label fractions x seeds. Each point is an evaluation (runs.
 `vit_lr_sweep` point and `frozen_vs_finetuned`'s ViT finetune; a robustness model evaluated on four variants)
 trains once and is evaluated once per variant.
 
+`matched_variants` adds a second arm to the grid: for each variant named, runs trained on it and evaluated on
+it alone (an archive stored compressed), over the grid's other dimensions; the main arm stays train_variants x
+eval_variants. `reference` names the grid values of the row its table compares every row with (aggregate.py).
+
 The grid keys `schedules`, `epochs` and `label_fractions` may be left out: they then hold the one value the
 training section (or the experiment's `training:` overrides) gives, and 1 (all labels). The probe modes (linear,
 knn) take no learning rate, schedule or epochs from the grid: a linear probe sweeps `training.probe`'s learning
@@ -108,10 +112,18 @@ def _grid_runs(config: dict[str, Any], name: str) -> list[tuple[Run, list[str], 
     """(run, its eval variants, its settings) for every run of one experiment's grid, in grid order."""
     values = grid_values(config, name)
     lr, eval_variants, seeds = values.pop("lr"), values.pop("eval_variant"), values.pop("seed")
+    matched = list(config["experiments"][name].get("matched_variants", []))
+    values["train_variant"] = list(dict.fromkeys([*values["train_variant"], *matched]))
     training = experiment_training(config, name)
     found: dict[Run, tuple[list[str], dict[str, Any]]] = {}
     for point in itertools.product(*values.values(), seeds):
         v = dict(zip([*values, "seed"], point, strict=True))
+        main = v["train_variant"] in config["experiments"][name]["train_variants"]
+        evals = list(
+            dict.fromkeys(
+                [*(eval_variants if main else []), *([v["train_variant"]] * (v["train_variant"] in matched))]
+            )
+        )
         fraction = format_number(v["label_fraction"])
         if v["mode"] in TRAINED_MODES:
             hparams = [
@@ -142,7 +154,7 @@ def _grid_runs(config: dict[str, Any], name: str) -> list[tuple[Run, list[str], 
                 label_fraction=fraction,
                 seed=seed,
             )
-            found.setdefault(run, (list(eval_variants), settings))
+            found.setdefault(run, (evals, settings))
     return [(run, evs, settings) for run, (evs, settings) in found.items()]
 
 
@@ -170,10 +182,16 @@ def varying_fields(evaluations: list[Evaluation]) -> list[str]:
 def figure_kinds(evaluations: list[Evaluation]) -> list[str]:
     """The figures an experiment's evaluations call for: training curves always; the cost trade-off when
     resolution varies; a robustness heat map when the evaluation data vary; learning curves when the label
-    fraction does."""
+    fraction does; accuracy against bytes per image when the images evaluated on differ (resolution or
+    variant); the paired differences against the reference row when the table has more than one row."""
     vary = set(varying_fields(evaluations))
     wanted = {"cost": "res", "robustness": "eval_variant", "label_efficiency": "label_fraction"}
-    return ["curves", *(kind for kind, field in wanted.items() if field in vary)]
+    kinds = ["curves", *(kind for kind, field in wanted.items() if field in vary)]
+    if vary & {"res", "eval_variant"}:
+        kinds.append("rate_accuracy")
+    if vary:
+        kinds.append("forest")
+    return kinds
 
 
 def check_experiments(config: dict[str, Any]) -> list[str]:
@@ -184,17 +202,19 @@ def check_experiments(config: dict[str, Any]) -> list[str]:
         "resolutions": {int(r) for r in config["resize"]["resolutions"]},
         "train_variants": set(config["degrade"]["variants"]),
         "eval_variants": set(config["degrade"]["variants"]),
+        "matched_variants": set(config["degrade"]["variants"]),
     }
     where = {"models": "models", "resolutions": "resize.resolutions"}
     problems = []
     for name in selected_experiments(config):
         grid = config["experiments"][name]
         for key, allowed in known.items():
-            values = {int(v) for v in grid[key]} if key == "resolutions" else set(grid[key])
+            values = {int(v) for v in grid[key]} if key == "resolutions" else set(grid.get(key, []))
             if missing := sorted(values - allowed, key=str):
                 source = where.get(key, "degrade.variants")
                 problems.append(f"experiments.{name}.{key}: {missing} not in {source}")
         problems += _check_lr(name, grid, config["models"])
+        problems += _check_reference(config, name)
         for key in sorted(GRID_SETTINGS & set(grid.get("training", {}))):
             problems.append(
                 f"experiments.{name}.training.{key}: set by the grid (experiments.{name}.{_grid_key(key)})"
@@ -227,6 +247,35 @@ def _check_lr(name: str, grid: dict[str, Any], registry: dict[str, Any]) -> list
     if missing := [f"{m}:{n}" for m, n in trained if not learning_rates(lr, m, n)]:
         problems.append(f"experiments.{name}.lr: no learning rates for {missing}")
     return problems
+
+
+def _check_reference(config: dict[str, Any], name: str) -> list[str]:
+    """A `reference` names grid fields, each with a value the experiment's evaluations take."""
+    reference = config["experiments"][name].get("reference") or {}
+    points = [e.point() for e in expand_one(config, name)]
+    problems = []
+    for field, value in reference.items():
+        taken = sorted({str(p[field]) for p in points}) if field in DIMENSIONS else None
+        if taken is None:
+            problems.append(
+                f"experiments.{name}.reference.{field}: not a grid field ({', '.join(DIMENSIONS)})"
+            )
+        elif _spelt(field, value) not in taken:
+            problems.append(
+                f"experiments.{name}.reference.{field}: {value!r} is not among the grid's {taken}"
+            )
+    return problems
+
+
+def _spelt(field: str, value: Any) -> str:
+    """A grid value as an evaluation's point spells it (numbers as in paths)."""
+    return format_number(value) if field in ("lr", "label_fraction") else str(value)
+
+
+def expand_one(config: dict[str, Any], name: str) -> list[Evaluation]:
+    """The evaluations of one experiment, in grid order."""
+    chosen = {Evaluation(run, ev): None for run, evs, _ in _grid_runs(config, name) for ev in evs}
+    return list(chosen)
 
 
 def _grid_key(field: str) -> str:

@@ -120,7 +120,7 @@ def predictions_frame(
     return frame
 
 
-def _class_indices(values: pd.Series, classes: list[str], column: str) -> np.ndarray:
+def class_indices(values: pd.Series, classes: list[str], column: str) -> np.ndarray:
     index = {c: i for i, c in enumerate(classes)}
     unknown = sorted(set(values.astype(str)) - index.keys())
     if unknown:
@@ -155,8 +155,8 @@ def compute_metrics(
     missing = {"group_id", "label", "pred", *prob_columns(classes)} - set(predictions.columns)
     if missing:
         raise ValueError(f"predictions lack columns {sorted(missing)}")
-    y_true = _class_indices(predictions["label"], classes, "label")
-    y_pred = _class_indices(predictions["pred"], classes, "pred")
+    y_true = class_indices(predictions["label"], classes, "label")
+    y_pred = class_indices(predictions["pred"], classes, "pred")
     probs = predictions[prob_columns(classes)].to_numpy(dtype=np.float64)
     labels = list(range(len(classes)))
 

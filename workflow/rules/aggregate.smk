@@ -23,6 +23,27 @@ rule data_summary:
         "../../scripts/data_summary.py"
 
 
+rule bytes_summary:
+    input:
+        caches=get_all_caches(),
+    output:
+        csv="results/data/bytes.csv",
+        md="results/data/bytes.md",
+        html=report(
+            "results/data/bytes.html",
+            caption="../report/bytes_summary.rst",
+            category="data",
+        ),
+    log:
+        "results/logs/aggregate/bytes_summary.log",
+    conda:
+        "../../envs/report.yaml"
+    params:
+        code=get_code("bytes_summary"),
+    script:
+        "../../scripts/bytes_summary.py"
+
+
 rule runs_index:
     input:
         metrics=get_all_metrics(),
@@ -46,6 +67,8 @@ rule runs_index:
 rule table:
     input:
         metrics=get_experiment_metrics,
+        predictions=get_experiment_predictions,
+        bytes="results/data/bytes.csv",
     output:
         csv="results/tables/{experiment}.csv",
         md="results/tables/{experiment}.md",
@@ -62,6 +85,9 @@ rule table:
         "../../envs/report.yaml"
     params:
         title=get_title,
+        classes=config["data"]["classes"],
+        reference=get_reference,
+        n_bootstrap=config["training"]["n_bootstrap"],
         runs=get_experiment_runs,
         code=get_code("aggregate"),
     script:
@@ -148,6 +174,49 @@ use rule figure_curves as figure_label_efficiency with:
         "results/logs/aggregate/figure_{experiment}_label_efficiency.log",
     params:
         kind="label_efficiency",
+        title=get_title,
+        runs=get_experiment_runs,
+        code=get_code("figures"),
+
+
+# Drawn from the experiment's table (bytes and paired differences beside the metrics), not from the runs.
+rule figure_rate_accuracy:
+    input:
+        table="results/tables/{experiment}.csv",
+    output:
+        png=report(
+            "results/figures/{experiment}_rate_accuracy.png",
+            caption="../report/figure_rate_accuracy.rst",
+            category="figures",
+            subcategory="{experiment}",
+            labels={"experiment": "{experiment}", "figure": "rate-accuracy"},
+        ),
+    log:
+        "results/logs/aggregate/figure_{experiment}_rate_accuracy.log",
+    conda:
+        "../../envs/report.yaml"
+    params:
+        kind="rate_accuracy",
+        title=get_title,
+        runs=get_experiment_runs,
+        code=get_code("figures"),
+    script:
+        "../../scripts/table_figure.py"
+
+
+use rule figure_rate_accuracy as figure_forest with:
+    output:
+        png=report(
+            "results/figures/{experiment}_forest.png",
+            caption="../report/figure_forest.rst",
+            category="figures",
+            subcategory="{experiment}",
+            labels={"experiment": "{experiment}", "figure": "paired differences"},
+        ),
+    log:
+        "results/logs/aggregate/figure_{experiment}_forest.log",
+    params:
+        kind="forest",
         title=get_title,
         runs=get_experiment_runs,
         code=get_code("figures"),

@@ -193,6 +193,34 @@ def get_experiment_metrics(wildcards):
     return [f"{e.eval_dir}/metrics.json" for e in EVALUATIONS[wildcards.experiment]]
 
 
+def get_experiment_predictions(wildcards):
+    """predictions.parquet of every evaluation of the experiment: the paired comparisons rescore them."""
+    return [
+        f"{e.eval_dir}/predictions.parquet" for e in EVALUATIONS[wildcards.experiment]
+    ]
+
+
+def get_reference(wildcards):
+    """The grid values of the row the experiment's table compares every row with (None: the default)."""
+    return config["experiments"][wildcards.experiment].get("reference")
+
+
+def get_all_caches():
+    """The caches the workflow makes: the clean one at every resolution, and each other variant at the
+    resolutions the selected experiments train or evaluate on it (all of them when no runs are selected).
+    """
+    used = {(r, v) for r in RESOLUTIONS for v in VARIANTS if v == "clean" or not RUNS}
+    for evaluations in EVALUATIONS.values():
+        for e in evaluations:
+            used |= {(e.run.res, e.run.train_variant), (e.run.res, e.eval_variant)}
+    return [
+        f"results/cache/{res}px/{variant}"
+        for res in RESOLUTIONS
+        for variant in VARIANTS
+        if (res, variant) in used
+    ]
+
+
 def get_experiment_histories(wildcards):
     """history.csv of every run of the experiment that trains (kNN trains nothing)."""
     return list(
@@ -225,12 +253,13 @@ def get_figures():
 
 
 def get_final_outputs():
-    """Data stages for every resolution and variant, the data summary; with runs selected, the runs, their
+    """Data stages (every cache an experiment needs), the data and bytes summaries; with runs selected, the runs, their
     index, a table per experiment and its figures."""
     outputs = [
         "results/data/split_report.json",
         "results/data/summary.html",
-        *expand("results/cache/{res}px/{variant}", res=RESOLUTIONS, variant=VARIANTS),
+        "results/data/bytes.html",
+        *get_all_caches(),
     ]
     if RUNS:
         outputs += [
