@@ -252,6 +252,8 @@ def _check_lr(name: str, grid: dict[str, Any], registry: dict[str, Any]) -> list
 def _check_reference(config: dict[str, Any], name: str) -> list[str]:
     """A `reference` names grid fields, each with a value the experiment's evaluations take."""
     reference = config["experiments"][name].get("reference") or {}
+    if not reference:  # nothing to check: do not expand the grid at start-up for it
+        return []
     points = [e.point() for e in expand_one(config, name)]
     problems = []
     for field, value in reference.items():
