@@ -13,7 +13,7 @@ with job_logging(snakemake):
         md=snakemake.output.md,
         tex=snakemake.output.tex,
         html=snakemake.output.html,
-        bytes_csv=snakemake.input.bytes,
+        caches=list(snakemake.input.caches),
         classes=list(snakemake.params.classes),
         reference=snakemake.params.reference,
         n_bootstrap=snakemake.params.n_bootstrap,

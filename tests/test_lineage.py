@@ -237,7 +237,7 @@ def test_run_folder_and_cache_shard_walk_back_to_the_raw_images(finished_study):
     by_split = {s: {r["image_id"] for r in rows} for s, rows in report["images"]["by_split"].items()}
     assert by_split == {s: set(ids) for s, ids in splits.groupby("split")["image_id"]}
 
-    shard = sorted((finished_study / "results/cache/32px/degraded/train").glob("*.parquet"))[0]
+    shard = sorted((finished_study / "results/cache/16px/degraded/train").glob("*.parquet"))[0]
     report = lineage.trace(shard)
     assert [s["rule"] for s in report["stages"][:2]] == ["degrade", "resize"]
     shard_ids = set(pd.read_parquet(shard, columns=["image_id"])["image_id"])

@@ -154,6 +154,20 @@ def test_tables_have_the_varying_dimensions_and_costs(study):
     assert list(robust["eval_variant"]) == ["clean", "jpeg_only"]
 
 
+def test_tables_carry_the_bytes_of_the_test_images_each_row_scores(study):
+    """kB per image and bits per pixel of a row: the mean over its eval cache's test images (their PNGs for
+    clean, their JPEGs for jpeg_only), recomputed here from the shards' encoded_bytes."""
+    robust = pd.read_csv(study / "results/tables/robust.csv")
+    for row in robust.itertuples():
+        shards = sorted((study / f"results/cache/16px/{row.eval_variant}/test").glob("*.parquet"))
+        sent = pd.concat(pd.read_parquet(s, columns=["encoded_bytes", "codec"]) for s in shards)
+        assert row.kb_per_image == pytest.approx(sent["encoded_bytes"].mean() / 1000)
+        assert row.bpp == pytest.approx(sent["encoded_bytes"].mean() * 8 / (16 * 16))
+        assert row.codec == {"clean": "png", "jpeg_only": "jpeg"}[row.eval_variant]
+    # Every table row has its reference row's paired difference (the reference row's own: 0).
+    assert robust["delta_auc"].iloc[0] == 0
+
+
 def test_label_fraction_trains_on_a_grouped_subset(study):
     splits = pd.read_parquet(study / "results/data/splits.parquet")
     n_train = int((splits["split"] == "train").sum())
@@ -177,11 +191,15 @@ def test_figures_exist_and_the_report_names_every_one(study):
     assert expected == {
         "sweep_curves.png",
         "sweep_cost.png",
+        "sweep_rate_accuracy.png",  # resolution varies: accuracy against the bytes of each size's PNGs
         "modes_curves.png",
         "labels_curves.png",
         "labels_label_efficiency.png",
         "robust_curves.png",
         "robust_robustness.png",
+        "robust_rate_accuracy.png",
+        # Every table compares its rows with a reference row; its forest plot shows the differences.
+        *(f"{name}_forest.png" for name in ("sweep", "modes", "labels", "robust")),
     }
     on_disk = {p.name for p in (study / "results/figures").glob("*.png")}
     assert on_disk == expected

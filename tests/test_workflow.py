@@ -127,18 +127,31 @@ def test_nothing_changed_nothing_planned(finished):
 
 def test_new_jpeg_quality_reruns_only_the_degraded_variant(finished):
     jobs = dry_run(finished, {"degrade": {"jpeg_quality": 50}})
-    assert rules_of(jobs) == {"degrade", "all"}  # each variant's degrade job writes its cache
+    # Each variant's degrade job writes its cache; the bytes summary reads the caches, the data summary does not.
+    assert rules_of(jobs) == {"degrade", "bytes_summary", "all"}
     # The variants that JPEG-compress: the study's mix and the robustness experiment's jpeg_only.
-    assert {wc for rule, wc in jobs if rule != "all"} == {
+    assert {wc for rule, wc in jobs if rule == "degrade"} == {
         (f"res={res}", f"variant={variant}") for res in RESOLUTIONS for variant in ("degraded", "jpeg_only")
+    }
+
+
+def test_new_codec_quality_reruns_its_variant_and_the_bytes_summary_only(finished):
+    """A transmission codec is applied after resizing: a new quality re-encodes that variant's caches, and the
+    bytes summary (which reads the caches) follows; the data summary reads only manifest and split and stands."""
+    variants = yaml.safe_load((finished / "config.yaml").read_text())["degrade"]["variants"]
+    changed = {**variants["webp_q60"], "codec": {**variants["webp_q60"]["codec"], "quality": 55}}
+    jobs = dry_run(finished, {"degrade": {"variants": {**variants, "webp_q60": changed}}})
+    assert rules_of(jobs) == {"degrade", "bytes_summary", "all"}
+    assert {wc for rule, wc in jobs if rule == "degrade"} == {
+        (f"res={res}", "variant=webp_q60") for res in RESOLUTIONS
     }
 
 
 def test_new_resolution_reruns_only_its_resize_and_downstream(finished):
     jobs = dry_run(finished, {"resize": {"resolutions": [*RESOLUTIONS, 8]}})
-    assert rules_of(jobs) == {"resize", "degrade", "all"}
+    assert rules_of(jobs) == {"resize", "degrade", "bytes_summary", "all"}
     assert {wc for rule, wc in jobs if rule == "resize"} == {("res=8",)}
-    assert all("res=8" in wc for rule, wc in jobs if rule != "all")
+    assert all("res=8" in wc for rule, wc in jobs if rule in ("resize", "degrade"))
 
 
 def test_edit_to_degradation_module_reruns_degradation_and_downstream(finished):
@@ -149,7 +162,7 @@ def test_edit_to_degradation_module_reruns_degradation_and_downstream(finished):
         jobs = dry_run(finished)
     finally:
         module.write_text(original)
-    assert rules_of(jobs) == {"degrade", "all"}
+    assert rules_of(jobs) == {"degrade", "bytes_summary", "all"}
     variants = yaml.safe_load((finished / "config.yaml").read_text())["degrade"]["variants"]
     # Every variant but clean: the clean caches are the resize stage's pixels, which degrade.py never touches.
     degraded = {wc for rule, wc in jobs if rule == "degrade"}

@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from . import compare
-from .bytes_summary import split_bytes
+from .bytes_summary import bytes_table, split_bytes
 from .runs import parse_eval_dir
 
 log = logging.getLogger(__name__)
@@ -124,14 +124,14 @@ def load_runs(eval_dirs: list[str]) -> pd.DataFrame:
     return frame
 
 
-def add_bytes(runs: pd.DataFrame, bytes_csv: str | Path) -> pd.DataFrame:
+def add_bytes(runs: pd.DataFrame, caches: list[str | Path]) -> pd.DataFrame:
     """Each evaluation's kB per image, bits per pixel, codec and quality: of its eval variant's test split at
-    its resolution (bytes_summary.split_bytes); an error naming the (res, variant) the summary lacks."""
-    table = pd.read_csv(bytes_csv)
-    sent = split_bytes(table)
+    its resolution, from the caches' _info.json (bytes_summary.split_bytes); an error naming the (res, variant)
+    none of `caches` holds."""
+    sent = split_bytes(bytes_table(caches))
     keys = list(zip(runs["res"].astype(int), runs["eval_variant"].astype(str), strict=True))
     if missing := sorted(set(keys) - set(sent.index)):
-        raise ValueError(f"{bytes_csv} has no test-split bytes for (res, variant) {missing[:5]}")
+        raise ValueError(f"no test-split bytes for (res, variant) {missing[:5]} in the caches {caches}")
     found = sent.loc[keys]
     return runs.assign(
         kb_per_image=found["mean_kb"].to_numpy(),
@@ -323,7 +323,7 @@ def table_notes(table: pd.DataFrame) -> list[str]:
     if "kb_per_image" in table.columns:
         notes.append(
             "kB/image and bpp: the mean encoded size of the test images evaluated on (the codec's bytes, else a "
-            "lossless PNG's; results/data/bytes.csv)."
+            "lossless PNG's), from the caches' _info.json; results/data/bytes.csv lists every cache."
         )
     if REFERENCE in table.columns:
         notes.append(
@@ -364,17 +364,18 @@ def run_table(
     md: str,
     tex: str,
     html: str,
-    bytes_csv: str | None = None,
+    caches: list[str] | None = None,
     classes: list[str] | None = None,
     reference: dict | None = None,
     n_bootstrap: int = 1000,
     seed: int = 0,
 ) -> pd.DataFrame:
-    """The table of one experiment from its runs' metrics.json files; with `bytes_csv`, each row's bytes per
-    image; with `classes`, each row compared with the reference row (from the runs' predictions.parquet)."""
+    """The table of one experiment from its runs' metrics.json files; with `caches` (those its evaluations
+    score), each row's bytes per image; with `classes`, each row compared with the reference row (from the
+    runs' predictions.parquet)."""
     runs = load_runs([str(Path(m).parent) for m in metrics])
-    if bytes_csv is not None:
-        runs = add_bytes(runs, bytes_csv)
+    if caches is not None:
+        runs = add_bytes(runs, caches)
     table = summarize(runs)
     if classes is not None:
         row = reference_row(table, runs, reference)

@@ -68,7 +68,7 @@ rule table:
     input:
         metrics=get_experiment_metrics,
         predictions=get_experiment_predictions,
-        bytes="results/data/bytes.csv",
+        caches=get_experiment_caches,
     output:
         csv="results/tables/{experiment}.csv",
         md="results/tables/{experiment}.md",

@@ -205,6 +205,17 @@ def get_reference(wildcards):
     return config["experiments"][wildcards.experiment].get("reference")
 
 
+def get_experiment_caches(wildcards):
+    """The caches an experiment's evaluations score (eval variant at each resolution): its table reads their
+    bytes per image, and reruns only when one of them changes."""
+    return list(
+        dict.fromkeys(
+            f"results/cache/{e.run.res}px/{e.eval_variant}"
+            for e in EVALUATIONS[wildcards.experiment]
+        )
+    )
+
+
 def get_all_caches():
     """The caches the workflow makes: the clean one at every resolution, and each other variant at the
     resolutions the selected experiments train or evaluate on it (all of them when no runs are selected).
