@@ -15,7 +15,7 @@ from conftest import copy_workflow, snakemake, write_config
 from safetensors.torch import save_file
 from test_workflow import planned_jobs
 
-from dermcompress.plan import make_plan
+from dermcompress.plan import format_plan, make_plan
 
 pytestmark = pytest.mark.workflow
 
@@ -97,15 +97,26 @@ def test_finished_study_leaves_no_weights_and_no_checkpoints(finished_study):
 
 
 def test_plan_counts_the_study_from_the_dag(tmp_path):
-    """`dermcompress plan` on the repository's study: 125 distinct finetunes, one feature extraction per
+    """`dermcompress plan` on the repository's study: 235 distinct finetunes, one feature extraction per
     model x resolution x variant x split, one GPU submission per training (its evaluations in it), the short
-    56 px runs and the feature extractions packed (at most 140 in all), nothing left on disk at the end."""
+    56 px runs and the feature extractions packed, nothing left on disk at the end; and per experiment what it
+    adds to the others (runs shared across experiments are paid once)."""
     workdir = copy_workflow(tmp_path / "wf")
     plan = make_plan(workdir, full_isic2019=True)
-    assert plan["trainings"] == 125 and plan["jobs"]["train"] == 125
+    assert plan["trainings"] == 235 and plan["jobs"]["train"] == 235
     assert plan["feature_extractions"] == 3 * 4 + 4 * 5  # 3 pretrained x 4 splits, the random one x 5 seeds
-    # 90 trainings at 224 and 112 px alone, the 35 at 56 px four to a pack, the extractions eight to a pack
-    assert plan["gpu_submissions"] == 90 + math.ceil(35 / 4) + 32 // 8 <= 140 < plan["gpu_jobs"]
+    # 165 trainings at 224 and 112 px alone, the 70 at 56 px four to a pack, the extractions eight to a pack
+    assert plan["gpu_submissions"] == 165 + math.ceil(70 / 4) + 32 // 8 < plan["gpu_jobs"]
+    sweep = plan["experiments"]["compression_sweep"]
+    # 2 models x 3 resolutions x (clean + 3 matched codecs) x 5 seeds; robustness's clean ViT runs at 224 and
+    # 56 px are the sweep's (same lr, schedule and epochs), so they are not added.
+    assert sweep["trainings"] == 2 * 3 * 4 * 5 and sweep["trainings_added"] == 120 - 2 * 5
+    # Each training evaluates on 14 variants (the clean-trained) or on its own codec (the matched arm).
+    assert sweep["gpu_jobs"] == 120 + 2 * 3 * 5 * 14 + 3 * 2 * 3 * 5
+    assert plan["experiments"]["robustness"]["trainings_added"] == 0  # all shared with the sweeps
+    assert 0 < sweep["gpu_hours_added"] < sweep["gpu_hours"] < plan["gpu_hours"]
+    assert sum(c["trainings_added"] for c in plan["experiments"].values()) < plan["trainings"]
+    assert "compression_sweep: trainings 120 (added 110)" in format_plan(plan)
     assert plan["disk"]["weights_end_gb"] == plan["disk"]["checkpoints_end_gb"] == 0
     assert plan["split_sizes"] == {"train": 6511, "val": 724, "test": 1809}
     assert plan["image_passes_forward_backward"] > 0 and plan["gpu_hours"] > 0

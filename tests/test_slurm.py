@@ -399,7 +399,7 @@ def test_h100_profile_maps_rules_to_partitions_and_gpus(tmp_path):
     )
     assert all("--signal=TERM@600" in r for _, r in by_rule["train"])
     trains = by_rule["train"]
-    assert len(trains) == 125
+    assert len(trains) == 235  # the study (dermcompress plan counts them: tests/test_runs.py)
     for wildcards, resources in trains:
         big = "model=vit_b16" in wildcards and "res=224," in wildcards
         assert f"gpu={4 if big else 1}," in resources, (wildcards, resources)

@@ -10,7 +10,9 @@ they will be submitted); the plan counts what it would run:
 - disk: trained weights and resume checkpoints while runs are in flight (at most `jobs` at once) and at the end,
   caches and features;
 - GPU-hours, from a throughput table: measured by benchmarks/gpu.py (`--throughput FILE`, its CSV), else an
-  estimate scaled by each model's GMACs from one reference rate, and labelled as such.
+  estimate scaled by each model's GMACs from one reference rate, and labelled as such;
+- per experiment, its GPU jobs and GPU-hours, and what it adds: the jobs no other selected experiment needs
+  (runs are shared across experiments, so an experiment's own cost and the cost it adds differ).
 
 Split sizes come from results/data/splits.parquet when the data stages have run, else from ISIC 2019's class
 counts with the config's classes, balancing and split fractions (an estimate, labelled so).
@@ -31,7 +33,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from .runs import Run
+from .runs import FEATURES, Evaluation, Run, is_pretrained
 
 log = logging.getLogger(__name__)
 
@@ -146,21 +148,82 @@ def rate(
 
 
 def passes(jobs: list[Job], sizes: dict[str, int], settings: dict[str, Any]) -> pd.DataFrame:
-    """Per GPU job: model, res, phase and the images it passes through the backbone."""
+    """Per GPU job (`job`: its index in `jobs`): model, res, phase and the images it passes through the
+    backbone."""
     rows = []
     every = max(1, int(settings.get("eval_every_epochs", 1)))
-    for job in jobs:
+    for i, job in enumerate(jobs):
         wc = job.wildcards
         if job.rule == "train":
             run = Run.from_wildcards(_Wildcards(wc))
             images = sizes["train"] * float(run.label_fraction)
-            rows.append((wc["model"], int(wc["res"]), "train", run.epochs * images))
-            rows.append((wc["model"], int(wc["res"]), "eval", math.ceil(run.epochs / every) * sizes["val"]))
+            rows.append((i, wc["model"], int(wc["res"]), "train", run.epochs * images))
+            rows.append(
+                (i, wc["model"], int(wc["res"]), "eval", math.ceil(run.epochs / every) * sizes["val"])
+            )
         elif job.rule == "evaluate":
-            rows.append((wc["model"], int(wc["res"]), "eval", sizes["val"] + sizes["test"]))
+            rows.append((i, wc["model"], int(wc["res"]), "eval", sizes["val"] + sizes["test"]))
         elif job.rule == "features":
-            rows.append((wc["model"], int(wc["res"]), "eval", sizes[wc["split"]]))
-    return pd.DataFrame(rows, columns=["model", "res", "phase", "images"])
+            rows.append((i, wc["model"], int(wc["res"]), "eval", sizes[wc["split"]]))
+    return pd.DataFrame(rows, columns=["job", "model", "res", "phase", "images"])
+
+
+def job_keys(config: dict[str, Any]) -> dict[str, set[str]]:
+    """Experiment -> the outputs its GPU jobs write: run folders (train, linear), evaluation folders (evaluate,
+    evaluate_probe) and the frozen features its probes read; job_key names a planned job the same way."""
+    from .experiments import expand
+
+    keys: dict[str, set[str]] = {}
+    for name, evaluations in expand(config)[1].items():
+        owned = keys.setdefault(name, set())
+        for e in evaluations:
+            owned |= {e.run.run_dir, e.eval_dir}
+            if e.run.mode in ("linear", "knn"):
+                pretrained = is_pretrained(config["models"][e.run.model])
+                for variant, split in (
+                    (e.run.train_variant, "train"),
+                    (e.run.train_variant, "val"),
+                    (e.eval_variant, "val"),
+                    (e.eval_variant, "test"),
+                ):
+                    owned.add(e.run.features(variant, split, pretrained=pretrained))
+    return keys
+
+
+def job_key(job: Job) -> str | None:
+    """What a planned GPU job writes, as job_keys spells it (None for the other rules)."""
+    wc = _Wildcards(job.wildcards)
+    if job.rule in ("train", "linear"):
+        return Run.from_wildcards(wc).run_dir
+    if job.rule in ("evaluate", "evaluate_probe"):
+        return Evaluation(Run.from_wildcards(wc), wc.eval_variant).eval_dir
+    if job.rule == "features":
+        return FEATURES.format(**job.wildcards)
+    return None
+
+
+def experiment_costs(
+    jobs: list[Job], hours_per_job: pd.Series, config: dict[str, Any]
+) -> dict[str, dict[str, float]]:
+    """Per experiment: its trainings, GPU jobs (train, evaluate, features) and GPU-hours, and the part of each
+    that no other selected experiment needs (`*_added`: what the experiment adds to the study)."""
+    keys = job_keys(config)
+    costs = {
+        name: dict.fromkeys(
+            ("trainings", "trainings_added", "gpu_jobs", "gpu_jobs_added", "gpu_hours", "gpu_hours_added"), 0
+        )
+        for name in keys
+    }
+    for i, job in enumerate(jobs):
+        key = job_key(job)
+        owners = [name for name, owned in keys.items() if key in owned] if key else []
+        for name in owners:
+            alone = ["", "_added"] if len(owners) == 1 else [""]
+            for suffix in alone:
+                costs[name][f"trainings{suffix}"] += job.rule == "train"
+                costs[name][f"gpu_jobs{suffix}"] += job.rule in GPU_RULES
+                costs[name][f"gpu_hours{suffix}"] += float(hours_per_job.get(i, 0.0))
+    return costs
 
 
 class _Wildcards:
@@ -218,11 +281,21 @@ def make_plan(
     model_size = model_sizes(config, jobs)
     image_passes = passes(jobs, sizes, config["training"])
     measured = read_throughput(throughput)
-    hours = 0.0
-    for (model, res, phase), part in image_passes.groupby(["model", "res", "phase"]):
-        size = model_size.get((model, res))
-        per_s = rate(model, res, phase, size["gmacs"] if size else None, measured)
-        hours += part["images"].sum() / per_s / 3600 if per_s else math.nan
+    per_s = {
+        key: rate(*key, size["gmacs"] if (size := model_size.get(key[:2])) else None, measured)
+        for key in image_passes[["model", "res", "phase"]]
+        .drop_duplicates()
+        .itertuples(index=False, name=None)
+    }
+    image_passes["hours"] = [
+        images / per_s[key] / 3600 if per_s[key] else math.nan
+        for key, images in zip(
+            image_passes[["model", "res", "phase"]].itertuples(index=False, name=None),
+            image_passes["images"],
+            strict=True,
+        )
+    ]
+    hours = float(image_passes["hours"].sum(min_count=1)) if len(image_passes) else 0.0
     submitted = [j for j in jobs if not j.local and not j.grouped]
     gpu_submissions = sum(1 for j in submitted if j.rule in GPU_RULES) + sum(
         1 for g in groups if g & set(GPU_RULES)
@@ -246,6 +319,7 @@ def make_plan(
         "gpu_hours_source": f"measured ({throughput})"
         if throughput
         else "estimate (ViT-B/16 reference, scaled by GMACs)",
+        "experiments": experiment_costs(jobs, image_passes.groupby("job")["hours"].sum(min_count=1), config),
     }
 
 
@@ -289,5 +363,11 @@ def format_plan(plan: dict[str, Any]) -> str:
         f" (raw pixels), features {d['features_gb']:.2f} GB",
         f"GPU-hours {plan['gpu_hours']:.3g} ({plan['gpu_hours_source']})",
         "jobs per rule: " + ", ".join(f"{rule} {n}" for rule, n in plan["jobs"].items()),
+        "per experiment (added: what no other experiment needs):",
+        *(
+            f"  {name}: trainings {c['trainings']} (added {c['trainings_added']}), GPU jobs {c['gpu_jobs']}"
+            f" (added {c['gpu_jobs_added']}), GPU-hours {c['gpu_hours']:.3g} (added {c['gpu_hours_added']:.3g})"
+            for name, c in plan.get("experiments", {}).items()
+        ),
     ]
     return "\n".join(lines)
