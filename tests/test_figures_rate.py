@@ -186,6 +186,26 @@ def test_rate_accuracy_with_one_model_and_no_reference_draws_one_column():
     plt.close(fig)
 
 
+@pytest.mark.parametrize("span", [1.2, 30.0])
+def test_rate_accuracy_labels_its_kb_axis_in_plain_numbers_even_over_a_narrow_range(span):
+    """Less than a decade of kB (a matched arm's two points) still gets a labelled tick, and labels read
+    0.5, 1, 2 (never 10^-0.3 or overlapping minor-tick labels)."""
+    table = rate_table()
+    table = table[(table["model"] == "m") & table["kb_per_image"].notna()].drop(columns="reference")
+    low = table["kb_per_image"].min()
+    table["kb_per_image"] = low + (table["kb_per_image"] - low) / np.ptp(table["kb_per_image"]) * low * (
+        span - 1
+    )
+    fig = figures.plot_rate_accuracy(table.reset_index(drop=True), "t")
+    fig.canvas.draw()
+    ax = fig.axes[-1]
+    left, right = ax.get_xlim()
+    shown = [t for t in ax.get_xticklabels() if t.get_text() and left <= t.get_position()[0] <= right]
+    assert shown and all(float(t.get_text()) == pytest.approx(t.get_position()[0]) for t in shown)
+    assert not any(t.get_text() for t in ax.get_xticklabels(minor=True))
+    plt.close(fig)
+
+
 def test_rate_accuracy_without_any_kb_still_draws():
     table = rate_table().assign(kb_per_image=np.nan)
     fig = figures.plot_rate_accuracy(table, "t")

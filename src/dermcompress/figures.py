@@ -32,7 +32,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from .aggregate import CPU_NOTE, DIMS, load_runs, summarize, varying_dims
 
@@ -437,6 +437,18 @@ def _rate_panel(ax, panel: pd.DataFrame, metric: str, colors: dict, reference: p
             )
 
 
+def _kb_axis(ax: plt.Axes, kb: pd.Series) -> None:
+    """A log kB axis labelled at 1, 2 and 5 times powers of ten (0.2, 0.5, 1, 2 kB), padded by a factor 1.6
+    on each side so that even a narrow range shows a labelled tick, with unlabelled minor ticks."""
+    ax.set_xscale("log")
+    low, high = float(kb.min()), float(kb.max())
+    if np.isfinite(low) and np.isfinite(high) and low > 0:
+        ax.set_xlim(low / 1.6, high * 1.6)
+    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
 def plot_rate_accuracy(table: pd.DataFrame, title: str) -> Figure:
     """Test AUC (top) and balanced accuracy (bottom), mean ± std over seeds, against kB per image (log scale);
     a column per setting of the varying dimensions other than resolution and eval variant (the model; a
@@ -467,10 +479,9 @@ def plot_rate_accuracy(table: pd.DataFrame, title: str) -> Figure:
         for row, (metric, name) in enumerate(RATE_METRICS):
             ax = axes[row, col]
             _rate_panel(ax, panel, metric, colors, reference)
-            ax.set_xscale("log")
-            ax.xaxis.set_major_formatter(FuncFormatter(lambda kb, _: f"{kb:g}"))  # 0.1, 1, 10 kB
             ax.set_ylabel(name)
             ax.grid(alpha=0.3, which="both")
+        _kb_axis(axes[-1, col], panel["kb_per_image"])  # the column shares it
         axes[-1, col].set_xlabel("kB per image (log scale)")
     found = {}  # every entry once: the lines in line order, then the frontier and the reference
     for ax in axes.flat:
