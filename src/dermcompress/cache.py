@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 INFO = "_info.json"
 SPLITS = ("train", "val", "test")
 BYTES_COLUMNS = ("codec", "codec_quality", "encoded_bytes")
+BYTES_TYPES = {"codec": pa.string(), "codec_quality": pa.int32(), "encoded_bytes": pa.int64()}
 COLUMNS = (
     "image_id",
     "label",
@@ -279,17 +280,13 @@ class CacheWriter:
 
 def _bytes_columns(coded: dict[str, pa.ChunkedArray], pixels: np.ndarray) -> list[pa.Array]:
     """codec, codec_quality and encoded_bytes of a shard: as given, and a PNG's for every row given none."""
-    n = len(pixels)
-    sizes = coded.get("encoded_bytes")
-    sizes = [None] * n if sizes is None else sizes.to_pylist()
-    codecs = coded.get("codec")
-    codecs = [None] * n if codecs is None else codecs.to_pylist()
-    quality = coded.get("codec_quality")
-    quality = [None] * n if quality is None else quality.to_pylist()
-    for i in range(n):
-        if sizes[i] is None:
-            sizes[i], codecs[i], quality[i] = png_size(pixels[i]), REFERENCE, None
-    return [pa.array(codecs, pa.string()), pa.array(quality, pa.int32()), pa.array(sizes, pa.int64())]
+    given = {
+        name: coded[name].to_pylist() if name in coded else [None] * len(pixels) for name in BYTES_COLUMNS
+    }
+    codecs, quality, sizes = (given[name] for name in BYTES_COLUMNS)
+    for i in (i for i, size in enumerate(sizes) if size is None):
+        sizes[i], codecs[i], quality[i] = png_size(pixels[i]), REFERENCE, None
+    return [pa.array(given[name], BYTES_TYPES[name]) for name in BYTES_COLUMNS]
 
 
 def bytes_stats(

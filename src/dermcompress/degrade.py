@@ -30,7 +30,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from dermcompress import codec
-from dermcompress.cache import CacheWriter, iter_shards, load_info, verify_cache
+from dermcompress.cache import BYTES_TYPES, CacheWriter, iter_shards, load_info, verify_cache
 from dermcompress.config import DEGRADATIONS
 from dermcompress.images import ImageError, decode_image
 from dermcompress.pixeltable import PIXELS, arrow_to_pixels, read_parquet, read_table_metadata
@@ -139,6 +139,20 @@ def plan_rows(rows: Any, variant: dict[str, Any]) -> Any:
 def _apply_task(task: tuple[np.ndarray, str, str]) -> tuple[np.ndarray, int | None]:
     pixels, op, params = task
     return degrade_image(pixels, op, json.loads(params))
+
+
+def _jpeg_bytes(ops: list[str], params: list[str], sizes: dict[int, int | None]) -> dict[str, list]:
+    """The bytes columns (cache.BYTES_COLUMNS) of a shard's rows before any transmission codec: the JPEG's
+    size where the jpeg degradation compressed an image (`sizes`: row -> bytes), None elsewhere (the cache
+    writer then records a lossless PNG's)."""
+    coded = [op == "jpeg" and sizes.get(i) is not None for i, op in enumerate(ops)]
+    return {
+        "codec": ["jpeg" if c else None for c in coded],
+        "codec_quality": [
+            json.loads(p)["quality"] if c else None for c, p in zip(coded, params, strict=True)
+        ],
+        "encoded_bytes": [sizes[i] if c else None for i, c in enumerate(coded)],
+    }
 
 
 def _codec_task(pixels: np.ndarray, *, settings: dict[str, Any]) -> tuple[np.ndarray, int]:
@@ -256,7 +270,6 @@ def run_degrade(
             ids = table["image_id"].to_pylist()
             ops, params = plan_images(ids, table["split"].to_pylist(), variant)
             pixels = arrow_to_pixels(table.column(PIXELS), resolution, resolution).copy()
-            sent: list[int | None] = [None] * len(ids)
             todo = [i for i, op in enumerate(ops) if op != NONE]
             bar.update(len(ids) - len(todo))
             sizes: list[int | None] = []
@@ -275,12 +288,10 @@ def run_degrade(
                     )
                 except SourceChangedError as err:  # look at every image before failing, to name them all
                     changed.append(err)
-            for i, size in zip(todo, sizes, strict=False):
-                sent[i] = size
-            coded = [ops[i] == "jpeg" and sent[i] is not None for i in range(len(ids))]
-            quality = [json.loads(params[i])["quality"] if coded[i] else None for i in range(len(ids))]
-            formats = ["jpeg" if c else None for c in coded]
-            if settings and not changed and shard["split"] in coded_splits:
+            if changed:
+                continue
+            sent = _jpeg_bytes(ops, params, dict(zip(todo, sizes, strict=True)))
+            if settings and shard["split"] in coded_splits:
                 # Encoded in the thread pool too: AVIF takes ~10 ms an image at 224 px, and Pillow releases the
                 # GIL while it encodes. The image sent is the degraded one, and its bytes are the codec's.
                 sizes = []
@@ -288,16 +299,17 @@ def run_degrade(
                 pixels[:] = map_images(
                     task, list(pixels), shape=pixels.shape[1:], threads=threads, sizes=sizes, desc="encode"
                 )
-                sent, formats = sizes, [settings["format"]] * len(ids)
-                quality = [settings["quality"]] * len(ids)
-            if not changed:
-                rows = table.select(["image_id", "label", "split"])
-                rows = rows.append_column("degradation", pa.array(ops, pa.string()))
-                rows = rows.append_column("degradation_params", pa.array(params, pa.string()))
-                rows = rows.append_column("codec", pa.array(formats, pa.string()))
-                rows = rows.append_column("codec_quality", pa.array(quality, pa.int32()))
-                rows = rows.append_column("encoded_bytes", pa.array(sent, pa.int64()))
-                writer.write(shard["split"], rows, pixels)
+                sent = {
+                    "codec": [settings["format"]] * len(ids),
+                    "codec_quality": [settings["quality"]] * len(ids),
+                    "encoded_bytes": sizes,
+                }
+            rows = table.select(["image_id", "label", "split"])
+            rows = rows.append_column("degradation", pa.array(ops, pa.string()))
+            rows = rows.append_column("degradation_params", pa.array(params, pa.string()))
+            for name, values in sent.items():
+                rows = rows.append_column(name, pa.array(values, BYTES_TYPES[name]))
+            writer.write(shard["split"], rows, pixels)
     if changed:
         raise changed_error(changed)
     out = writer.close(input={"clean": clean.as_posix()})

@@ -118,11 +118,8 @@ def _grid_runs(config: dict[str, Any], name: str) -> list[tuple[Run, list[str], 
     found: dict[Run, tuple[list[str], dict[str, Any]]] = {}
     for point in itertools.product(*values.values(), seeds):
         v = dict(zip([*values, "seed"], point, strict=True))
-        main = v["train_variant"] in config["experiments"][name]["train_variants"]
-        evals = list(
-            dict.fromkeys(
-                [*(eval_variants if main else []), *([v["train_variant"]] * (v["train_variant"] in matched))]
-            )
+        evals = _evaluated_on(
+            v["train_variant"], config["experiments"][name]["train_variants"], eval_variants, matched
         )
         fraction = format_number(v["label_fraction"])
         if v["mode"] in TRAINED_MODES:
@@ -158,6 +155,22 @@ def _grid_runs(config: dict[str, Any], name: str) -> list[tuple[Run, list[str], 
     return [(run, evs, settings) for run, (evs, settings) in found.items()]
 
 
+def _evaluated_on(
+    train_variant: str, main: list[str], eval_variants: list[str], matched: list[str]
+) -> list[str]:
+    """A run's eval variants: every eval variant for the grid's own train variants (`main`), and its own
+    variant for the matched arm's (an archive stored and sent with one codec)."""
+    variants = list(eval_variants) if train_variant in main else []
+    if train_variant in matched and train_variant not in variants:
+        variants.append(train_variant)
+    return variants
+
+
+def _evaluations(grid: list[tuple[Run, list[str], dict[str, Any]]]) -> list[Evaluation]:
+    """The evaluations of an experiment's grid (_grid_runs), each once, in grid order."""
+    return list(dict.fromkeys(Evaluation(run, ev) for run, evs, _ in grid for ev in evs))
+
+
 def expand(config: dict[str, Any]) -> tuple[dict[Run, dict[str, Any]], dict[str, list[Evaluation]]]:
     """The runs of the selected experiments, each once with its settings (those of the first experiment that
     asks for it: experiments that share a run agree on everything that changes it, see runs.IDENTITY), and
@@ -165,11 +178,10 @@ def expand(config: dict[str, Any]) -> tuple[dict[Run, dict[str, Any]], dict[str,
     runs: dict[Run, dict[str, Any]] = {}
     evaluations: dict[str, list[Evaluation]] = {}
     for name in selected_experiments(config):
-        chosen: dict[Evaluation, None] = {}
-        for run, eval_variants, settings in _grid_runs(config, name):
+        grid = _grid_runs(config, name)
+        for run, _, settings in grid:
             runs.setdefault(run, settings)
-            chosen.update(dict.fromkeys(Evaluation(run, ev) for ev in eval_variants))
-        evaluations[name] = list(chosen)
+        evaluations[name] = _evaluations(grid)
     return runs, evaluations
 
 
@@ -276,8 +288,7 @@ def _spelt(field: str, value: Any) -> str:
 
 def expand_one(config: dict[str, Any], name: str) -> list[Evaluation]:
     """The evaluations of one experiment, in grid order."""
-    chosen = {Evaluation(run, ev): None for run, evs, _ in _grid_runs(config, name) for ev in evs}
-    return list(chosen)
+    return _evaluations(_grid_runs(config, name))
 
 
 def _grid_key(field: str) -> str:
