@@ -14,6 +14,14 @@ For each size N (default 60, 600 and 2400 images; 60 measures the fixed cost):
   MAXCOVERAGE quantization, one each on 20% of the training share) and saves a PNG: one variant.
 
     .venv/bin/python benchmarks/prep.py [--sizes 60 600 2400] [--repeats 1] [--workflow DIR] [--idle 0.25]
+    .venv/bin/python benchmarks/prep.py --codecs [--sizes 600]
+
+`--codecs` measures the transmission codecs instead (codec.py), three ways: per format x quality x resolution,
+milliseconds to encode (and decode) one image on one core and its mean kB, beside a lossless PNG (the
+reference), on photo-like images resized to 224/112/56 px; the thread pool's speed-up (resize.map_images, what
+a degrade job runs) with 2 threads against 1; and through Snakemake, what adding the codec variants to a
+finished data half costs a user: the rerun's wall time and each new degrade job's, against the clean and
+degraded variants' own degrade jobs in the run before (the baseline, in the same run).
 
 `--workflow` runs another checkout (e.g. the code before a change) the same way. The machine may be shared:
 each timed run waits until other processes use under `--idle` cores, and reports how many they used meanwhile
@@ -28,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import os
 import re
 import resource
@@ -45,6 +54,7 @@ import cv2
 import numpy as np
 import yaml
 from PIL import Image
+from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOW_FILES = ("Snakefile", "config.yaml", "workflow", "scripts", "src", "envs", "profiles")
@@ -52,6 +62,17 @@ SIZES = ((600, 450), (1024, 1024), (1504, 1128))  # HAM10000, BCN_20000, MSK
 QUALITY = 90
 RESOLUTIONS = (224, 112, 56)
 TARGETS = {"fixed_s": 20.0, 600: 1.5, 2400: 3.0, "grey": 2.0}
+# The codecs of config.yaml's variants, one quality each for the pipeline run and a span for the table.
+CODECS = {
+    "jpeg_q75": {"format": "jpeg", "quality": 75},
+    "webp_q60": {"format": "webp", "quality": 60},
+    "avif_q60": {"format": "avif", "quality": 60},
+}
+CODEC_SPAN = (
+    [{"format": "jpeg", "quality": q} for q in (95, 75, 30)]
+    + [{"format": "webp", "quality": q} for q in (95, 60, 30)]
+    + [{"format": "avif", "quality": q} for q in (90, 60, 40)]
+)
 GT_HEADER = ["image", "MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC", "UNK"]
 META_HEADER = ["image", "age_approx", "anatom_site_general", "lesion_id", "sex"]
 NOISE_SIDE = 1600
@@ -359,6 +380,98 @@ def report_fixed_cost(total: Timed, noop: Timed, jobs: list[dict], imports: floa
         )
 
 
+def resized_pool(pool: Path, n: int, res: int) -> list[np.ndarray]:
+    """The first n pool images at res x res (area-averaged, squash), RGB uint8."""
+    out = []
+    for path in sorted(pool.glob("*.jpg"))[:n]:
+        bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        out.append(np.ascontiguousarray(cv2.resize(bgr, (res, res), interpolation=cv2.INTER_AREA)[..., ::-1]))
+    return out
+
+
+def per_image_ms(fn, images: list[np.ndarray]) -> float:
+    start = time.perf_counter()
+    for image in images:
+        fn(image)
+    return (time.perf_counter() - start) / len(images) * 1000
+
+
+def codec_table(pool: Path, n: int) -> None:
+    """Milliseconds per image on one core (encode; encode + decode) and mean kB, per codec x resolution."""
+    from dermcompress import codec
+
+    print(
+        f"\ncodecs on one core, {n} photo-like images per resolution (ms per image; mean kB, kB = 1000 bytes)"
+    )
+    print(f"  {'codec':<15}" + "".join(f"{f'{r} px encode / +decode / kB':>34}" for r in RESOLUTIONS))
+    images = {res: resized_pool(pool, n, res) for res in RESOLUTIONS}
+    rows = [("PNG (reference)", codec.png_size, None)] + [
+        (codec.describe(codec.codec_settings(c)), functools.partial(codec.encode, codec=c), c)
+        for c in CODEC_SPAN
+    ]
+    for name, encode, settings in rows:
+        cells = []
+        for res in RESOLUTIONS:
+            for image in images[res][:3]:  # warm-up: the first call loads the codec's library
+                encode(image)
+            enc = per_image_ms(encode, images[res])
+            both = per_image_ms(lambda i, s=settings: codec.transmit(i, s), images[res]) if settings else enc
+            sizes = [s if isinstance(s, int) else len(s) for s in map(encode, images[res])]
+            cells.append(f"{enc:8.2f} / {both:6.2f} / {np.mean(sizes) / 1000:7.2f}")
+        print(f"  {name:<15}" + "".join(f"{c:>34}" for c in cells))
+
+
+def pool_speedup(pool: Path, n: int) -> None:
+    """What a degrade job's thread pool (resize.map_images) buys for each codec at 224 px: 2 threads vs 1."""
+    from dermcompress import codec
+    from dermcompress.resize import map_images
+
+    images = resized_pool(pool, n, 224)
+    print(f"\nthread pool (resize.map_images) on {n} images at 224 px, encode + decode:")
+    for name, settings in CODECS.items():
+        task = functools.partial(codec.transmit, codec=settings)
+        seconds = {}
+        for threads in (1, 2):
+            start = time.perf_counter()
+            quiet = tqdm(disable=True)
+            map_images(task, images, shape=images[0].shape, threads=threads, sizes=[], bar=quiet)
+            seconds[threads] = time.perf_counter() - start
+        print(
+            f"  {name}: 1 thread {seconds[1]:.2f} s ({n / seconds[1]:.0f} img/s), 2 threads {seconds[2]:.2f} s"
+            f" ({n / seconds[2]:.0f} img/s): {seconds[1] / seconds[2]:.2f}x"
+        )
+
+
+def add_codec_variants(workdir: Path) -> None:
+    """The bench config plus CODECS as variants that encode every split (what a user adds to config.yaml)."""
+    config = yaml.safe_load((workdir / "config.yaml").read_text())
+    for name, settings in CODECS.items():
+        config["degrade"]["variants"][name] = {"codec": settings, "splits": ["train", "val", "test"]}
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+def codecs_through_snakemake(workdir: Path, n: int, idle: tuple[float, float]) -> None:
+    """A finished data half (clean, degraded), then the codec variants added and Snakemake run again."""
+    before = {j["job"]: j for j in job_times(workdir)}
+    add_codec_variants(workdir)
+    rerun = snakemake(workdir, "codecs", idle)
+    after = [j for j in job_times(workdir) if j["job"] not in before or j["end"] > before[j["job"]]["end"]]
+    print(f"\n{n} images, adding {', '.join(CODECS)} (every split) to the finished data half:")
+    print(f"  {show('rerun   ', rerun)}; jobs rerun: {len(after)}")
+    for name in ["degraded", *CODECS]:
+        jobs = before if name == "degraded" else {j["job"]: j for j in after}
+        walls = [
+            jobs[f"degrade/{res}px/{name}"]["wall"]
+            for res in RESOLUTIONS
+            if f"degrade/{res}px/{name}" in jobs
+        ]
+        label = "(baseline, first run)" if name == "degraded" else ""
+        print(
+            f"  degrade {name:<9} {' / '.join(f'{w:.1f}' for w in walls)} s at {'/'.join(map(str, RESOLUTIONS))}"
+            f" px: {n * len(walls) / sum(walls):.0f} images/s over the three jobs {label}"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[60, 600, 2400], help="images per run")
@@ -372,7 +485,10 @@ def main(argv: list[str] | None = None) -> int:
         help="before each timed run, wait until other processes use fewer cores than this (default 0.25)",
     )
     parser.add_argument("--patience", type=float, default=600, help="longest wait for that, in seconds (600)")
+    parser.add_argument("--codecs", action="store_true", help="measure the transmission codecs (see above)")
     args = parser.parse_args(argv)
+    if args.codecs and args.sizes == parser.get_default("sizes"):
+        args.sizes = [600]
     with tempfile.TemporaryDirectory() as tmp:
         base = args.keep or Path(tmp)
         base.mkdir(parents=True, exist_ok=True)
@@ -398,6 +514,9 @@ def run(args: argparse.Namespace, base: Path) -> int:
             if best is None or pipeline.wall < best[0].wall:
                 best = (pipeline, workdir)
         pipeline, workdir = best
+        if args.codecs:
+            codecs_through_snakemake(workdir, n, (args.idle, args.patience))
+            continue
         noop = snakemake(workdir, "noop")
         naive = None
         for attempt in range(args.repeats):
@@ -435,6 +554,10 @@ def run(args: argparse.Namespace, base: Path) -> int:
         if n == sizes[0]:
             report_fixed_cost(pipeline, noop, job_times(workdir), import_seconds(workdir))
 
+    if args.codecs:
+        codec_table(base / "pool", min(max(sizes), 200))
+        pool_speedup(base / "pool", min(max(sizes), 200))
+        return 0
     checks = {}
     if 60 in results:
         fixed = results[60]["pipeline"].wall
