@@ -1,13 +1,16 @@
-"""Snakemake adapter: raw files -> manifest.parquet + quarantine.csv."""
+"""Snakemake adapter: the data source's raw files -> manifest.parquet + quarantine.csv."""
 
 from dermcompress.ingest import run_ingest
 from dermcompress.logs import job_logging
 
 with job_logging(snakemake):
     run_ingest(
-        ground_truth=snakemake.input.ground_truth,
-        metadata=snakemake.input.metadata,
-        images=snakemake.input.images,
+        source=snakemake.params.source,
+        labels=snakemake.input.get("labels"),
+        metadata=snakemake.input.get("metadata"),
+        duplicates=snakemake.input.get("duplicates"),
+        extra_metadata=snakemake.input.get("extra_metadata"),
+        images=images if isinstance(images := snakemake.input.images, str) else list(images),
         manifest_out=snakemake.output.manifest,
         quarantine_out=snakemake.output.quarantine,
         max_pixels=snakemake.params.max_pixels,

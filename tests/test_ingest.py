@@ -44,7 +44,7 @@ def _ingest(root: Path, images: Path, out: Path, max_pixels: int = BIG, syntheti
     logger.setLevel(logging.INFO)
     try:
         returned = run_ingest(
-            ground_truth=root / GROUND_TRUTH,
+            labels=root / GROUND_TRUTH,
             metadata=root / METADATA,
             images=images,
             manifest_out=out / "manifest.parquet",
@@ -262,11 +262,15 @@ def test_odd_formats_are_accepted_upright(bad, image_id):
     assert (row["width"], row["height"]) == (width, height)
 
 
-def test_patient_id_wins_over_lesion_id(bad):
+def test_a_patient_links_its_lesions_images_into_one_group_named_by_the_patient(bad):
+    """One image names patient IP_0000001; the other images of its lesion name no patient, yet share it: all
+    are one group (connected components of patients and lesions), named by the patient. The rest: lesions."""
     manifest = bad["manifest"]
-    assert manifest.loc[bad["patient_image"], "group_id"] == "IP_0000001"
     assert manifest["patient_id"].notna().sum() == 1
-    others = manifest.drop(index=bad["patient_image"])
+    lesion = manifest.loc[bad["patient_image"], "lesion_id"]
+    together = manifest["lesion_id"].eq(lesion) | manifest.index.isin([bad["patient_image"]])
+    assert set(manifest.loc[together, "group_id"]) == {"IP_0000001"}
+    others = manifest[~together]
     assert others["group_id"].tolist() == others["lesion_id"].fillna(others["image_id"]).tolist()
 
 

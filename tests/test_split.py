@@ -118,7 +118,7 @@ def _singletons(n: int, p_mel: float, seed: int = 0) -> pd.DataFrame:
     )
 
 
-def test_patient_id_takes_precedence_over_lesion_id():
+def test_patients_and_lesions_link_images_into_patient_groups():
     # 40 patients, each with two lesions of two images: lesion groups are finer than patient groups
     n = 160
     task = pd.DataFrame(
@@ -130,14 +130,62 @@ def test_patient_id_takes_precedence_over_lesion_id():
         }
     )
     splits = _split(task)
-    assert splits.attrs["group_column"] == "patient_id"
-    assert (splits["group_id"] == task["patient_id"]).all()
+    assert splits.attrs["group_column"] == "patient_id+lesion_id"
+    assert (splits["group_id"] == task["patient_id"]).all()  # a group is named by its patient
     assert (splits.assign(p=task["patient_id"]).groupby("p")["split"].nunique() == 1).all()
     assert split_report(splits)["groups_per_split"] == splits.groupby("split")["group_id"].nunique().to_dict()
     # without patient_id the lesions group the images
     by_lesion = _split(task.drop(columns="patient_id"))
     assert by_lesion.attrs["group_column"] == "lesion_id"
     assert (by_lesion["group_id"] == task["lesion_id"]).all()
+
+
+def test_a_lesion_without_its_patient_id_still_joins_the_patients_group():
+    """Image 2 has no patient id but shares lesion L1 with image 1 of patient P; image 3 is P's other lesion:
+    all three are one group, named P. Image 4 has neither id: its own group."""
+    task = pd.DataFrame(
+        {
+            "image_id": ["a1", "a2", "a3", "a4"],
+            "patient_id": ["P", None, "P", None],
+            "lesion_id": ["L1", "L1", "L2", ""],
+        }
+    )
+    groups, used = split_module.group_ids(task, ["patient_id", "lesion_id"])
+    assert used == "patient_id+lesion_id" and list(groups) == ["P", "P", "P", "a4"]
+    with_pair = task.assign(duplicate_group=[None, None, "a3", "a3"])  # a3 and a4: a listed duplicate pair
+    assert list(split_module.group_ids(with_pair, ["patient_id", "lesion_id"])[0]) == ["P"] * 4
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 9), st.integers(0, 19), st.booleans(), st.booleans(), st.sampled_from("MN")),
+        min_size=40,
+        max_size=120,
+    )
+)
+def test_no_patient_and_no_lesion_straddles_two_splits_whatever_ids_are_missing(images):
+    """Lesions belong to patients (lesion l of patient l % 10); each image may lack its patient id, its lesion
+    id or both. Whatever is missing, no known patient and no known lesion is found in two splits."""
+    task = pd.DataFrame(
+        {
+            "image_id": [f"ISIC_{i:07d}" for i in range(len(images))],
+            "patient_id": [f"P{lesion % 10}" if has_p else None for _, lesion, has_p, _, _ in images],
+            "lesion_id": [f"L{lesion}" if has_l else None for _, lesion, _, has_l, _ in images],
+            "label": ["MEL" if c == "M" else "NV" for *_, c in images],
+        }
+    )
+    if task["label"].value_counts().min() < 4:
+        return  # too few of a class to carve stratified splits at all
+    try:
+        splits = _split(task)
+    except ValueError as err:  # too few groups to carve a split: refused, never leaked
+        assert "too few groups" in str(err) or "at least two groups" in str(err)
+        return
+    merged = splits.merge(task[["image_id", "patient_id", "lesion_id"]], on="image_id")
+    for column in ("patient_id", "lesion_id"):
+        known = merged.dropna(subset=[column])
+        assert (known.groupby(column)["split"].nunique() == 1).all(), column
 
 
 def test_missing_lesion_ids_become_singleton_groups():
@@ -150,11 +198,13 @@ def test_missing_lesion_ids_become_singleton_groups():
     assert splits["group_id"].nunique() == 3 + 19
 
 
-def test_present_but_empty_patient_column_is_used_and_every_image_is_its_own_group(caplog):
+def test_a_present_but_empty_patient_column_links_nothing(caplog):
     task = _singletons(50, p_mel=0.5).assign(patient_id=None)
     splits = _split(task)
-    assert splits.attrs["group_column"] == "patient_id"
-    assert (splits["group_id"] == splits["image_id"]).all()
+    assert splits.attrs["group_column"] == "patient_id+lesion_id"
+    assert (splits["group_id"] == task["lesion_id"]).all()  # the lesions (one image each) group the images
+    nothing = _split(task.assign(lesion_id=""))
+    assert (nothing["group_id"] == nothing["image_id"]).all()
     assert "empty in every row" in caplog.text
 
 

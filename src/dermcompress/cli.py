@@ -8,12 +8,35 @@ import os
 import sys
 from pathlib import Path
 
+# dermcompress.fetch.SOURCES, named here so the parser imports no network code (tests/test_fetch.py checks).
+FETCH_SOURCES = ("isic2019", "isic2020", "ham10000")
+
 
 def _synth(args: argparse.Namespace) -> int:
     from dermcompress.synth import make_synthetic
 
-    root = make_synthetic(Path(args.out), n=args.n, seed=args.seed, as_zip=args.zip)
-    print(f"synthetic ISIC 2019 layout written to {root}")
+    try:
+        root = make_synthetic(Path(args.out), n=args.n, seed=args.seed, as_zip=args.zip, source=args.source)
+    except (ValueError, FileExistsError) as err:
+        raise SystemExit(f"dermcompress synth: {err}") from None
+    print(f"synthetic {args.source} layout written to {root}")
+    return 0
+
+
+def _fetch(args: argparse.Namespace) -> int:
+    from dermcompress.fetch import FetchError, fetch
+
+    try:
+        outcome = fetch(args.source, args.dest, only=args.only, mirror=args.mirror)
+    except FetchError as err:
+        raise SystemExit(f"dermcompress fetch: {err}") from None
+    downloaded = sum(state == "downloaded" for state in outcome.values())
+    print(
+        f"{args.source}: {len(outcome)} files verified in {args.dest} ({downloaded} downloaded, "
+        f"{len(outcome) - downloaded} already there)"
+    )
+    if args.source == "isic2019":
+        print(f"point the workflow at them: data.isic_root: {Path(args.dest).resolve()}")
     return 0
 
 
@@ -70,22 +93,68 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_isic(args: argparse.Namespace) -> int:
+    from dermcompress.export import run_export
+
+    try:
+        counts = run_export(
+            args.run, args.out, ground_truth=args.ground_truth, eval_variant=args.eval_variant
+        )
+    except (ValueError, OSError) as err:
+        raise SystemExit(f"dermcompress export-isic: {err}") from None
+    print(
+        f"{counts['images']} test images of {counts['evaluation']} ({counts['val_rows_left_out']} val rows "
+        f"left out): submission {counts['submission']}, ground truth {counts['ground_truth']} "
+        f"({', '.join(counts['ground_truth_classes'])}), scorer's copy {counts['scoring']}\n"
+        f"score: isic-challenge-scoring classification {counts['ground_truth']} {counts['scoring']}"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dermcompress", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
     synth = commands.add_parser(
         "synth",
-        help="write a synthetic data set in the exact ISIC 2019 training layout",
-        description="Write ISIC_2019_Training_Input/ (or .zip), the ground-truth CSV and the metadata CSV.",
+        help="write a synthetic data set in the exact layout of a data source (default ISIC 2019)",
+        description="Write a synthetic set in a source's layout: for isic2019 ISIC_2019_Training_Input/ (or "
+        ".zip), the ground-truth CSV and the metadata CSV; for isic2020, ham10000 and isic_archive their files "
+        "(datasets.py), with patients holding several lesions.",
     )
     synth.add_argument("out", help="folder to write into (created if missing)")
     synth.add_argument("--n", type=int, default=400, help="images listed in the ground truth (default 400)")
     synth.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
     synth.add_argument(
-        "--zip", action="store_true", help="write ISIC_2019_Training_Input.zip instead of a folder"
+        "--zip", action="store_true", help="write the image folders as zips (not for isic_archive)"
+    )
+    synth.add_argument(
+        "--source",
+        choices=("isic2019", "isic2020", "ham10000", "isic_archive"),
+        default="isic2019",
+        help="the layout to write (data.source; default isic2019)",
     )
     synth.set_defaults(func=_synth)
+
+    fetch = commands.add_parser(
+        "fetch",
+        help="download a source's official files (ISIC 2019, ISIC 2020, HAM10000), checked, into a folder",
+        description="Download the official files from their published URLs into DEST, in the layout the "
+        "workflow reads (then data.isic_root: DEST). An interrupted download resumes (HTTP Range); each file "
+        "gets its name only once its size, the publisher's checksum where one is published and every zip "
+        "member's CRC are checked. Files already there are skipped. The workflow itself never downloads: run "
+        "this where there is network (a login node often has none), then copy DEST.",
+    )
+    fetch.add_argument("source", choices=FETCH_SOURCES, help="the data set")
+    fetch.add_argument("dest", help="folder to download into (created if missing)")
+    fetch.add_argument("--only", nargs="+", metavar="NAME", help="only these files of the source (as saved)")
+    fetch.add_argument(
+        "--mirror",
+        metavar="URL",
+        help="download each file from URL/NAME instead of its publisher (an institutional mirror); the "
+        "publisher's sizes and checksums still apply",
+    )
+    fetch.set_defaults(func=_fetch)
 
     flops = commands.add_parser(
         "flops",
@@ -155,6 +224,29 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--directory", default=".", help="the workflow folder (default: the current one)")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan.set_defaults(func=_plan)
+
+    export_isic = commands.add_parser(
+        "export-isic",
+        help="a run's test predictions as an ISIC 2019 submission, and the ground truth to score them",
+        description="Write the test split's predictions of an evaluation as an ISIC 2019 submission (image, "
+        "then MEL NV BCC AK BKL DF VASC SCC UNK; classes the run does not predict are 0.0), the test split's "
+        "ground truth (one-hot, only the classes present: the official scorer fails on an empty class) and "
+        "OUT_Scoring.csv, the submission cut to the ground truth's classes: the pair isic-challenge-scoring "
+        "accepts.",
+    )
+    export_isic.add_argument(
+        "run",
+        metavar="RUN",
+        help="an evaluation folder (…/eval/<variant>) or a run folder (then its eval/clean)",
+    )
+    export_isic.add_argument("out", metavar="OUT", help="the submission CSV to write")
+    export_isic.add_argument(
+        "--ground-truth", help="where the ground truth goes (default: next to OUT, named OUT_GroundTruth.csv)"
+    )
+    export_isic.add_argument(
+        "--eval-variant", help="for a run folder: the evaluation to export (default clean)"
+    )
+    export_isic.set_defaults(func=_export_isic)
     return parser
 
 

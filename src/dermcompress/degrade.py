@@ -46,7 +46,7 @@ from dermcompress.resize import (
     resize_image,
     source_changed,
 )
-from dermcompress.sources import DEFAULT_MAX_FILE_BYTES
+from dermcompress.sources import DEFAULT_MAX_FILE_BYTES, image_paths
 
 log = logging.getLogger(__name__)
 
@@ -141,18 +141,22 @@ def _apply_task(task: tuple[np.ndarray, str, str]) -> tuple[np.ndarray, int | No
     return degrade_image(pixels, op, json.loads(params))
 
 
-def _jpeg_bytes(ops: list[str], params: list[str], sizes: dict[int, int | None]) -> dict[str, list]:
+def _sent_bytes(
+    ops: list[str], params: list[str], sizes: dict[int, int | None], clean: pa.Table
+) -> dict[str, list]:
     """The bytes columns (cache.BYTES_COLUMNS) of a shard's rows before any transmission codec: the JPEG's
-    size where the jpeg degradation compressed an image (`sizes`: row -> bytes), None elsewhere (the cache
-    writer then records a lossless PNG's)."""
-    coded = [op == "jpeg" and sizes.get(i) is not None for i, op in enumerate(ops)]
-    return {
-        "codec": ["jpeg" if c else None for c in coded],
-        "codec_quality": [
-            json.loads(p)["quality"] if c else None for c, p in zip(coded, params, strict=True)
-        ],
-        "encoded_bytes": [sizes[i] if c else None for i, c in enumerate(coded)],
-    }
+    size where the jpeg degradation compressed an image (`sizes`: row -> bytes); the clean cache's own (its PNG)
+    where the image is left as it was, the same pixels; None elsewhere (the cache writer then sizes a PNG)."""
+    given = {name: clean[name].to_pylist() if name in clean.column_names else None for name in BYTES_TYPES}
+    out: dict[str, list] = {name: [None] * len(ops) for name in BYTES_TYPES}
+    for i, op in enumerate(ops):
+        if op == "jpeg" and sizes.get(i) is not None:
+            quality = json.loads(params[i])["quality"]
+            out["codec"][i], out["codec_quality"][i], out["encoded_bytes"][i] = "jpeg", quality, sizes[i]
+        elif op == NONE and given["encoded_bytes"] is not None:
+            for name in BYTES_TYPES:
+                out[name][i] = given[name][i]
+    return out
 
 
 def _codec_task(pixels: np.ndarray, *, settings: dict[str, Any]) -> tuple[np.ndarray, int]:
@@ -162,7 +166,7 @@ def _codec_task(pixels: np.ndarray, *, settings: dict[str, Any]) -> tuple[np.nda
 def _degrade_task(
     task: tuple[str, str, str, str, str],
     *,
-    images: str,
+    images: tuple[str, ...],
     size: int,
     policy: str,
     max_pixels: int,
@@ -205,7 +209,7 @@ def run_degrade(
     variant: dict[str, Any],
     order: str,
     manifest: PathOrFrame | None = None,
-    images: str | Path | None = None,
+    images: str | Path | list[str] | None = None,
     max_pixels: int | None = None,
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
     threads: int | None = None,
@@ -241,7 +245,7 @@ def run_degrade(
         raw = dict(zip(man["image_id"].to_pylist(), files, strict=True))
         fn = functools.partial(
             _degrade_task,
-            images=str(images),
+            images=image_paths(images),
             size=resolution,
             policy=policy,
             max_pixels=max_pixels,
@@ -290,7 +294,7 @@ def run_degrade(
                     changed.append(err)
             if changed:
                 continue
-            sent = _jpeg_bytes(ops, params, dict(zip(todo, sizes, strict=True)))
+            sent = _sent_bytes(ops, params, dict(zip(todo, sizes, strict=True)), table)
             if settings and shard["split"] in coded_splits:
                 # Encoded in the thread pool too: AVIF takes ~10 ms an image at 224 px, and Pillow releases the
                 # GIL while it encodes. The image sent is the degraded one, and its bytes are the codec's.

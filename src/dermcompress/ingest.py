@@ -22,15 +22,22 @@ import pyarrow.parquet as pq
 from PIL import Image
 from tqdm import tqdm
 
-from dermcompress import ISIC_CLASSES
+from dermcompress.datasets import (
+    LABEL_COLUMNS,
+    default_labels,
+    join_extra,
+    lesion_conflicts,
+    read_source,
+)
+from dermcompress.groups import connected_groups
 from dermcompress.images import ImageError, decode_image, image_size
 from dermcompress.sources import (
     DEFAULT_MAX_FILE_BYTES,
     SYNTHETIC_BANNER,
-    DataFileError,
-    ImageSource,
     SourceError,
     image_id_of,
+    image_paths,
+    open_images,
 )
 
 log = logging.getLogger(__name__)
@@ -38,19 +45,23 @@ log = logging.getLogger(__name__)
 # Reasons decided from the CSVs and the file listing; refused names use sources.unsafe_reason() and
 # link_outside_root, reading sources.READ_REASONS, decoding images.REASONS. When an image has several problems
 # the first in this order wins: refused name (unsafe zip entry, link outside the root), duplicate_row,
-# no_label_row, invalid_label / no_label / multiple_labels, missing_file, duplicate_file, reading, decoding.
+# no_label_row, unmapped_diagnosis / invalid_label / no_label / multiple_labels, metadata_conflict (extra
+# metadata that contradicts the source's, a lesion given two patients), missing_file, duplicate_file, reading,
+# decoding.
 CSV_REASONS = (
     "duplicate_row",
     "no_label_row",
+    "unmapped_diagnosis",
     "invalid_label",
     "no_label",
     "multiple_labels",
+    "metadata_conflict",
     "missing_file",
     "duplicate_file",
 )
-LABEL_COLUMNS = (*ISIC_CLASSES, "UNK")
 
-# manifest.parquet; patient_id only when the metadata has that column (ISIC 2019 has not).
+# manifest.parquet; patient_id only when the metadata has that column (ISIC 2019 has not), duplicate_group only
+# when the source lists duplicate pairs (ISIC 2020).
 MANIFEST_SCHEMA = pa.schema(
     [
         ("image_id", pa.string()),
@@ -68,6 +79,7 @@ MANIFEST_SCHEMA = pa.schema(
         ("lesion_id", pa.string()),
         ("patient_id", pa.string()),
         ("group_id", pa.string()),
+        ("duplicate_group", pa.string()),
         ("age_approx", pa.float64()),
         ("anatom_site_general", pa.string()),
         ("sex", pa.string()),
@@ -109,58 +121,6 @@ def inspect_image(data: bytes, *, max_pixels: int) -> dict:
     return info
 
 
-def _read_csv(path: str | Path, **kwargs) -> pd.DataFrame:
-    """pd.read_csv, with every way the file can be unreadable said in one line that names it."""
-    try:
-        return pd.read_csv(path, skipinitialspace=True, **kwargs)
-    except pd.errors.EmptyDataError:
-        raise DataFileError(path, "the file is empty (no header row)") from None
-    except UnicodeDecodeError as err:
-        raise DataFileError(
-            path,
-            f"not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}); save it as UTF-8",
-        ) from None
-    except pd.errors.ParserError as err:
-        raise DataFileError(path, f"not a well-formed CSV: {str(err).strip()}") from None
-
-
-def _read_ground_truth(path: str | Path) -> pd.DataFrame:
-    gt = _read_csv(path, dtype=str)
-    missing = [c for c in ("image", *ISIC_CLASSES) if c not in gt.columns]
-    if missing:
-        raise DataFileError(
-            path,
-            f"ground-truth CSV lacks column(s) {missing}; expected the official header "
-            f"image,{','.join(LABEL_COLUMNS)}",
-        )
-    return _drop_blank_ids(gt, path)
-
-
-def _drop_blank_ids(frame: pd.DataFrame, path: str | Path) -> pd.DataFrame:
-    """Strip ids; rows without one cannot be matched to anything, so they are logged and left out."""
-    frame["image"] = frame["image"].str.strip()
-    blank = frame["image"].isna() | (frame["image"] == "")
-    if blank.any():
-        log.warning(
-            "%s: %d row(s) with an empty image id ignored (data rows %s)",
-            path,
-            blank.sum(),
-            ", ".join(str(i + 1) for i in frame.index[blank][:20]),
-        )
-    return frame[~blank].reset_index(drop=True)
-
-
-def _read_metadata(path: str | Path) -> pd.DataFrame:
-    text_columns = {c: str for c in ("image", "lesion_id", "patient_id", "anatom_site_general", "sex")}
-    meta = _read_csv(path, dtype=text_columns)
-    if "image" not in meta.columns:
-        raise DataFileError(path, f"metadata CSV has no 'image' column (columns: {list(meta.columns)})")
-    meta = _drop_blank_ids(meta, path)
-    if "age_approx" in meta.columns:
-        meta["age_approx"] = pd.to_numeric(meta["age_approx"], errors="coerce")
-    return meta
-
-
 def _labels(gt: pd.DataFrame) -> pd.DataFrame:
     """Per ground-truth row: the positive classes, and the cells that are not a one-hot 0.0 or 1.0.
 
@@ -196,8 +156,8 @@ def _unreadable(err: SourceError) -> dict:
     return {"sha256": None, "bytes": None, "reason": err.reason, "detail": err.detail}
 
 
-def _inspect_files(source: ImageSource, members: list[str], *, max_pixels: int) -> dict[str, dict]:
-    """inspect_image() over `members`: bytes are read here in order (zip entry by entry), decoded in threads.
+def _inspect_files(source, members: list[str], *, max_pixels: int) -> dict[str, dict]:
+    """inspect_image() over `members` of `source` (sources.open_images): bytes are read here in order (zip entry by entry), decoded in threads.
 
     PIL and hashlib release the GIL, so threads decode in parallel. Files waiting for a thread hold at most
     `workers` x max_bytes (and 4 per worker), so memory stays bounded whatever the files declare.
@@ -238,40 +198,64 @@ def _first(value):
     return None if value is None or (not isinstance(value, str) and pd.isna(value)) else value
 
 
+def _duplicate_groups(pairs: list[tuple[str, str]]) -> dict[str, str]:
+    """image -> the smallest image id of its duplicate pairs' component (only images in some pair)."""
+    if not pairs:
+        return {}
+    ids = sorted({i for pair in pairs for i in pair})
+    groups = connected_groups(pd.DataFrame({"image_id": ids}), [], pairs)
+    names = pd.DataFrame({"image": ids, "group": groups}).groupby("group")["image"].transform("min")
+    return dict(zip(ids, names, strict=True))
+
+
 def run_ingest(
     *,
-    ground_truth: str | Path,
-    metadata: str | Path,
-    images: str | Path,
+    images: str | Path | list[str],
     manifest_out: str | Path,
     quarantine_out: str | Path,
     max_pixels: int,
+    source: str = "isic2019",
+    labels: str | Path | None = None,
+    metadata: str | Path | None = None,
+    duplicates: str | Path | None = None,
+    extra_metadata: str | Path | None = None,
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
     synthetic: bool = False,
 ) -> pd.DataFrame:
-    """Check every listed and present image; write the manifest and quarantine.csv; return the manifest.
+    """Check every listed and present image of `source` (datasets.py: its label file, ISIC 2019's metadata CSV,
+    ISIC 2020's duplicates list; one image folder or zip, or several); write the manifest and quarantine.csv;
+    return the manifest. `extra_metadata`: a CSV keyed by image id whose patient and lesion ids (and other
+    metadata fields) join onto the source's (datasets.join_extra).
 
     An input file that cannot be parsed at all (a CSV, the zip) stops the run with a DataFileError naming it.
     """
     if synthetic:
         log.warning(SYNTHETIC_BANNER)
-    gt = _read_ground_truth(ground_truth)
-    meta = _read_metadata(metadata)
-    log.info("ground truth: %d rows (%s); metadata: %d rows (%s)", len(gt), ground_truth, len(meta), metadata)
+    labels = labels or default_labels(source, images)
+    paths = {"labels": labels, "metadata": metadata, "duplicates": duplicates}
+    tables = read_source(source, {k: v for k, v in paths.items() if v is not None})
+    gt, meta = tables.gt, tables.meta
+    log.info("%s labels: %d rows (%s); metadata: %d rows", source, len(gt), labels, len(meta))
+    conflicts: dict[str, tuple[str, str]] = {}
+    if extra_metadata is not None:
+        meta, conflicts = join_extra(meta, extra_metadata)
+    for image, problem in lesion_conflicts(meta).items():
+        conflicts.setdefault(image, problem)
+    duplicate_of = _duplicate_groups(tables.pairs)
 
     gt_rows = gt["image"].value_counts().to_dict()
     meta_rows = meta["image"].value_counts().to_dict()
-    labels = _labels(gt).drop_duplicates("image").set_index("image")
-    positives, invalid = labels["positives"].to_dict(), labels["invalid"].to_dict()
+    labels_of = _labels(gt).drop_duplicates("image").set_index("image")
+    positives, invalid = labels_of["positives"].to_dict(), labels_of["invalid"].to_dict()
     meta_first = meta.drop_duplicates("image").set_index("image").to_dict("index")
 
-    with ImageSource(Path(images), max_bytes=max_file_bytes) as source:
-        listing = list(source.members())
+    with open_images(images, max_bytes=max_file_bytes) as container:
+        listing = list(container.members())
         files: dict[str, list[str]] = {}
         for member, image_id in listing:
             files.setdefault(image_id, []).append(member)
         refused: dict[str, tuple[str, str, str]] = {}
-        for name, reason, detail in source.refused:
+        for name, reason, detail in container.refused:
             image_id = image_id_of(name)
             if image_id is None:
                 log.warning(
@@ -279,21 +263,21 @@ def run_ingest(
                 )
             else:
                 refused.setdefault(image_id, (name, reason, detail))
-        if source.ignored:
+        if container.ignored:
             log.info(
                 "%d non-image file(s) in %s, not in the manifest: %s",
-                len(source.ignored),
+                len(container.ignored),
                 images,
-                ", ".join(source.ignored),
+                ", ".join(container.ignored[:50]) + (" ..." if len(container.ignored) > 50 else ""),
             )
         log.info(
             "%d image file(s) in %s, %d refused (unsafe zip entries, links out of the folder)",
             len(listing),
             images,
-            len(source.refused),
+            len(container.refused),
         )
         to_decode = sorted(members[0] for image_id, members in files.items() if image_id not in refused)
-        inspected = _inspect_files(source, to_decode, max_pixels=max_pixels)
+        inspected = _inspect_files(container, to_decode, max_pixels=max_pixels)
 
     rows = []
     for image_id in sorted(set(gt_rows) | set(meta_rows) | set(files) | set(refused)):
@@ -307,6 +291,8 @@ def run_ingest(
         if image_id not in gt_rows:
             where = "a file" if members else "only a metadata row"
             problems.append(("no_label_row", f"{where}, no row in the ground truth"))
+        elif image_id in tables.problems:  # an unmapped diagnosis, a label the source contradicts
+            problems.append(tables.problems[image_id])
         else:
             classes = positives[image_id]
             if invalid[image_id]:
@@ -321,6 +307,8 @@ def run_ingest(
                 problems.append(("no_label", "no positive class in the ground-truth row"))
             elif len(classes) > 1:
                 problems.append(("multiple_labels", f"positive for {', '.join(classes)}"))
+        if image_id in conflicts:
+            problems.append(conflicts[image_id])
         if not members and image_id not in refused:
             problems.append(("missing_file", "no image file with this id"))
         if len(members) > 1:
@@ -332,7 +320,6 @@ def run_ingest(
         classes = positives.get(image_id, []) if not invalid.get(image_id) else []
         fields = meta_first.get(image_id, {})
         record = {f: _first(fields.get(f)) for f in METADATA_FIELDS}
-        group = record["patient_id"] or record["lesion_id"] or image_id
         reason, detail = problems[0] if problems else (None, None)
         rows.append(
             {
@@ -344,20 +331,33 @@ def run_ingest(
                 **{k: info.get(k) for k in ("sha256", "bytes", "width", "height", "mode", "format")},
                 "label": classes[0] if len(classes) == 1 else None,
                 **record,
-                "group_id": group,
+                "group_id": None,  # below: the connected components of shared patients, lesions, duplicates
+                "duplicate_group": duplicate_of.get(image_id),
                 "synthetic": bool(synthetic),
             }
         )
     if not rows:
-        raise ValueError(f"no image listed in {ground_truth} or {metadata}, and none found in {images}")
+        raise ValueError(f"no image listed in {labels} or {metadata}, and none found in {images}")
 
+    frame = pd.DataFrame(rows)
+    for row, group in zip(
+        rows, connected_groups(frame, ["patient_id", "lesion_id", "duplicate_group"], ()), strict=True
+    ):
+        row["group_id"] = group
     schema = MANIFEST_SCHEMA
+    # No column rather than an all-null one: the split links images by the id columns that exist.
     if "patient_id" not in meta.columns:
-        # No column rather than an all-null one: the split takes the first group column that exists.
         schema = schema.remove(schema.get_field_index("patient_id"))
+    if not duplicate_of:
+        schema = schema.remove(schema.get_field_index("duplicate_group"))
     table = pa.Table.from_pylist(rows, schema=schema)
     table = table.replace_schema_metadata(
-        {"images": str(images), "max_pixels": str(max_pixels), "synthetic": str(bool(synthetic))}
+        {
+            "source": source,
+            "images": ";".join(image_paths(images)),
+            "max_pixels": str(max_pixels),
+            "synthetic": str(bool(synthetic)),
+        }
     )
     Path(manifest_out).parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, manifest_out)

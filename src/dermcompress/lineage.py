@@ -548,7 +548,10 @@ def _manifest(nodes: list[Node], workdir: Path) -> tuple[Any, Path | None]:
                 frame = pd.read_parquet(manifest, columns=["image_id", "sha256", "member"])
             except (OSError, ValueError, KeyError):  # damaged: its own hash check reports it
                 return None, None
-            return frame.set_index("image_id"), node.resolve(inputs["images"])
+            # Several image folders or zips (HAM10000's two parts): the folder that holds them.
+            parts = [node.resolve(i["path"]) for i in node.record["inputs"] if i["name"] == "images"]
+            source = parts[0] if len(parts) == 1 else Path(os.path.commonpath(parts))
+            return frame.set_index("image_id"), source
     return None, None
 
 

@@ -16,7 +16,7 @@ import os
 import stat
 import zipfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -241,3 +241,57 @@ class ImageSource:
         if len(data) > self.max_bytes:
             raise self._too_large(member, f"more than {self.max_bytes}")
         return data
+
+
+class ImageSources:
+    """Several image folders or zips read as one (HAM10000's two parts): a member is named
+    `<folder or zip name>/<its member>`, and each part keeps ImageSource's refusals and bounds."""
+
+    def __init__(self, paths: list[str | Path], max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self.parts: dict[str, ImageSource] = {}
+        for path in paths:
+            name = Path(path).name
+            if name in self.parts:
+                raise ValueError(f"two image sources named {name!r}: {paths}")
+            self.parts[name] = ImageSource(Path(path), max_bytes=max_bytes)
+        self.refused: list[tuple[str, str, str]] = []
+        self.ignored: list[str] = []
+
+    def __enter__(self) -> ImageSources:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for part in self.parts.values():
+            part.close()
+
+    def members(self) -> Iterator[tuple[str, str]]:
+        """Yield (member, image_id) for every image file of every part, part by part; fills refused/ignored."""
+        self.refused, self.ignored = [], []
+        for name, part in self.parts.items():
+            for member, image_id in part.members():
+                yield f"{name}/{member}", image_id
+            self.refused += [(f"{name}/{n}", reason, detail) for n, reason, detail in part.refused]
+            self.ignored += [f"{name}/{n}" for n in part.ignored]
+
+    def read(self, member: str) -> bytes:
+        name, _, inner = member.partition("/")
+        if name not in self.parts:
+            raise KeyError(f"{member!r} is in none of the image sources {sorted(self.parts)}")
+        return self.parts[name].read(inner)
+
+
+def image_paths(images: str | Path | Sequence[str | Path]) -> tuple[str, ...]:
+    """A rule's `images` input (one folder or zip, or several) as a tuple of paths."""
+    return (str(images),) if isinstance(images, str | Path) else tuple(str(p) for p in images)
+
+
+def open_images(images: str | Path | Sequence[str | Path], max_bytes: int = DEFAULT_MAX_FILE_BYTES):
+    """ImageSource for one folder or zip, ImageSources for several; both list, read and refuse alike."""
+    paths = image_paths(images)
+    if len(paths) == 1:
+        return ImageSource(Path(paths[0]), max_bytes=max_bytes)
+    return ImageSources(list(paths), max_bytes=max_bytes)

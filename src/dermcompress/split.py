@@ -18,36 +18,36 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
+from dermcompress.groups import connected_groups, id_counts
+
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 COLUMNS = ["image_id", "group_id", "label", "split"]
+# Written by ingest for a listed duplicate pair (ISIC 2020): the smallest image id of the pair's component.
+DUPLICATE_GROUP = "duplicate_group"
+ID_COLUMNS = ("patient_id", "lesion_id")
 # More folds give finer fractions (k/MAX_FOLDS) at a cost linear in folds x groups; 20 resolves 0.05 exactly.
 MAX_FOLDS = 20
 
 
 def group_ids(task: pd.DataFrame, group_columns: list[str]) -> tuple[pd.Series, str]:
-    """(group id per row, column used): the first of `group_columns` present in `task`.
-
-    A row with no value there (null or blank) is its own group, named by its image_id.
+    """(group id per row, the link columns used joined by '+'): the connected components of the images that
+    share a value of any of `group_columns` present in `task`, or a `duplicate_group` (groups.py). With one
+    such column the groups are its values, as before; an image with no value in any is its own group.
     """
-    column = next((c for c in group_columns if c in task.columns), None)
-    if column is None:
+    columns = [c for c in group_columns if c in task.columns]
+    if not columns:
         raise ValueError(
             f"none of the group columns {list(group_columns)} is in the task table "
             f"(columns: {list(task.columns)})"
         )
-    values = task[column].astype("string").str.strip().fillna("")
-    missing = (values == "").to_numpy()
-    ids = np.where(missing, task["image_id"].astype(str).to_numpy(), values.to_numpy(dtype=object))
-    if missing.all():
-        later = [c for c in group_columns[group_columns.index(column) + 1 :] if c in task.columns]
+    links = [*columns, *([DUPLICATE_GROUP] if DUPLICATE_GROUP in task.columns else [])]
+    if all(task[c].astype("string").str.strip().fillna("").eq("").all() for c in links):
         logger.warning(
-            "group column %r is empty in every row, so every image is its own group%s",
-            column,
-            f" (later columns {later} were not used)" if later else "",
+            "group columns %s are empty in every row, so every image is its own group", list(columns)
         )
-    return pd.Series(ids, index=task.index, dtype=str), column
+    return connected_groups(task, links), "+".join(columns)
 
 
 def _fold_plan(fraction: float, max_folds: int) -> tuple[int, int]:
@@ -197,11 +197,17 @@ def run_split(
         frame, group_columns=group_columns, test_fraction=test_fraction, val_fraction=val_fraction, seed=seed
     )
     report = split_report(splits)
+    ids = splits.merge(frame[["image_id", *(c for c in ID_COLUMNS if c in frame.columns)]], on="image_id")
+    # Patients, lesions and groups per split, and how many are found in two splits: all 0, or a leak.
+    report["ids"] = id_counts(ids, [*ID_COLUMNS, "group_id"])
+    leaked = {c: v["shared_across_splits"] for c, v in report["ids"].items() if v["shared_across_splits"]}
     report["requested"] = {"test_fraction": test_fraction, "val_fraction": val_fraction, "seed": seed}
     logger.info("split report:\n%s", json.dumps(report, indent=2))
     # Defensive: grouped_split cannot share a group, but a leak would silently inflate every test score.
-    if report["groups_shared_across_splits"]:
-        raise RuntimeError(f"{report['groups_shared_across_splits']} group(s) appear in more than one split")
+    if report["groups_shared_across_splits"] or leaked:
+        raise RuntimeError(
+            f"ids found in more than one split: {leaked or report['groups_shared_across_splits']}"
+        )
 
     splits = splits.sort_values("image_id").reset_index(drop=True)[COLUMNS]
     for path in (splits_out, report_out):

@@ -357,16 +357,17 @@ def _clear_previous(out: Path) -> None:
 
 
 class _Writer:
-    """Writes image-folder members either as files or as zip entries with fixed metadata."""
+    """Writes an image container's members either as files of a folder or as entries of a zip (under
+    `prefix/`, with fixed metadata so the zip is byte-identical between runs)."""
 
-    def __init__(self, out: Path, as_zip: bool) -> None:
-        self.archive = None
-        if as_zip:
-            self.archive = zipfile.ZipFile(out / IMAGES_ZIP, "w")
-            self._entry(f"{IMAGES_DIR}/", b"")
+    def __init__(self, folder: Path, archive: Path | None = None, prefix: str | None = None) -> None:
+        self.archive, self.prefix, self.folder = None, prefix, folder
+        if archive is not None:
+            self.archive = zipfile.ZipFile(archive, "w")
+            if prefix:
+                self._entry(f"{prefix}/", b"")
         else:
-            self.folder = out / IMAGES_DIR
-            self.folder.mkdir(parents=True)
+            self.folder.mkdir(parents=True, exist_ok=True)
         self.bytes = 0
 
     def _entry(self, name: str, data: bytes, compress: int = zipfile.ZIP_STORED) -> None:
@@ -379,37 +380,41 @@ class _Writer:
     def write(self, name: str, data: bytes) -> None:
         self.bytes += len(data)
         if self.archive is None:
+            (self.folder / name).parent.mkdir(parents=True, exist_ok=True)
             (self.folder / name).write_bytes(data)
         else:  # JPEGs do not deflate; text does
             compress = zipfile.ZIP_STORED if name.endswith(".jpg") else zipfile.ZIP_DEFLATED
-            self._entry(f"{IMAGES_DIR}/{name}", data, compress)
+            self._entry(f"{self.prefix}/{name}" if self.prefix else name, data, compress)
 
     def close(self) -> None:
         if self.archive is not None:
             self.archive.close()
 
 
-def make_synthetic(out: Path, *, n: int, seed: int, as_zip: bool = False) -> Path:
-    """Write a synthetic ISIC 2019 training set of `n` images into `out` (created); return `out`.
+@dataclass
+class Plan:
+    """The images of a synthetic set: (image id, its lesion, its slot) in draw order, and each image's row of
+    the ISIC 2019 ground truth and metadata (the other layouts derive theirs from the same)."""
 
-    Files: ISIC_2019_Training_Input/ (or ISIC_2019_Training_Input.zip), ISIC_2019_Training_GroundTruth.csv,
-    ISIC_2019_Training_Metadata.csv. Deterministic: the same (n, seed) gives byte-identical files.
-    """
+    lesions: list[Lesion]
+    slots: list[tuple[str, Lesion, int]]
+    gt_rows: list[dict]
+    meta_rows: list[dict]
+
+
+def plan_images(n: int, seed: int) -> Plan:
+    """Lesions, image ids and the rows of both CSVs, from (n, seed) alone."""
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    _clear_previous(out)
     rng = np.random.default_rng(seed)
     lesions = _plan_lesions(n, rng)
     numbers = rng.choice(73_255, size=n, replace=False)  # real ids run ISIC_0000000..ISIC_0073254
-
-    gt_rows, meta_rows, image_slots = [], [], []
+    gt_rows, meta_rows, slots = [], [], []
     slot = 0
     for lesion in lesions:
         for _ in range(lesion.size):
             image_id = f"ISIC_{numbers[slot]:07d}" + ("_downsampled" if lesion.downsampled else "")
-            image_slots.append((image_id, lesion, slot))
+            slots.append((image_id, lesion, slot))
             gt_rows.append({"image": image_id, **{c: float(c == lesion.label) for c in GT_COLUMNS[1:]}})
             age = lesion.age if rng.random() > 0.017 else None  # ~1.7% of real rows have no age
             meta_rows.append(
@@ -422,45 +427,68 @@ def make_synthetic(out: Path, *, n: int, seed: int, as_zip: bool = False) -> Pat
                 }
             )
             slot += 1
-    gt = pd.DataFrame(gt_rows, columns=GT_COLUMNS).sort_values("image")
-    meta = pd.DataFrame(meta_rows, columns=METADATA_COLUMNS).sort_values("image")
+    return Plan(lesions, slots, gt_rows, meta_rows)
+
+
+def render_images(plan: Plan, seed: int, writer_of, name_of=lambda image_id: image_id) -> None:
+    """Draw and encode every image of `plan` into `writer_of(image_id)` as `<name_of(image_id)>.jpg`."""
+    shapes = {
+        lesion.index: _shape_params(LOOKS[lesion.label], np.random.default_rng([seed, 1, lesion.index]))
+        for lesion in plan.lesions
+    }
+
+    def render(item: tuple[str, Lesion, int]) -> tuple[str, bytes]:
+        image_id, lesion, slot = item  # each image has its own generator: threads cannot change the bytes
+        image_rng = np.random.default_rng([seed, 2, slot])
+        rgb = _draw(LOOKS[lesion.label], shapes[lesion.index], lesion.image_size, lesion.source, image_rng)
+        return image_id, _encode(rgb)
+
+    todo = sorted(plan.slots, key=lambda item: item[0])
+    # OpenCV and numpy release the GIL, so threads draw and encode in parallel; files are written in order, a
+    # chunk at a time to bound memory.
+    with (
+        ThreadPoolExecutor(max_workers=_workers()) as pool,
+        tqdm(total=len(todo), desc="synth", unit="img", mininterval=5) as bar,
+    ):
+        for start in range(0, len(todo), 64):
+            for image_id, data in pool.map(render, todo[start : start + 64]):
+                writer_of(image_id).write(f"{name_of(image_id)}.jpg", data)
+                bar.update()
+
+
+def make_synthetic(out: Path, *, n: int, seed: int, as_zip: bool = False, source: str = "isic2019") -> Path:
+    """Write a synthetic training set of `n` images into `out` (created) in `source`'s layout; return `out`.
+
+    isic2019: ISIC_2019_Training_Input/ (or ISIC_2019_Training_Input.zip), ISIC_2019_Training_GroundTruth.csv,
+    ISIC_2019_Training_Metadata.csv; the other layouts: synth_layouts.py. Deterministic: the same (n, seed,
+    source) gives byte-identical files.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    plan = plan_images(n, seed)
+    if source != "isic2019":
+        from dermcompress.synth_layouts import write_layout
+
+        write_layout(source, out, plan, seed=seed, as_zip=as_zip)
+        return out
+    _clear_previous(out)
+    gt = pd.DataFrame(plan.gt_rows, columns=GT_COLUMNS).sort_values("image")
+    meta = pd.DataFrame(plan.meta_rows, columns=METADATA_COLUMNS).sort_values("image")
     meta["age_approx"] = meta["age_approx"].astype(float)
     gt.to_csv(out / GROUND_TRUTH, index=False, lineterminator="\n")
     meta.to_csv(out / METADATA, index=False, lineterminator="\n")
 
-    shapes = {
-        lesion.index: _shape_params(LOOKS[lesion.label], np.random.default_rng([seed, 1, lesion.index]))
-        for lesion in lesions
-    }
-    writer = _Writer(out, as_zip)
+    writer = _Writer(out / IMAGES_DIR, out / IMAGES_ZIP if as_zip else None, IMAGES_DIR)
     try:
         writer.write(DOC_FILES[0], ATTRIBUTION.encode())
         writer.write(DOC_FILES[1], LICENSE.encode())
-
-        def render(item: tuple[str, Lesion, int]) -> tuple[str, bytes]:
-            image_id, lesion, slot = item  # each image has its own generator: threads cannot change the bytes
-            image_rng = np.random.default_rng([seed, 2, slot])
-            rgb = _draw(
-                LOOKS[lesion.label], shapes[lesion.index], lesion.image_size, lesion.source, image_rng
-            )
-            return f"{image_id}.jpg", _encode(rgb)
-
-        todo = sorted(image_slots, key=lambda item: item[0])
-        # OpenCV and numpy release the GIL, so threads draw and encode in parallel; files are written in
-        # order, a chunk at a time to bound memory.
-        with (
-            ThreadPoolExecutor(max_workers=_workers()) as pool,
-            tqdm(total=n, desc="synth", unit="img", mininterval=5) as bar,
-        ):
-            for start in range(0, n, 64):
-                for name, data in pool.map(render, todo[start : start + 64]):
-                    writer.write(name, data)
-                    bar.update()
+        render_images(plan, seed, lambda _: writer)
     finally:
         writer.close()
 
-    labels = Counter(lesion.label for _, lesion, _ in image_slots)
-    sources = Counter(lesion.source for _, lesion, _ in image_slots)
+    slots = plan.slots
+    labels = Counter(lesion.label for _, lesion, _ in slots)
+    sources = Counter(lesion.source for _, lesion, _ in slots)
     log.info(
         "wrote %d synthetic images (%.1f MB) in %s to %s",
         n,
@@ -471,9 +499,9 @@ def make_synthetic(out: Path, *, n: int, seed: int, as_zip: bool = False) -> Pat
     log.info("classes: %s", ", ".join(f"{c} {labels.get(c, 0)}" for c in ISIC_CLASSES))
     log.info(
         "%d lesions (%d images without lesion_id), %d _downsampled; sources: %s",
-        len(lesions),
-        sum(lesion.lesion_id is None for _, lesion, _ in image_slots),
-        sum(lesion.downsampled for _, lesion, _ in image_slots),
+        len(plan.lesions),
+        sum(lesion.lesion_id is None for _, lesion, _ in slots),
+        sum(lesion.downsampled for _, lesion, _ in slots),
         ", ".join(f"{s} {k}" for s, k in sorted(sources.items())),
     )
     log.info("wrote %s and %s (%d rows each)", GROUND_TRUTH, METADATA, n)

@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from dermcompress import config as dc_config
-from dermcompress import experiments, fingerprint, lineage, resize, runs, sources
+from dermcompress import datasets, experiments, fingerprint, lineage, resize, runs, sources
 from dermcompress.fingerprint import code_fingerprint
 from snakemake_interface_executor_plugins.settings import DeploymentMethod
 
@@ -11,8 +11,11 @@ from snakemake_interface_executor_plugins.settings import DeploymentMethod
 SCHEMA = Path(workflow.basedir) / "workflow/schemas/config.schema.yaml"
 dc_config.check(config, schema=SCHEMA)
 
+SOURCE = config["data"]["source"]
 SYNTHETIC = config["data"]["isic_root"] is None
-ISIC_ROOT = "results/data/synthetic" if SYNTHETIC else config["data"]["isic_root"]
+# The synthetic stand-in of ISIC 2019 sits in results/data/synthetic/, of another source in a folder of its own.
+SYNTHETIC_ROOT = "results/data/synthetic" + ("" if SOURCE == "isic2019" else f"/{SOURCE}")
+ISIC_ROOT = SYNTHETIC_ROOT if SYNTHETIC else config["data"]["isic_root"]
 RESOLUTIONS = [int(r) for r in config["resize"]["resolutions"]]
 VARIANTS = list(config["degrade"]["variants"])
 # The variants the degrade rule makes (clean is the resize rule's output); a pattern that matches nothing if none.
@@ -72,10 +75,20 @@ def get_data_threads(wildcards, input):
 
 
 def get_raw_inputs():
-    """The official files: ground truth, metadata and the image folder or zip (or the synthetic ones)."""
-    if SYNTHETIC:
-        return sources.official_paths(ISIC_ROOT, prefer="folder")
-    return sources.official_paths(ISIC_ROOT)
+    """The data source's files (datasets.source_paths: label file, metadata, duplicates list, image folders or
+    zips), or the synthetic ones; and data.extra_metadata when it names a CSV."""
+    inputs = datasets.source_paths(SOURCE, ISIC_ROOT, synthetic=SYNTHETIC)
+    if config["data"].get("extra_metadata"):
+        inputs["extra_metadata"] = config["data"]["extra_metadata"]
+    return inputs
+
+
+def get_synth_outputs():
+    """What the synth rule writes: the source's files in its layout, image folders as directories."""
+    paths = datasets.source_paths(SOURCE, SYNTHETIC_ROOT, synthetic=True)
+    images = paths.pop("images")
+    folders = [images] if isinstance(images, str) else images
+    return paths | {f"images_{i}": directory(f) for i, f in enumerate(folders)}
 
 
 def get_degrade_input(wildcards):

@@ -4,9 +4,7 @@
 
 rule synth:
     output:
-        ground_truth="results/data/synthetic/ISIC_2019_Training_GroundTruth.csv",
-        metadata="results/data/synthetic/ISIC_2019_Training_Metadata.csv",
-        images=directory("results/data/synthetic/ISIC_2019_Training_Input"),
+        **get_synth_outputs(),
     log:
         "results/logs/synth.log",
     benchmark:
@@ -14,6 +12,8 @@ rule synth:
     conda:
         "../../envs/data.yaml"
     params:
+        root=SYNTHETIC_ROOT,
+        source=SOURCE,
         n=config["data"]["synthetic"]["n"],
         seed=config["data"]["synthetic"]["seed"],
         code=get_code("synth"),
@@ -34,6 +34,7 @@ rule ingest:
     conda:
         "../../envs/data.yaml"
     params:
+        source=SOURCE,
         max_pixels=config["data"]["max_pixels"],
         max_file_bytes=config["data"]["max_file_bytes"],
         synthetic=SYNTHETIC,

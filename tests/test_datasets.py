@@ -1,0 +1,180 @@
+"""The data sources (datasets.py): each synthetic layout ingested for real, diagnosis tables, patient and
+lesion grouping as connected components, the extra-metadata join and its conflicts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from dermcompress import datasets
+from dermcompress.ingest import run_ingest
+from dermcompress.sources import DataFileError
+from dermcompress.split import run_split
+from dermcompress.synth import make_synthetic
+
+N, SEED = 60, 2
+BIG = 89_478_485
+
+
+def ingest(source: str, root: Path, out: Path, **kwargs) -> pd.DataFrame:
+    paths = datasets.source_paths(source, root)
+    return run_ingest(
+        source=source,
+        **paths,
+        manifest_out=out / "manifest.parquet",
+        quarantine_out=out / "quarantine.csv",
+        max_pixels=BIG,
+        **kwargs,
+    )
+
+
+@pytest.fixture(
+    scope="module",
+    params=[
+        ("isic2020", False),
+        ("isic2020", True),
+        ("ham10000", False),
+        ("ham10000", True),
+        ("isic_archive", False),
+    ],
+    ids=lambda p: f"{p[0]}-{'zip' if p[1] else 'folder'}",
+)
+def layout(request, tmp_path_factory):
+    source, as_zip = request.param
+    root = make_synthetic(
+        tmp_path_factory.mktemp(source) / "raw", n=N, seed=SEED, as_zip=as_zip, source=source
+    )
+    out = tmp_path_factory.mktemp(f"{source}-out")
+    return source, root, ingest(source, root, out), out
+
+
+def test_every_layout_lists_every_image_once_with_a_study_class_or_a_reason(layout):
+    source, _, manifest, out = layout
+    assert len(manifest) == N and manifest["image_id"].is_unique
+    ok = manifest["status"] == "ok"
+    assert manifest.loc[ok, "label"].isin(["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC"]).all()
+    assert manifest.loc[ok, "sha256"].str.len().eq(64).all()
+    quarantined = pd.read_csv(out / "quarantine.csv")
+    assert set(quarantined["image_id"]) == set(manifest.loc[~ok, "image_id"])
+    # A class the source has no name for (ISIC 2020: BCC, AK, ...; HAM10000: SCC) is unmapped, not guessed.
+    expected = {"isic2020": {"MEL", "NV", "BKL"}, "ham10000": {"MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC"}}
+    unmapped = manifest["reason"] == "unmapped_diagnosis"
+    assert set(manifest.loc[~ok, "reason"]) <= {"unmapped_diagnosis"}
+    if source in expected:
+        assert set(manifest.loc[ok, "label"]) <= expected[source] and unmapped.any()
+        assert manifest.loc[unmapped, "detail"].str.contains("none of the study's classes").all()
+
+
+def test_patients_lesions_and_listed_duplicates_each_stay_in_one_group(layout):
+    source, root, manifest, _ = layout
+    for column in ("patient_id", "lesion_id", "duplicate_group"):
+        if column in manifest.columns:
+            known = manifest.dropna(subset=[column])
+            assert (known.groupby(column)["group_id"].nunique() == 1).all(), column
+    if source == "isic2020":  # every listed pair: one group, the same duplicate_group
+        pairs = pd.read_csv(root / datasets.DUPLICATES_2020)
+        by_id = manifest.set_index("image_id")
+        for a, b in zip(pairs["image_name_1"], pairs["image_name_2"], strict=True):
+            assert by_id.loc[a, "group_id"] == by_id.loc[b, "group_id"]
+            assert by_id.loc[a, "duplicate_group"] == by_id.loc[b, "duplicate_group"] == min(a, b)
+    if source == "ham10000":  # two image containers, members named by their part
+        parts = manifest["member"].str.split("/").str[0]
+        assert set(parts) == {
+            p + (".zip" if Path(root / p).with_suffix(".zip").exists() else "") for p in datasets.IMAGES_HAM
+        }
+    if source == "isic_archive":  # patient ids for some images only: still one group per patient
+        assert manifest["patient_id"].isna().any() and manifest["patient_id"].notna().any()
+
+
+def test_the_split_report_counts_patients_lesions_and_groups_and_none_is_shared(layout, tmp_path):
+    source, _, manifest, _ = layout
+    task = manifest[manifest["status"] == "ok"].assign(label_idx=0)
+    task.to_parquet(tmp_path / "task.parquet")
+    report = run_split(
+        task=tmp_path / "task.parquet",
+        splits_out=tmp_path / "splits.parquet",
+        report_out=tmp_path / "report.json",
+        group_columns=["patient_id", "lesion_id"],
+        test_fraction=0.2,
+        val_fraction=0.1,
+        seed=0,
+    )
+    on_disk = json.loads((tmp_path / "report.json").read_text())
+    assert on_disk["ids"] == report["ids"]
+    for column, counts in report["ids"].items():
+        assert counts["shared_across_splits"] == 0, column
+        assert sum(counts["per_split"].values()) == counts["total"]
+    assert ("patient_id" in report["ids"]) == (source != "ham10000")  # HAM10000 names lesions only
+    assert report["ids"]["group_id"]["total"] == report["n_groups"]
+
+
+def test_archive_diagnoses_map_by_their_longest_known_prefix():
+    cls = datasets.archive_class
+    melanoma = "Malignant:Malignant melanocytic proliferations (Melanoma)"
+    assert cls(melanoma) == cls(f"{melanoma}:Melanoma in situ") == "MEL"
+    assert cls("Benign:Benign melanocytic proliferations:Nevus:Nevus, Spitz") == "NV"
+    assert cls("Malignant:Malignant epidermal proliferations:Squamous cell carcinoma, NOS") == "SCC"
+    assert cls("Benign:Benign melanocytic proliferations:Lentigo simplex") is None  # no study class
+    assert cls("Benign:Not a node of the hierarchy") is None  # not isic-metadata's: never guessed
+    row = pd.Series({"diagnosis": "Nevus"})  # an older export: a terminal value, expanded by isic-metadata
+    assert datasets.archive_diagnosis(row) == "Benign:Benign melanocytic proliferations:Nevus"
+
+
+def test_isic2020_target_that_contradicts_the_diagnosis_is_invalid(tmp_path):
+    root = make_synthetic(tmp_path / "raw", n=N, seed=SEED, source="isic2020")
+    gt = pd.read_csv(root / datasets.GT_2020_V2)
+    nevus = gt.index[gt["diagnosis"] == "nevus"][0]
+    gt.loc[nevus, "target"] = 1
+    gt.to_csv(root / datasets.GT_2020_V2, index=False)
+    manifest = ingest("isic2020", root, tmp_path).set_index("image_id")
+    row = manifest.loc[gt.loc[nevus, "image_name"]]
+    assert (row["reason"], row["detail"]) == ("invalid_label", "diagnosis 'nevus' but target '1'")
+
+
+def test_extra_metadata_joins_patients_and_quarantines_what_contradicts(tmp_path):
+    """ISIC 2019 names no patients: an extra CSV (isic-cli's metadata.csv keyed by isic_id) gives two lesions
+    one patient, so their images become one group; an image given another lesion than its own, and every image
+    of a lesion given two patients, are quarantined as metadata_conflict."""
+    root = make_synthetic(tmp_path / "raw", n=N, seed=SEED)
+    meta = pd.read_csv(root / "ISIC_2019_Training_Metadata.csv")
+    lesions = meta.dropna(subset=["lesion_id"]).groupby("lesion_id")["image"].apply(list)
+    multi = [lesion for lesion, images in lesions.items() if len(images) > 1]
+    a, b, torn = multi[0], multi[1], multi[2]
+    rows = [{"isic_id": i, "patient_id": "IP_SHARED"} for i in lesions[a] + lesions[b]]
+    rows += [
+        {"isic_id": lesions[torn][0], "patient_id": "IP_ONE"},
+        {"isic_id": lesions[torn][1], "patient_id": "IP_TWO"},
+    ]
+    moved = meta.dropna(subset=["lesion_id"]).iloc[-1]
+    rows.append({"isic_id": moved["image"], "lesion_id": "IL_SOMEWHERE_ELSE"})
+    rows.append(
+        {"isic_id": "ISIC_9999999", "patient_id": "IP_NOT_IN_THE_SOURCE"}
+    )  # ignored: not an image here
+    pd.DataFrame(rows).to_csv(tmp_path / "extra.csv", index=False)
+
+    manifest = ingest("isic2019", root, tmp_path / "out", extra_metadata=tmp_path / "extra.csv")
+    by_id = manifest.set_index("image_id")
+    assert len(manifest) == N and "ISIC_9999999" not in by_id.index
+    assert set(by_id.loc[lesions[a] + lesions[b], "group_id"]) == {"IP_SHARED"}
+    conflict = by_id[by_id["reason"] == "metadata_conflict"]
+    assert set(lesions[torn]) <= set(conflict.index)
+    assert conflict.loc[lesions[torn][0], "detail"] == f"lesion {torn!r} is given patients IP_ONE, IP_TWO"
+    assert (
+        "lesion_id" in conflict.loc[moved["image"], "detail"]
+        and "extra.csv" in conflict.loc[moved["image"], "detail"]
+    )
+
+
+def test_a_missing_source_file_and_a_bad_extra_csv_are_named(tmp_path):
+    with pytest.raises(
+        FileNotFoundError, match=r"data.source 'isic2020'.*train, ISIC_2020_Training_JPEG.zip"
+    ):
+        datasets.source_paths("isic2020", tmp_path)
+    with pytest.raises(ValueError, match=r"data\.source 'other'"):
+        datasets.source_paths("other", tmp_path)
+    (tmp_path / "extra.csv").write_text("name,patient_id\nISIC_1,IP_1\n")
+    with pytest.raises(DataFileError, match=r"extra.csv: no image id column"):
+        datasets.join_extra(pd.DataFrame({"image": ["ISIC_1"]}), tmp_path / "extra.csv")
