@@ -18,6 +18,13 @@ validate(config, "workflow/schemas/config.schema.yaml")
 report: "workflow/report/workflow.rst"
 
 
+# How many jobs ingest and each resolution's resize are scattered over: 1 unless a profile says
+# `set-scatter: [ingest=N, resize=N]` (workflow/rules/data.smk).
+scattergather:
+    ingest=1,
+    resize=1,
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"

@@ -12,8 +12,10 @@ with job_logging(snakemake):
         extra_metadata=snakemake.input.get("extra_metadata"),
         images=images if isinstance(images := snakemake.input.images, str) else list(images),
         manifest_out=snakemake.output.manifest,
-        quarantine_out=snakemake.output.quarantine,
+        quarantine_out=snakemake.output.get("quarantine"),
         max_pixels=snakemake.params.max_pixels,
         max_file_bytes=snakemake.params.max_file_bytes,
         synthetic=snakemake.params.synthetic,
+        part=snakemake.params.get("part", 0),
+        parts=snakemake.params.get("parts", 1),
     )

@@ -18,4 +18,6 @@ with job_logging(snakemake):
         rows_per_shard=snakemake.params.rows_per_shard,
         row_group_size=snakemake.params.row_group_size,
         threads=snakemake.threads,
+        part=snakemake.params.get("part", 0),
+        parts=snakemake.params.get("parts", 1),
     )

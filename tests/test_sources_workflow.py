@@ -5,8 +5,10 @@ isic-cli download runs."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 from conftest import copy_workflow, snakemake, write_config
 
@@ -51,3 +53,52 @@ def test_a_source_runs_through_the_data_stages(tmp_path, source, form):
     # The cache walks back to the raw files of this source, every hash still matching.
     traced = lineage.trace(workdir / "results/cache/16px/clean")
     assert traced["broken"] == [] and traced["raw_image_source"]
+
+
+def test_ingest_and_resize_scattered_over_two_jobs_write_what_one_job_writes(tmp_path):
+    """`--set-scatter ingest=2 resize=2` (what a cluster profile sets): two ingest parts and two resize parts
+    per resolution, then gather jobs; the manifest, quarantine.csv, split and clean caches equal those of one
+    job each, on an ISIC 2020 layout whose patients, lesions and listed duplicates span the parts."""
+    raw = make_synthetic(tmp_path / "raw", n=N, seed=5, source="isic2020")
+    outcomes = {}
+    for parts in (1, 2):
+        workdir = copy_workflow(tmp_path / f"wf{parts}")
+        overlay = {
+            "data": {"source": "isic2020", "isic_root": str(raw)},
+            "resize": {"resolutions": [16]},
+            "cache": {"rows_per_shard": 8, "row_group_size": 4},
+            "run_experiments": [],
+        }
+        write_config(workdir / "source.yaml", overlay)
+        scatter = ["--set-scatter", f"ingest={parts}", f"resize={parts}"]
+        proc = snakemake(
+            workdir,
+            "results/data/splits.parquet",
+            "results/cache/16px/clean",
+            *scatter,
+            "--configfile",
+            "source.yaml",
+        )
+        log = proc.stdout + proc.stderr
+        assert ("ingest_part" in log) == (parts == 2) and ("resize_part" in log) == (parts == 2)
+        outcomes[parts] = workdir
+        if parts == 2:
+            assert not list((workdir / "results/data/ingest").glob("*.parquet"))  # the parts were temporary
+            traced = lineage.trace(workdir / "results/cache/16px/clean")
+            assert traced["broken"] == [] and traced["raw_image_source"] == str(raw / "train")
+            # The parts were temporary: listed as removed after use, not as broken links.
+            assert {Path(r["path"]).name for r in traced["removed"]} >= {"1-of-2", "2-of-2"}
+
+    one, two = outcomes[1], outcomes[2]
+    m1, m2 = (pd.read_parquet(w / "results/data/manifest.parquet") for w in (one, two))
+    pd.testing.assert_frame_equal(m1, m2)
+    meta = [pq.read_schema(w / "results/data/manifest.parquet").metadata for w in (one, two)]
+    assert meta[0] == meta[1]
+    assert (one / "results/data/quarantine.csv").read_bytes() == (
+        two / "results/data/quarantine.csv"
+    ).read_bytes()
+    assert (one / "results/data/splits.parquet").read_bytes() == (
+        two / "results/data/splits.parquet"
+    ).read_bytes()
+    info1, info2 = (load_info(w / "results/cache/16px/clean") for w in (one, two))
+    assert info1 == info2 and len(info1["shards"]) > 2

@@ -173,10 +173,13 @@ class CacheWriter:
         _clear_old_cache(self.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
 
-    def write(self, split: str, rows: pa.Table | pd.DataFrame, pixels: np.ndarray) -> None:
+    def write(
+        self, split: str, rows: pa.Table | pd.DataFrame, pixels: np.ndarray, number: int | None = None
+    ) -> None:
         """One shard of `split`: the rows (image_id, label, split, degradation, degradation_params, and where
         an image was encoded, codec, codec_quality and encoded_bytes; in image_id order) and their
-        (N, H, W, 3) uint8 pixels. Rows without encoded_bytes get a PNG's (on the writer's thread)."""
+        (N, H, W, 3) uint8 pixels. Rows without encoded_bytes get a PNG's (on the writer's thread). `number`:
+        the shard's number within its split (default: the next), for a job that writes every n-th shard."""
         table = rows if isinstance(rows, pa.Table) else pa.Table.from_pandas(rows, preserve_index=False)
         if len(pixels) != table.num_rows:
             raise ValueError(f"{table.num_rows} rows but {len(pixels)} images")
@@ -187,7 +190,7 @@ class CacheWriter:
         coded = {c: table.column(c) for c in BYTES_COLUMNS if c in table.column_names}
         table = pa.table({c: table.column(c) for c in INPUT_COLUMNS if c != PIXELS})
         table = table.add_column(2, "label_idx", _label_indices(table, self.classes))
-        number = self._counters.get(split, 0)
+        number = self._counters.get(split, 0) if number is None else number
         self._counters[split] = number + 1
         self._wait()
         self._writing = self._pool.submit(
@@ -421,3 +424,51 @@ def read_split(cache_dir: str | Path, split: str, *, verify: bool = True) -> Cac
         degradations=table.column("degradation").to_pylist(),
         classes=list(info["classes"]),
     )
+
+
+def merge_caches(
+    parts: Sequence[str | Path], out_dir: str | Path, *, input: dict[str, Any]
+) -> dict[str, Any]:
+    """One cache from the caches of a scattered job (each wrote every n-th shard under its own number): the
+    shards moved into `out_dir` in the order one job writes them, rows and bytes summed over the parts, so
+    `_info.json` reads as if one job had written it (the `input` aside). The parts are left empty."""
+    infos = [load_info(p) for p in parts]
+    first = infos[0]
+    for part, info in zip(parts, infos, strict=True):
+        same = {k: info[k] for k in ("height", "width", "classes", "variant", "rows_per_shard")}
+        if same != {k: first[k] for k in same}:
+            raise CacheError(f"{part}/_info.json does not match {parts[0]}/_info.json: {same}")
+    out_dir = Path(out_dir)
+    _clear_old_cache(out_dir)
+    shards = sorted(
+        (s | {"_from": Path(p)} for p, info in zip(parts, infos, strict=True) for s in info["shards"]),
+        key=lambda s: (SPLITS.index(s["split"]), s["path"]),
+    )
+    sent: dict[str, dict[str, list]] = {}
+    for shard in shards:
+        source, target = shard.pop("_from") / shard["path"], out_dir / shard["path"]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(source, target)
+        columns = pq.read_table(target, columns=list(BYTES_COLUMNS)).to_pydict()
+        for name in BYTES_COLUMNS:
+            sent.setdefault(shard["split"], {}).setdefault(name, []).extend(columns[name])
+    pixels = first["height"] * first["width"]
+    info = {
+        **first,
+        "rows": {
+            split: n for split in SPLITS if (n := sum(s["rows"] for s in shards if s["split"] == split))
+        },
+        "bytes": {
+            split: bytes_stats(v["encoded_bytes"], pixels, v["codec"], v["codec_quality"])
+            for split, v in sorted(sent.items(), key=lambda kv: SPLITS.index(kv[0]))
+        },
+        "input": input,
+        "shards": shards,
+    }
+    tmp = out_dir / f".{INFO}.tmp"
+    tmp.write_text(json.dumps(info, indent=2) + "\n")
+    os.replace(tmp, out_dir / INFO)
+    for part in parts:
+        (Path(part) / INFO).unlink(missing_ok=True)
+    log.info("merged %d scattered parts into %s (%d shards)", len(parts), out_dir, len(shards))
+    return info

@@ -11,6 +11,7 @@ import hashlib
 import io
 import logging
 import os
+import zlib
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
@@ -221,11 +222,17 @@ def run_ingest(
     extra_metadata: str | Path | None = None,
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
     synthetic: bool = False,
+    part: int = 0,
+    parts: int = 1,
 ) -> pd.DataFrame:
     """Check every listed and present image of `source` (datasets.py: its label file, ISIC 2019's metadata CSV,
     ISIC 2020's duplicates list; one image folder or zip, or several); write the manifest and quarantine.csv;
     return the manifest. `extra_metadata`: a CSV keyed by image id whose patient and lesion ids (and other
     metadata fields) join onto the source's (datasets.join_extra).
+
+    With `parts` > 1 (a scattered job) only the images of part `part` (in_part) are checked, and
+    `manifest_out` receives their rows, unfinished (gather_ingest finishes them: groups span parts), and no
+    quarantine.csv.
 
     An input file that cannot be parsed at all (a CSV, the zip) stops the run with a DataFileError naming it.
     """
@@ -276,11 +283,17 @@ def run_ingest(
             images,
             len(container.refused),
         )
-        to_decode = sorted(members[0] for image_id, members in files.items() if image_id not in refused)
+        to_decode = sorted(
+            members[0]
+            for image_id, members in files.items()
+            if image_id not in refused and in_part(image_id, part, parts)
+        )
         inspected = _inspect_files(container, to_decode, max_pixels=max_pixels)
 
     rows = []
     for image_id in sorted(set(gt_rows) | set(meta_rows) | set(files) | set(refused)):
+        if not in_part(image_id, part, parts):
+            continue
         members = files.get(image_id, [])
         problems: list[tuple[str, str]] = []  # (reason, detail), in the order of precedence
         if image_id in refused:
@@ -336,9 +349,50 @@ def run_ingest(
                 "synthetic": bool(synthetic),
             }
         )
+    columns = {"patient_id": "patient_id" in meta.columns, "duplicate_group": bool(duplicate_of)}
+    about = {
+        "source": source,
+        "images": ";".join(image_paths(images)),
+        "max_pixels": str(max_pixels),
+        "synthetic": str(bool(synthetic)),
+    }
+    if parts > 1:
+        part_table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
+        keep = {f"keep_{c}": str(v) for c, v in columns.items()}
+        Path(manifest_out).parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(part_table.replace_schema_metadata({**about, **keep}), manifest_out)
+        log.info("part %d of %d: %d image ids, written to %s", part + 1, parts, len(rows), manifest_out)
+        return part_table.to_pandas()
     if not rows:
         raise ValueError(f"no image listed in {labels} or {metadata}, and none found in {images}")
+    return write_manifest(rows, columns, about, manifest_out=manifest_out, quarantine_out=quarantine_out)
 
+
+def in_part(image_id: str, part: int, parts: int) -> bool:
+    """Whether an image id belongs to part `part` of `parts` (a stable hash of the id alone, so every file, row
+    and problem of one id lands in one part, whatever the listing order)."""
+    return parts == 1 or zlib.crc32(image_id.encode()) % parts == part
+
+
+def gather_ingest(
+    parts: list[str | Path], *, manifest_out: str | Path, quarantine_out: str | Path
+) -> pd.DataFrame:
+    """The manifest and quarantine.csv from a scattered ingest's parts: the same files one job would write."""
+    tables = [pq.read_table(p) for p in parts]
+    meta = {k.decode(): v.decode() for k, v in (tables[0].schema.metadata or {}).items()}
+    columns = {c: meta.pop(f"keep_{c}") == "True" for c in ("patient_id", "duplicate_group")}
+    rows = sorted((r for t in tables for r in t.to_pylist()), key=lambda r: r["image_id"])
+    if not rows:
+        raise ValueError(f"no image in any of the {len(parts)} ingest parts {[str(p) for p in parts]}")
+    return write_manifest(rows, columns, meta, manifest_out=manifest_out, quarantine_out=quarantine_out)
+
+
+def write_manifest(
+    rows: list[dict], columns: dict[str, bool], about: dict[str, str], *, manifest_out, quarantine_out
+) -> pd.DataFrame:
+    """Group ids (the connected components of shared patients, lesions and duplicates, over all rows), the
+    manifest with the optional `columns` it keeps and the schema metadata `about`, quarantine.csv, and the
+    log's counts."""
     frame = pd.DataFrame(rows)
     for row, group in zip(
         rows, connected_groups(frame, ["patient_id", "lesion_id", "duplicate_group"], ()), strict=True
@@ -346,19 +400,10 @@ def run_ingest(
         row["group_id"] = group
     schema = MANIFEST_SCHEMA
     # No column rather than an all-null one: the split links images by the id columns that exist.
-    if "patient_id" not in meta.columns:
-        schema = schema.remove(schema.get_field_index("patient_id"))
-    if not duplicate_of:
-        schema = schema.remove(schema.get_field_index("duplicate_group"))
-    table = pa.Table.from_pylist(rows, schema=schema)
-    table = table.replace_schema_metadata(
-        {
-            "source": source,
-            "images": ";".join(image_paths(images)),
-            "max_pixels": str(max_pixels),
-            "synthetic": str(bool(synthetic)),
-        }
-    )
+    for column, keep in columns.items():
+        if not keep:
+            schema = schema.remove(schema.get_field_index(column))
+    table = pa.Table.from_pylist(rows, schema=schema).replace_schema_metadata(about)
     Path(manifest_out).parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, manifest_out)
     manifest = table.to_pandas()

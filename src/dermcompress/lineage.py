@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import socket
 import stat
 import subprocess
@@ -440,6 +441,8 @@ def walk(starts: list[Path], follow=lambda node, entry: True, workdir: Path | No
             path = node.resolve(entry["path"])
             external = not _within(path, workdir)
             producer = None if external else find_record(path, workdir)
+            if producer is None and is_temporary(path) and not os.path.lexists(path):
+                continue  # a temporary output, deleted after use with its record: the checks list it as removed
             if producer is None and not external and _within(path, workdir / "results"):
                 result.problems.append(
                     {
@@ -560,6 +563,15 @@ def _manifest(nodes: list[Node], workdir: Path) -> tuple[Any, Path | None]:
 NOT_REGULAR = "not a regular file (a device, FIFO or socket): never read"
 
 
+# The parts of a scattered ingest or resize ('2-of-8.parquet', 'clean.parts/2-of-8'), temporary like weights.
+SCATTER_PART = re.compile(r"\d+-of-\d+(\.parquet)?")
+
+
+def is_temporary(path: Path) -> bool:
+    """Whether a missing file was a temporary output, deleted after use by design (not a broken link)."""
+    return path.name in TEMPORARY_FILES or SCATTER_PART.fullmatch(path.name) is not None
+
+
 class Checker:
     """Hashes what is on disk now (each path once) and compares it with what records say.
 
@@ -606,7 +618,7 @@ class Checker:
             return
         sha, problem = self.now(path, entry["kind"])
         self.checked += 1
-        if problem == "missing" and path.name in TEMPORARY_FILES:
+        if problem == "missing" and is_temporary(path):
             item = self.removed.setdefault(str(path), {"path": str(path), "recorded": []})
             item["recorded"].append({"by": by, "sha256": entry["sha256"]})
         elif problem or sha != entry["sha256"]:

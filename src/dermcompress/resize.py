@@ -15,7 +15,7 @@ import logging
 import math
 import os
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -115,6 +115,14 @@ def load_resized(
     """Decode the image bytes once and resize the result to every resolution."""
     img = decode_image(data, max_pixels=max_pixels, draft_size=draft_size_for(resolutions, reduced_decode))
     return {int(res): resize_image(img, int(res), policy) for res in resolutions}
+
+
+def numbered(plan: list[tuple[str, np.ndarray]]) -> Iterator[tuple[str, int, np.ndarray]]:
+    """(split, the shard's number within its split, its rows) for every shard of cache.shard_plan."""
+    counts: dict[str, int] = {}
+    for split, rows in plan:
+        counts[split] = counts.get(split, -1) + 1
+        yield split, counts[split], rows
 
 
 def job_threads(images: int) -> int:
@@ -325,8 +333,12 @@ def run_resize(
     row_group_size: int,
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
     threads: int | None = None,
+    part: int = 0,
+    parts: int = 1,
 ) -> dict[str, Any]:
     """Every image of splits.parquet at (res x res) -> the clean variant's cache in `out_dir`; its _info.
+    With `parts` > 1, only every `parts`-th shard from the `part`-th (a scattered job; cache.merge_caches
+    gathers them).
 
     Each raw file is checked against the sha256 ingest recorded; any that changed fail the job, all named.
     """
@@ -363,8 +375,17 @@ def run_resize(
         },
     )
     changed: list[SourceChangedError] = []
-    with tqdm(total=rows.num_rows, desc=f"resize {resolution}px", unit="img", mininterval=5) as bar:
-        for split, shard in shard_plan(ids, rows["split"].to_pylist(), rows_per_shard):
+    plan = [
+        (split, number, shard)
+        for g, (split, number, shard) in enumerate(
+            numbered(shard_plan(ids, rows["split"].to_pylist(), rows_per_shard))
+        )
+        if g % parts == part
+    ]
+    with tqdm(
+        total=sum(len(s) for *_, s in plan), desc=f"resize {resolution}px", unit="img", mininterval=5
+    ) as bar:
+        for split, number, shard in plan:
             sizes: list[int | None] = []
             try:
                 pixels = map_images(
@@ -383,7 +404,7 @@ def run_resize(
                 table = clean_rows(rows.take(shard))
                 for name, values in {**sent, "encoded_bytes": sizes}.items():
                     table = table.append_column(name, pa.array(values, BYTES_TYPES[name]))
-                writer.write(split, table, pixels)
+                writer.write(split, table, pixels, number=number)
     if changed:
         raise changed_error(changed)
     info = writer.close(input={"images": ";".join(image_paths(images))})

@@ -3,7 +3,15 @@
 from pathlib import Path
 
 from dermcompress import config as dc_config
-from dermcompress import datasets, experiments, fingerprint, lineage, resize, runs, sources
+from dermcompress import (
+    datasets,
+    experiments,
+    fingerprint,
+    lineage,
+    resize,
+    runs,
+    sources,
+)
 from dermcompress.fingerprint import code_fingerprint
 from snakemake_interface_executor_plugins.settings import DeploymentMethod
 
@@ -14,9 +22,15 @@ dc_config.check(config, schema=SCHEMA)
 SOURCE = config["data"]["source"]
 SYNTHETIC = config["data"]["isic_root"] is None
 # The synthetic stand-in of ISIC 2019 sits in results/data/synthetic/, of another source in a folder of its own.
-SYNTHETIC_ROOT = "results/data/synthetic" + ("" if SOURCE == "isic2019" else f"/{SOURCE}")
+SYNTHETIC_ROOT = str(
+    Path("results/data/synthetic", "" if SOURCE == "isic2019" else SOURCE)
+)
 ISIC_ROOT = SYNTHETIC_ROOT if SYNTHETIC else config["data"]["isic_root"]
 RESOLUTIONS = [int(r) for r in config["resize"]["resolutions"]]
+
+# How many jobs ingest and each resolution's resize are scattered over (the Snakefile's scattergather).
+INGEST_PARTS = len(scatter.ingest("{scatteritem}"))
+RESIZE_PARTS = len(scatter.resize("{scatteritem}"))
 VARIANTS = list(config["degrade"]["variants"])
 # The variants the degrade rule makes (clean is the resize rule's output); a pattern that matches nothing if none.
 DEGRADED_VARIANTS = "|".join(v for v in VARIANTS if v != "clean") or "(?!)"
@@ -74,6 +88,18 @@ def get_data_threads(wildcards, input):
     return resize.job_threads(images) if images is not None else 1
 
 
+def get_part(wildcards):
+    """The 0-based part of a scattered job, from its {scatteritem} ('2-of-8' -> 1)."""
+    return int(wildcards.scatteritem.split("-of-")[0]) - 1
+
+
+def get_resize_parts(wildcards):
+    """The clean cache's parts at one resolution, which the resize gather job merges."""
+    return gather.resize(
+        "results/cache/{res}px/clean.parts/{scatteritem}", res=wildcards.res
+    )
+
+
 def get_raw_inputs():
     """The data source's files (datasets.source_paths: label file, metadata, duplicates list, image folders or
     zips), or the synthetic ones; and data.extra_metadata when it names a CSV."""
@@ -84,7 +110,7 @@ def get_raw_inputs():
 
 
 def get_synth_outputs():
-    """What the synth rule writes: the source's files in its layout, image folders as directories."""
+    """The outputs of synth: the source's files in its layout, image folders as directories."""
     paths = datasets.source_paths(SOURCE, SYNTHETIC_ROOT, synthetic=True)
     images = paths.pop("images")
     folders = [images] if isinstance(images, str) else images

@@ -12,7 +12,8 @@ rule synth:
     conda:
         "../../envs/data.yaml"
     params:
-        root=SYNTHETIC_ROOT,
+        # The folder that holds every output (the ISIC Archive's: the one output).
+        root=lambda wildcards, output: os.path.commonpath(list(output)),
         source=SOURCE,
         n=config["data"]["synthetic"]["n"],
         seed=config["data"]["synthetic"]["seed"],
@@ -21,26 +22,72 @@ rule synth:
         "../../scripts/synth.py"
 
 
-rule ingest:
-    input:
-        **get_raw_inputs(),
-    output:
-        manifest="results/data/manifest.parquet",
-        quarantine="results/data/quarantine.csv",
-    log:
-        "results/logs/ingest.log",
-    benchmark:
-        "results/benchmarks/ingest.tsv"
-    conda:
-        "../../envs/data.yaml"
-    params:
-        source=SOURCE,
-        max_pixels=config["data"]["max_pixels"],
-        max_file_bytes=config["data"]["max_file_bytes"],
-        synthetic=SYNTHETIC,
-        code=get_code("ingest"),
-    script:
-        "../../scripts/ingest.py"
+# A cluster may scatter ingest and resize over N jobs each (`set-scatter: [ingest=N, resize=N]` in a profile):
+# each part checks, or resizes, a fixed share of the images (a hash of the id; every n-th cache shard), and a
+# gather job writes the very files one job writes. With N = 1 (the default) one job does it all.
+if INGEST_PARTS == 1:
+
+    rule ingest:
+        input:
+            **get_raw_inputs(),
+        output:
+            manifest="results/data/manifest.parquet",
+            quarantine="results/data/quarantine.csv",
+        log:
+            "results/logs/ingest.log",
+        benchmark:
+            "results/benchmarks/ingest.tsv"
+        conda:
+            "../../envs/data.yaml"
+        params:
+            source=SOURCE,
+            max_pixels=config["data"]["max_pixels"],
+            max_file_bytes=config["data"]["max_file_bytes"],
+            synthetic=SYNTHETIC,
+            code=get_code("ingest"),
+        script:
+            "../../scripts/ingest.py"
+
+else:
+
+    rule ingest_part:
+        input:
+            **get_raw_inputs(),
+        output:
+            manifest=temp("results/data/ingest/{scatteritem}.parquet"),
+        log:
+            "results/logs/ingest/{scatteritem}.log",
+        benchmark:
+            "results/benchmarks/ingest/{scatteritem}.tsv"
+        conda:
+            "../../envs/data.yaml"
+        params:
+            source=SOURCE,
+            max_pixels=config["data"]["max_pixels"],
+            max_file_bytes=config["data"]["max_file_bytes"],
+            synthetic=SYNTHETIC,
+            part=get_part,
+            parts=INGEST_PARTS,
+            code=get_code("ingest"),
+        script:
+            "../../scripts/ingest.py"
+
+    rule ingest:
+        input:
+            # The raw files too, so that the manifest's lineage names them.
+            **get_raw_inputs(),
+            parts=gather.ingest("results/data/ingest/{scatteritem}.parquet"),
+        output:
+            manifest="results/data/manifest.parquet",
+            quarantine="results/data/quarantine.csv",
+        log:
+            "results/logs/ingest.log",
+        conda:
+            "../../envs/data.yaml"
+        params:
+            code=get_code("ingest"),
+        script:
+            "../../scripts/ingest_gather.py"
 
 
 rule task:
@@ -85,34 +132,86 @@ rule split:
         "../../scripts/split.py"
 
 
-rule resize:
-    input:
-        splits="results/data/splits.parquet",
-        manifest="results/data/manifest.parquet",
-        images=get_raw_inputs()["images"],
-    output:
-        # The clean variant is the resized pixels, cached as they are made: one stored copy.
-        cache=directory("results/cache/{res}px/clean"),
-    log:
-        "results/logs/resize/{res}px.log",
-    benchmark:
-        "results/benchmarks/resize/{res}px.tsv"
-    conda:
-        "../../envs/data.yaml"
-    # A thread pool decodes and resizes (Pillow releases the GIL): one thread per 1000 images, so that small
-    # jobs run side by side; profiles may set it.
-    threads: get_data_threads
-    params:
-        policy=config["resize"]["policy"],
-        reduced_decode=config["resize"]["reduced_decode"],
-        max_pixels=config["data"]["max_pixels"],
-        max_file_bytes=config["data"]["max_file_bytes"],
-        classes=config["data"]["classes"],
-        rows_per_shard=config["cache"]["rows_per_shard"],
-        row_group_size=config["cache"]["row_group_size"],
-        code=get_code("resize"),
-    script:
-        "../../scripts/resize.py"
+if RESIZE_PARTS == 1:
+
+    rule resize:
+        input:
+            splits="results/data/splits.parquet",
+            manifest="results/data/manifest.parquet",
+            images=get_raw_inputs()["images"],
+        output:
+            # The clean variant is the resized pixels, cached as they are made: one stored copy.
+            cache=directory("results/cache/{res}px/clean"),
+        log:
+            "results/logs/resize/{res}px.log",
+        benchmark:
+            "results/benchmarks/resize/{res}px.tsv"
+        conda:
+            "../../envs/data.yaml"
+        # A thread pool decodes and resizes (Pillow releases the GIL): one thread per 1000 images, so that small
+        # jobs run side by side; profiles may set it.
+        threads: get_data_threads
+        params:
+            policy=config["resize"]["policy"],
+            reduced_decode=config["resize"]["reduced_decode"],
+            max_pixels=config["data"]["max_pixels"],
+            max_file_bytes=config["data"]["max_file_bytes"],
+            classes=config["data"]["classes"],
+            rows_per_shard=config["cache"]["rows_per_shard"],
+            row_group_size=config["cache"]["row_group_size"],
+            code=get_code("resize"),
+        script:
+            "../../scripts/resize.py"
+
+else:
+
+    rule resize_part:
+        input:
+            splits="results/data/splits.parquet",
+            manifest="results/data/manifest.parquet",
+            images=get_raw_inputs()["images"],
+        output:
+            # The clean variant is the resized pixels, cached as they are made: one stored copy.
+            cache=temp(directory("results/cache/{res}px/clean.parts/{scatteritem}")),
+        log:
+            "results/logs/resize/{res}px/{scatteritem}.log",
+        benchmark:
+            "results/benchmarks/resize/{res}px/{scatteritem}.tsv"
+        conda:
+            "../../envs/data.yaml"
+        # A thread pool decodes and resizes (Pillow releases the GIL): one thread per 1000 images, so that small
+        # jobs run side by side; profiles may set it.
+        threads: get_data_threads
+        params:
+            policy=config["resize"]["policy"],
+            reduced_decode=config["resize"]["reduced_decode"],
+            max_pixels=config["data"]["max_pixels"],
+            max_file_bytes=config["data"]["max_file_bytes"],
+            classes=config["data"]["classes"],
+            rows_per_shard=config["cache"]["rows_per_shard"],
+            row_group_size=config["cache"]["row_group_size"],
+            part=get_part,
+            parts=RESIZE_PARTS,
+            code=get_code("resize"),
+        script:
+            "../../scripts/resize.py"
+
+    rule resize:
+        input:
+            splits="results/data/splits.parquet",
+            manifest="results/data/manifest.parquet",
+            images=get_raw_inputs()["images"],
+            parts=get_resize_parts,
+        output:
+            cache=directory("results/cache/{res}px/clean"),
+        log:
+            "results/logs/resize/{res}px.log",
+        conda:
+            "../../envs/data.yaml"
+        params:
+            code=get_code("resize"),
+        script:
+            "../../scripts/resize_gather.py"
 
 
 rule degrade:

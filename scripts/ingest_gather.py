@@ -1,0 +1,11 @@
+"""Snakemake adapter: a scattered ingest's parts -> manifest.parquet + quarantine.csv, as one job writes them."""
+
+from dermcompress.ingest import gather_ingest
+from dermcompress.logs import job_logging
+
+with job_logging(snakemake):
+    gather_ingest(
+        list(snakemake.input.parts),
+        manifest_out=snakemake.output.manifest,
+        quarantine_out=snakemake.output.quarantine,
+    )

@@ -1,0 +1,12 @@
+"""Snakemake adapter: a scattered resize's parts -> the clean variant's cache, as one job writes it."""
+
+from dermcompress.cache import merge_caches
+from dermcompress.logs import job_logging
+from dermcompress.sources import image_paths
+
+with job_logging(snakemake):
+    merge_caches(
+        list(snakemake.input.parts),
+        snakemake.output.cache,
+        input={"images": ";".join(image_paths(snakemake.input.images))},
+    )
