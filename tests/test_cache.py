@@ -10,8 +10,19 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from dermcompress.cache import CacheError, ChecksumError, load_info, read_split, run_cache, verify_cache
+from dermcompress.cache import (
+    CacheError,
+    CacheWriter,
+    ChecksumError,
+    load_info,
+    merge_caches,
+    read_split,
+    run_cache,
+    shard_plan,
+    verify_cache,
+)
 from dermcompress.pixeltable import write_pixel_table
+from dermcompress.resize import numbered
 
 CLASSES = ["MEL", "NV"]
 H, W = 6, 8  # not square, so a swapped height/width cannot pass
@@ -228,3 +239,44 @@ def test_crash_while_writing_shards_leaves_no_info(tmp_path, monkeypatch):
     # The old _info.json must not vouch for a half-rewritten cache.
     with pytest.raises(CacheError, match="missing"):
         read_split(out, "train")
+
+
+def test_merged_parts_of_a_scattered_cache_equal_the_one_writer_cache(tmp_path):
+    """Two writers that each write every other shard (under its own number), merged: the same shards, bytes
+    and _info.json as one writer writing them all; a shard in two parts is refused."""
+    rng = np.random.default_rng(3)
+    n = 23
+    split = rng.choice(["train", "val", "test"], n).tolist()
+    rows = pd.DataFrame(
+        {
+            "image_id": [f"ISIC_{i:07d}" for i in range(n)],
+            "label": rng.choice(CLASSES, n).tolist(),
+            "split": split,
+            "degradation": "none",
+            "degradation_params": "{}",
+        }
+    )
+    pixels = rng.integers(0, 256, (n, H, W, 3), dtype=np.uint8)
+    plan = list(numbered(shard_plan(rows["image_id"].tolist(), split, 3)))
+
+    def write(out, keep):
+        writer = CacheWriter(
+            out, classes=CLASSES, rows_per_shard=3, row_group_size=2, metadata={"variant": "v"}
+        )
+        for g, (s, number, idx) in enumerate(plan):
+            if keep(g):
+                writer.write(s, rows.iloc[idx], pixels[idx], number=number)
+        return writer.close(input={"images": "raw"})
+
+    one = write(tmp_path / "one", lambda g: True)
+    for k in (0, 1):
+        write(tmp_path / f"part{k}", lambda g, k=k: g % 2 == k)
+    merged = merge_caches(
+        [tmp_path / "part0", tmp_path / "part1"], tmp_path / "merged", input={"images": "raw"}
+    )
+    assert merged == one == load_info(tmp_path / "merged") and len(one["shards"]) > 4
+    verify_cache(tmp_path / "merged")
+    write(tmp_path / "a", lambda g: g < 3)
+    write(tmp_path / "b", lambda g: g < 2)
+    with pytest.raises(CacheError, match="in more than one of the parts"):
+        merge_caches([tmp_path / "a", tmp_path / "b"], tmp_path / "bad", input={})

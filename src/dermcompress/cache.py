@@ -444,6 +444,10 @@ def merge_caches(
         (s | {"_from": Path(p)} for p, info in zip(parts, infos, strict=True) for s in info["shards"]),
         key=lambda s: (SPLITS.index(s["split"]), s["path"]),
     )
+    paths = [s["path"] for s in shards]
+    if len(set(paths)) < len(paths):
+        twice = sorted({p for p in paths if paths.count(p) > 1})
+        raise CacheError(f"shards {twice[:5]} are in more than one of the parts {[str(p) for p in parts]}")
     sent: dict[str, dict[str, list]] = {}
     for shard in shards:
         source, target = shard.pop("_from") / shard["path"], out_dir / shard["path"]
