@@ -33,6 +33,7 @@ import pandas as pd
 
 from . import compare
 from .bytes_summary import bytes_table, split_bytes
+from .experiments import spelt
 from .runs import parse_eval_dir
 
 log = logging.getLogger(__name__)
@@ -199,7 +200,7 @@ def reference_row(table: pd.DataFrame, runs: pd.DataFrame, reference: dict | Non
     wanted = reference or {"res": int(runs["res"].max()), **REFERENCE_DEFAULT}
     match = pd.Series(True, index=runs.index)
     for field, value in wanted.items():
-        match &= runs[field].map(_spelt) == _spelt(value)
+        match &= runs[field].map(spelt) == spelt(value)
     if reference is None and not match.any():
         match = runs["res"].astype(int) == int(runs["res"].max())
     if not match.any():
@@ -209,14 +210,6 @@ def reference_row(table: pd.DataFrame, runs: pd.DataFrame, reference: dict | Non
     rows = rows[rows[SELECTED]] if rows[SELECTED].any() else rows
     best = rows[list(SELECT_BY)].fillna(-np.inf).sort_values(list(SELECT_BY), ascending=False, kind="stable")
     return table.index.get_loc(best.index[0])
-
-
-def _spelt(value) -> str:
-    """A grid value as one string: numbers as paths spell them (1e-05, 0.25, 224), names as they are."""
-    try:
-        return f"{float(value):g}"
-    except (TypeError, ValueError):
-        return str(value)
 
 
 def add_comparisons(

@@ -61,6 +61,15 @@ def format_number(value: float | str) -> str:
     return f"{float(value):g}"
 
 
+def spelt(value: Any) -> str:
+    """A grid value as one string, whatever type it was read as: numbers as paths spell them (format_number:
+    1e-05, 0.25, 224), names as they are."""
+    try:
+        return format_number(value)
+    except (TypeError, ValueError):
+        return str(value)
+
+
 def selected_experiments(config: dict[str, Any]) -> list[str]:
     chosen = config.get("run_experiments", "all")
     names = list(config["experiments"]) if chosen == "all" else list(chosen)
@@ -269,21 +278,16 @@ def _check_reference(config: dict[str, Any], name: str) -> list[str]:
     points = [e.point() for e in expand_one(config, name)]
     problems = []
     for field, value in reference.items():
-        taken = sorted({str(p[field]) for p in points}) if field in DIMENSIONS else None
+        taken = sorted({spelt(p[field]) for p in points}) if field in DIMENSIONS else None
         if taken is None:
             problems.append(
                 f"experiments.{name}.reference.{field}: not a grid field ({', '.join(DIMENSIONS)})"
             )
-        elif _spelt(field, value) not in taken:
+        elif spelt(value) not in taken:
             problems.append(
                 f"experiments.{name}.reference.{field}: {value!r} is not among the grid's {taken}"
             )
     return problems
-
-
-def _spelt(field: str, value: Any) -> str:
-    """A grid value as an evaluation's point spells it (numbers as in paths)."""
-    return format_number(value) if field in ("lr", "label_fraction") else str(value)
 
 
 def expand_one(config: dict[str, Any], name: str) -> list[Evaluation]:
