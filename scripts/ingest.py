@@ -10,7 +10,7 @@ with job_logging(snakemake):
         metadata=snakemake.input.get("metadata"),
         duplicates=snakemake.input.get("duplicates"),
         extra_metadata=snakemake.input.get("extra_metadata"),
-        images=images if isinstance(images := snakemake.input.images, str) else list(images),
+        images=snakemake.input.images,
         manifest_out=snakemake.output.manifest,
         quarantine_out=snakemake.output.get("quarantine"),
         max_pixels=snakemake.params.max_pixels,

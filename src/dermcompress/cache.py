@@ -55,8 +55,9 @@ log = logging.getLogger(__name__)
 
 INFO = "_info.json"
 SPLITS = ("train", "val", "test")
-BYTES_COLUMNS = ("codec", "codec_quality", "encoded_bytes")
+# What an image costs on the wire, and the Arrow type of each column.
 BYTES_TYPES = {"codec": pa.string(), "codec_quality": pa.int32(), "encoded_bytes": pa.int64()}
+BYTES_COLUMNS = tuple(BYTES_TYPES)
 COLUMNS = (
     "image_id",
     "label",

@@ -200,13 +200,12 @@ def _first(value):
 
 
 def _duplicate_groups(pairs: list[tuple[str, str]]) -> dict[str, str]:
-    """image -> the smallest image id of its duplicate pairs' component (only images in some pair)."""
+    """image -> the smallest image id of its duplicate pairs' component (only images in some pair): with no
+    link column, connected_groups names each component so."""
     if not pairs:
         return {}
     ids = sorted({i for pair in pairs for i in pair})
-    groups = connected_groups(pd.DataFrame({"image_id": ids}), [], pairs)
-    names = pd.DataFrame({"image": ids, "group": groups}).groupby("group")["image"].transform("min")
-    return dict(zip(ids, names, strict=True))
+    return dict(zip(ids, connected_groups(pd.DataFrame({"image_id": ids}), [], pairs), strict=True))
 
 
 def run_ingest(

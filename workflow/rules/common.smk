@@ -1,5 +1,6 @@
 # Helpers shared by every rule: where the raw data are, what the final targets are, code fingerprints.
 # (setup.smk, included by the Snakefile before validation, has made the package importable.)
+import os
 from pathlib import Path
 
 from dermcompress import config as dc_config
@@ -86,6 +87,11 @@ def get_data_threads(wildcards, input):
     the job's input (the split, or the clean cache) exists; until then, one."""
     images = resize.images_in(input.get("splits") or input.get("clean"))
     return resize.job_threads(images) if images is not None else 1
+
+
+def get_synth_root(wildcards, output):
+    """The folder synth writes into: the one that holds every output (the ISIC Archive's: the one output)."""
+    return os.path.commonpath(list(output))
 
 
 def get_part(wildcards):

@@ -12,8 +12,7 @@ rule synth:
     conda:
         "../../envs/data.yaml"
     params:
-        # The folder that holds every output (the ISIC Archive's: the one output).
-        root=lambda wildcards, output: os.path.commonpath(list(output)),
+        root=get_synth_root,
         source=SOURCE,
         n=config["data"]["synthetic"]["n"],
         seed=config["data"]["synthetic"]["seed"],
