@@ -19,16 +19,13 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import yaml
 from PIL import Image
-from prep import REPO, WORKFLOW_FILES, image_size, official_layout, write_pool
+from prep import REPO, bench_config, copy_workflow, image_size, official_layout, timed, write_pool
 
 from dermcompress.images import decode_image
 from dermcompress.images import image_size as header_size
@@ -38,25 +35,20 @@ BIG = 89_478_485
 
 
 def through_snakemake(root: Path, work: Path) -> tuple[float, float]:
-    """(whole command, ingest job) wall seconds of `snakemake --cores 2 results/data/manifest.parquet`."""
-    for name in WORKFLOW_FILES:
-        source = REPO / name
-        (shutil.copytree if source.is_dir() else shutil.copy2)(source, work / name)
-    config = yaml.safe_load((work / "config.yaml").read_text())
-    config["data"]["isic_root"] = str(root)
-    config["run_experiments"] = []
-    (work / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    """(whole command, ingest job) wall seconds of `snakemake --cores 2 results/data/manifest.parquet` on a
+    fresh copy of this workflow (prep.copy_workflow), on an idle machine (prep.timed)."""
+    copy_workflow(REPO, work)
+    bench_config(work, root)
     snakemake = str(Path(sys.executable).parent / "snakemake")
-    start = time.perf_counter()
-    proc = subprocess.run(
-        [snakemake, "--cores", "2", "results/data/manifest.parquet"], cwd=work, capture_output=True, text=True
+    run = timed(
+        [snakemake, "--cores", "2", "results/data/manifest.parquet"],
+        work,
+        work / "snakemake.log",
+        (0.25, 600),
     )
-    wall = time.perf_counter() - start
-    if proc.returncode:
-        sys.exit(f"snakemake failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     with open(work / "results/benchmarks/ingest.tsv") as f:
         job = float(next(csv.DictReader(f, delimiter="\t"))["s"])
-    return wall, job
+    return run.wall, job
 
 
 def naive(paths: list[Path]) -> float:
@@ -109,7 +101,6 @@ def main(argv: list[str] | None = None) -> int:
             f"{args.n} JPEGs of {len(sizes)} sizes ({mean_kib:.0f} KiB on average) in {time.perf_counter() - start:.0f} s"
         )
 
-        (base / "wf").mkdir()
         wall, job = through_snakemake(root, base / "wf")
         print(
             f"\nthrough Snakemake (2 cores): ingest job {job:.1f} s = {args.n / job:.0f} images/s; "
