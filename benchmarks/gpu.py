@@ -31,9 +31,9 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from dermcompress.loader import normalize
-from dermcompress.models import build_architecture
-from dermcompress.registry import parse_spec
+from dermcompress.data.loader import normalize
+from dermcompress.learn.models import build_architecture
+from dermcompress.learn.registry import parse_spec
 
 RES = 224
 

@@ -27,9 +27,9 @@ from pathlib import Path
 from PIL import Image
 from prep import REPO, bench_config, copy_workflow, image_size, official_layout, timed, write_pool
 
-from dermcompress.images import decode_image
-from dermcompress.images import image_size as header_size
-from dermcompress.ingest import VERIFY_DRAFT
+from dermcompress.data.images import decode_image
+from dermcompress.data.images import image_size as header_size
+from dermcompress.data.ingest import VERIFY_DRAFT
 
 BIG = 89_478_485
 

@@ -31,9 +31,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.functional import pil_to_tensor
 
-from dermcompress.cache import run_cache
-from dermcompress.loader import make_loader, normalize
-from dermcompress.pixeltable import write_pixel_table
+from dermcompress.data.cache import run_cache
+from dermcompress.data.loader import make_loader, normalize
+from dermcompress.data.pixeltable import write_pixel_table
 
 BATCH = 256
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

@@ -318,7 +318,7 @@ def job_times(workdir: Path) -> list[dict]:
 
 def import_seconds(workdir: Path) -> float:
     """What a job's interpreter pays before its stage runs: Python, Snakemake's script preamble, our imports."""
-    code = "from snakemake.iocontainers import Snakemake; import dermcompress.logs, dermcompress.resize"
+    code = "from snakemake.iocontainers import Snakemake; import dermcompress.provenance.logs, dermcompress.data.resize"
     cmd = [sys.executable, "-c", f"import sys; sys.path.insert(0, 'src'); {code}"]
     return min(timed(cmd, workdir, workdir / "imports.log").wall for _ in range(3))
 
@@ -336,7 +336,7 @@ def pixel_bytes(workdir: Path) -> dict[str, int]:
 def grey_difference(workdir: Path, naive_out: Path) -> dict[int, float]:
     """Mean |clean cache - naive PNG| per resolution, over the images the naive script left undegraded."""
     sys.path.insert(0, str(workdir / "src"))
-    from dermcompress.cache import read_split
+    from dermcompress.data.cache import read_split
 
     diffs = {}
     for res in RESOLUTIONS:
@@ -398,7 +398,7 @@ def per_image_ms(fn, images: list[np.ndarray]) -> float:
 
 def codec_table(pool: Path, n: int) -> None:
     """Milliseconds per image on one core (encode; encode + decode) and mean kB, per codec x resolution."""
-    from dermcompress import codec
+    from dermcompress.data import codec
 
     print(
         f"\ncodecs on one core, {n} photo-like images per resolution (ms per image; mean kB, kB = 1000 bytes)"
@@ -423,8 +423,8 @@ def codec_table(pool: Path, n: int) -> None:
 
 def pool_speedup(pool: Path, n: int) -> None:
     """What a degrade job's thread pool (resize.map_images) buys for each codec at 224 px: 2 threads vs 1."""
-    from dermcompress import codec
-    from dermcompress.resize import map_images
+    from dermcompress.data import codec
+    from dermcompress.data.resize import map_images
 
     images = resized_pool(pool, n, 224)
     print(f"\nthread pool (resize.map_images) on {n} images at 224 px, encode + decode:")

@@ -3,7 +3,7 @@
 Issue 3 allows a loop of our own instead of the study's Trainer "if you can show it is simpler or faster". In the
 same run, on the same synthetic cache (balanced 2 classes, NV brighter than MEL, as tests/test_train.py's fixture;
 written with write_pixel_table + run_cache into a temporary folder) and the same model (a registry Classifier
-built by dermcompress.models from the same seed, so both start from identical weights), with the same settings
+built by dermcompress.learn.models from the same seed, so both start from identical weights), with the same settings
 (finetune, AdamW, weight decay 0.01, batch 64, a linear schedule without warmup, fp32 on CPU, a loss logged every
 step, gradients clipped to norm 1.0 as the study's Trainer did, no evaluation during training), alternately,
 `--repeats` times each:
@@ -59,10 +59,10 @@ from torch.utils.data import Dataset
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from dermcompress import loop, models, train
-from dermcompress.cache import run_cache
-from dermcompress.loader import CacheDataset, make_loader, normalize
-from dermcompress.pixeltable import write_pixel_table
+from dermcompress.data.cache import run_cache
+from dermcompress.data.loader import CacheDataset, make_loader, normalize
+from dermcompress.data.pixeltable import write_pixel_table
+from dermcompress.learn import loop, models, train
 
 CLASSES = ["MEL", "NV"]
 N_HELD_OUT = 64  # val and test images each: run_training evaluates on them, the Trainer does not

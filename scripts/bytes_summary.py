@@ -1,7 +1,7 @@
 """Snakemake adapter: every cache's _info.json -> the bytes-per-image table (CSV, Markdown, HTML)."""
 
-from dermcompress.bytes_summary import run_bytes_summary
-from dermcompress.logs import job_logging
+from dermcompress.provenance.logs import job_logging
+from dermcompress.study.bytes_summary import run_bytes_summary
 
 with job_logging(snakemake):
     run_bytes_summary(

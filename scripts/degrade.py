@@ -1,7 +1,7 @@
 """Snakemake adapter: the clean cache of one resolution -> one variant's cache, each image's degradation recorded."""
 
-from dermcompress.degrade import run_degrade
-from dermcompress.logs import job_logging
+from dermcompress.data.degrade import run_degrade
+from dermcompress.provenance.logs import job_logging
 
 with job_logging(snakemake):
     run_degrade(

@@ -3,8 +3,8 @@
 
 from pathlib import Path
 
-from dermcompress.evaluate import run_evaluation
-from dermcompress.logs import exit_now, job_logging
+from dermcompress.learn.evaluate import run_evaluation
+from dermcompress.provenance.logs import exit_now, job_logging
 
 with job_logging(snakemake):
     run_evaluation(

@@ -3,8 +3,8 @@ predictions.parquet and metrics.json in the run's eval/<variant>/ folder."""
 
 from pathlib import Path
 
-from dermcompress.logs import exit_now, job_logging
-from dermcompress.probes import run_probe_evaluation
+from dermcompress.learn.probes import run_probe_evaluation
+from dermcompress.provenance.logs import exit_now, job_logging
 
 inputs = snakemake.input
 with job_logging(snakemake):

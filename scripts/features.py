@@ -1,7 +1,7 @@
 """Snakemake adapter: one split of one cache variant through a frozen backbone -> a features table."""
 
-from dermcompress.features import run_features
-from dermcompress.logs import exit_now, job_logging
+from dermcompress.learn.features import run_features
+from dermcompress.provenance.logs import exit_now, job_logging
 
 with job_logging(snakemake):
     run_features(

@@ -1,7 +1,7 @@
 """Snakemake adapter: one experiment's runs -> one figure (params.kind: curves, cost, robustness, label_efficiency)."""
 
-from dermcompress.figures import run_figure
-from dermcompress.logs import job_logging
+from dermcompress.provenance.logs import job_logging
+from dermcompress.study.figures import run_figure
 
 with job_logging(snakemake):
     run_figure(

@@ -1,7 +1,7 @@
 """Snakemake adapter: the data source's raw files -> manifest.parquet + quarantine.csv."""
 
-from dermcompress.ingest import run_ingest
-from dermcompress.logs import job_logging
+from dermcompress.data.ingest import run_ingest
+from dermcompress.provenance.logs import job_logging
 
 with job_logging(snakemake):
     run_ingest(

@@ -1,7 +1,7 @@
 """Snakemake adapter: a scattered ingest's parts -> manifest.parquet + quarantine.csv, as one job writes them."""
 
-from dermcompress.ingest import gather_ingest
-from dermcompress.logs import job_logging
+from dermcompress.data.ingest import gather_ingest
+from dermcompress.provenance.logs import job_logging
 
 with job_logging(snakemake):
     gather_ingest(

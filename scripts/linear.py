@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
-from dermcompress.logs import exit_now, job_logging
-from dermcompress.probes import run_linear
+from dermcompress.learn.probes import run_linear
+from dermcompress.provenance.logs import exit_now, job_logging
 
 with job_logging(snakemake):
     run_linear(

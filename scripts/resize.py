@@ -1,7 +1,7 @@
 """Snakemake adapter: raw images of the split -> one resolution's resized pixels, as the clean variant's cache."""
 
-from dermcompress.logs import job_logging
-from dermcompress.resize import run_resize
+from dermcompress.data.resize import run_resize
+from dermcompress.provenance.logs import job_logging
 
 with job_logging(snakemake):
     run_resize(

@@ -1,8 +1,8 @@
 """Snakemake adapter: a scattered resize's parts -> the clean variant's cache, as one job writes it."""
 
-from dermcompress.cache import merge_caches
-from dermcompress.logs import job_logging
-from dermcompress.sources import image_paths
+from dermcompress.data.cache import merge_caches
+from dermcompress.data.sources import image_paths
+from dermcompress.provenance.logs import job_logging
 
 with job_logging(snakemake):
     merge_caches(

@@ -1,7 +1,7 @@
 """Snakemake adapter: task -> grouped, stratified train/val/test split and its report."""
 
-from dermcompress.logs import job_logging
-from dermcompress.split import run_split
+from dermcompress.data.split import run_split
+from dermcompress.provenance.logs import job_logging
 
 with job_logging(snakemake):
     run_split(

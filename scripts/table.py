@@ -1,8 +1,8 @@
 """Snakemake adapter: one experiment's runs -> its table (CSV with the runs of each row, Markdown, LaTeX, HTML),
 with the bytes per image of each row's data and each row's paired differences from the reference row."""
 
-from dermcompress.aggregate import run_table
-from dermcompress.logs import job_logging
+from dermcompress.provenance.logs import job_logging
+from dermcompress.study.aggregate import run_table
 
 with job_logging(snakemake):
     run_table(

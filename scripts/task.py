@@ -1,7 +1,7 @@
 """Snakemake adapter: manifest -> the classification task (class subset, balancing)."""
 
-from dermcompress.logs import job_logging
-from dermcompress.task import run_task
+from dermcompress.data.task import run_task
+from dermcompress.provenance.logs import job_logging
 
 with job_logging(snakemake):
     run_task(

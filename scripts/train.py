@@ -5,9 +5,9 @@ replaces itself by torchrun, which runs it on N ranks (distributed.py)."""
 
 from pathlib import Path
 
-from dermcompress.distributed import relaunch_under_torchrun
-from dermcompress.logs import exit_now, job_logging
-from dermcompress.train import run_training
+from dermcompress.learn.distributed import relaunch_under_torchrun
+from dermcompress.learn.train import run_training
+from dermcompress.provenance.logs import exit_now, job_logging
 
 relaunch_under_torchrun(snakemake.resources.gpu)
 with job_logging(snakemake):

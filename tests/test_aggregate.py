@@ -13,11 +13,11 @@ import pytest
 import yaml
 from conftest import REPO
 
-from dermcompress import aggregate, experiments, figures
-from dermcompress import runs as runs_module
-from dermcompress.loader import CacheDataset
-from dermcompress.runs import Evaluation, Run
-from dermcompress.subsample import grouped_subsample
+from dermcompress.data.loader import CacheDataset
+from dermcompress.data.subsample import grouped_subsample
+from dermcompress.learn import runs as runs_module
+from dermcompress.learn.runs import Evaluation, Run
+from dermcompress.study import aggregate, experiments, figures
 
 
 def study_config() -> dict:
@@ -263,8 +263,8 @@ def test_grouped_subsample_takes_whole_groups_per_class_nested_and_seeded():
 
 
 def test_cache_dataset_keeps_only_requested_images(tmp_path):
-    from dermcompress.cache import run_cache
-    from dermcompress.pixeltable import write_pixel_table
+    from dermcompress.data.cache import run_cache
+    from dermcompress.data.pixeltable import write_pixel_table
 
     ids = [f"ISIC_{i:07d}" for i in range(12)]
     meta = pd.DataFrame(

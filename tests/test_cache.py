@@ -10,7 +10,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from dermcompress.cache import (
+from dermcompress.data.cache import (
     CacheError,
     CacheWriter,
     ChecksumError,
@@ -21,8 +21,8 @@ from dermcompress.cache import (
     shard_plan,
     verify_cache,
 )
-from dermcompress.pixeltable import write_pixel_table
-from dermcompress.resize import numbered
+from dermcompress.data.pixeltable import write_pixel_table
+from dermcompress.data.resize import numbered
 
 CLASSES = ["MEL", "NV"]
 H, W = 6, 8  # not square, so a swapped height/width cannot pass

@@ -9,9 +9,9 @@ import pytest
 from scipy.stats import norm
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
-from dermcompress import bootstrap
-from dermcompress.compare import delong_test, holm, paired_comparison
-from dermcompress.metrics import predictions_frame
+from dermcompress.learn import bootstrap
+from dermcompress.learn.metrics import predictions_frame
+from dermcompress.study.compare import delong_test, holm, paired_comparison
 
 BINARY = ["MEL", "NV"]
 THREE = ["A", "B", "C"]

@@ -9,11 +9,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from dermcompress import datasets
-from dermcompress.ingest import gather_ingest, run_ingest
-from dermcompress.sources import DataFileError
-from dermcompress.split import run_split
-from dermcompress.synth import make_synthetic
+from dermcompress.data import datasets
+from dermcompress.data.ingest import gather_ingest, run_ingest
+from dermcompress.data.sources import DataFileError
+from dermcompress.data.split import run_split
+from dermcompress.data.synth import make_synthetic
 
 N, SEED = 60, 2
 BIG = 89_478_485

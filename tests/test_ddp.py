@@ -21,9 +21,9 @@ import torch
 from conftest import learnable_cache
 from safetensors.torch import load_file
 
-from dermcompress.checkpoints import CHECKPOINT
-from dermcompress.distributed import torchrun_command
-from dermcompress.loader import make_loader, step_batches
+from dermcompress.data.loader import make_loader, step_batches
+from dermcompress.learn.checkpoints import CHECKPOINT
+from dermcompress.learn.distributed import torchrun_command
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["MEL", "NV"]
@@ -51,7 +51,7 @@ STEPS = 6
 WORKER = """
 import json, logging, os, signal, sys, torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
-from dermcompress.train import run_training
+from dermcompress.learn.train import run_training
 torch.set_num_threads(1)
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 stop = os.environ.get("STOP")

@@ -15,13 +15,13 @@ import yaml
 from PIL import Image
 from test_resize import CACHE, MAX_PIXELS, photo_jpeg, read_cache, write_dataset
 
-from dermcompress import codec
-from dermcompress.cache import ChecksumError, bytes_stats, load_info
 from dermcompress.config import variant_settings
-from dermcompress.degrade import apply_degradation, plan_degradation, plan_rows, run_degrade
-from dermcompress.images import decode_image
-from dermcompress.pixeltable import read_table_metadata
-from dermcompress.resize import SourceChangedError, resize_image, run_resize
+from dermcompress.data import codec
+from dermcompress.data.cache import ChecksumError, bytes_stats, load_info
+from dermcompress.data.degrade import apply_degradation, plan_degradation, plan_rows, run_degrade
+from dermcompress.data.images import decode_image
+from dermcompress.data.pixeltable import read_table_metadata
+from dermcompress.data.resize import SourceChangedError, resize_image, run_resize
 
 CONFIG = yaml.safe_load((Path(__file__).parents[1] / "config.yaml").read_text())
 DEGRADED = variant_settings(CONFIG, "degraded")

@@ -12,9 +12,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dermcompress import metrics
 from dermcompress.cli import main
-from dermcompress.export import ISIC2019_CLASSES, resolve_evaluation, run_export
+from dermcompress.learn import metrics
+from dermcompress.study.export import ISIC2019_CLASSES, resolve_evaluation, run_export
 
 CLASSES = ["MEL", "NV"]
 RUN = "results/runs/vit_b16/224px/clean/finetune/lr1e-05_linear_3ep/labels1/seed0"

@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 
 from dermcompress import cli
-from dermcompress import fetch as fetch_mod
-from dermcompress.fetch import FetchError, RemoteFile, fetch
-from dermcompress.sources import GROUND_TRUTH, IMAGES_ZIP, METADATA
+from dermcompress.data import fetch as fetch_mod
+from dermcompress.data.fetch import FetchError, RemoteFile, fetch
+from dermcompress.data.sources import GROUND_TRUTH, IMAGES_ZIP, METADATA
 
 
 def make_zip() -> tuple[bytes, int]:

@@ -11,7 +11,7 @@ import pytest
 from matplotlib.collections import PathCollection
 from PIL import Image
 
-from dermcompress import figures
+from dermcompress.study import figures
 
 # (eval variant, codec, quality, kB per image at 224 px); a quarter of the bytes at 112 px.
 VARIANTS = (("png", "png", np.nan, 100.0), ("jpeg_q75", "jpeg", 75.0, 10.0))

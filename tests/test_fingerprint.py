@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from dermcompress import fingerprint
+from dermcompress.provenance import fingerprint
 
 
 def test_closure_follows_package_imports_only():
@@ -42,7 +42,10 @@ def test_relative_and_from_imports_are_resolved(tmp_path, monkeypatch):
         fingerprint.module_fingerprint.cache_clear()
 
 
-@pytest.mark.parametrize("module", ["ingest", "task", "split", "resize", "degrade", "cache", "synth"])
+@pytest.mark.parametrize(
+    "module",
+    ["data.ingest", "data.task", "data.split", "data.resize", "data.degrade", "data.cache", "data.synth"],
+)
 def test_every_stage_module_has_a_fingerprint(module):
     assert Path(fingerprint._module_path(f"dermcompress.{module}")).is_file()
     assert len(fingerprint.module_fingerprint(f"dermcompress.{module}")) == 16

@@ -17,8 +17,8 @@ from conftest import tiny_dinov2_config
 from timm.models.vision_transformer import VisionTransformer
 
 from dermcompress import cli
-from dermcompress.flops import count_gmacs, model_cost
-from dermcompress.weights import WeightsUnavailableError
+from dermcompress.learn.flops import count_gmacs, model_cost
+from dermcompress.learn.weights import WeightsUnavailableError
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -79,7 +79,7 @@ def test_classifier_counts_what_the_vit_sees():
 def test_transformers_dinov2_attention_is_counted(tmp_path):
     config = tiny_dinov2_config()
     config.save_pretrained(tmp_path)  # a config alone: FLOPs need no weights
-    from dermcompress.models import build_architecture, parse_spec
+    from dermcompress.learn.models import build_architecture, parse_spec
 
     model = build_architecture(
         parse_spec("dino", {"source": f"local:{tmp_path}"}), num_classes=2, resolution=112

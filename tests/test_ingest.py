@@ -13,9 +13,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from dermcompress.ingest import run_ingest
-from dermcompress.sources import DOC_FILES, GROUND_TRUTH, IMAGES_DIR, IMAGES_ZIP, METADATA
-from dermcompress.synth import make_synthetic
+from dermcompress.data.ingest import run_ingest
+from dermcompress.data.sources import DOC_FILES, GROUND_TRUTH, IMAGES_DIR, IMAGES_ZIP, METADATA
+from dermcompress.data.synth import make_synthetic
 
 N, SEED = 60, 1
 BIG = 89_478_485  # config.yaml's data.max_pixels
@@ -619,8 +619,8 @@ def test_reduced_decode_verification_catches_what_a_full_decode_catches(tmp_path
     """Ingest decodes JPEGs at 1/8 scale; truncation and damage anywhere must still fail as in a full decode."""
     from test_resize import photo_jpeg
 
-    from dermcompress.images import decode_image
-    from dermcompress.ingest import VERIFY_DRAFT, inspect_image
+    from dermcompress.data.images import decode_image
+    from dermcompress.data.ingest import VERIFY_DRAFT, inspect_image
 
     rng = np.random.default_rng(7)
     originals = {"baseline": photo_jpeg(rng, 1024, 1024)}

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from dermcompress.knn import knn_predict
+from dermcompress.learn.knn import knn_predict
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:

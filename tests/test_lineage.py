@@ -16,9 +16,10 @@ import pytest
 from conftest import snakemake
 from snakemake.iocontainers import InputFiles, Log, OutputFiles, Params, ResourceList, Snakemake, Wildcards
 
-from dermcompress import aggregate, fingerprint, lineage
-from dermcompress.cache import load_info, read_split, verify_cache
-from dermcompress.logs import job_logging
+from dermcompress.data.cache import load_info, read_split, verify_cache
+from dermcompress.provenance import fingerprint, lineage
+from dermcompress.provenance.logs import job_logging
+from dermcompress.study import aggregate
 
 # --------------------------------------------------------------------------------------------- records (unit)
 
@@ -79,7 +80,7 @@ def test_exit_now_keeps_everything_the_job_wrote_and_said(tmp_path):
     script.write_text(
         "import atexit, logging, sys\n"
         "import torch\n"
-        "from dermcompress.logs import exit_now, job_logging\n"
+        "from dermcompress.provenance.logs import exit_now, job_logging\n"
         "atexit.register(lambda: print('teardown ran'))\n"
         f"with job_logging({str(tmp_path / 'job.log')!r}) as log:\n"
         f"    open({str(tmp_path / 'out.txt')!r}, 'w').write('done')\n"
@@ -125,12 +126,12 @@ def test_memo_reuses_a_hash_only_while_size_and_mtime_are_unchanged(tmp_path):
 
 
 def test_code_fingerprint_names_the_packages_a_stage_imports():
-    train = fingerprint.code_fingerprint("dermcompress.train")
-    degrade = fingerprint.code_fingerprint("dermcompress.degrade")
+    train = fingerprint.code_fingerprint("dermcompress.learn.train")
+    degrade = fingerprint.code_fingerprint("dermcompress.data.degrade")
     assert {"torch", "timm"} <= set(train["packages"]) and "timm" not in degrade["packages"]
     assert "pillow" in degrade["packages"] and "tqdm" not in degrade["packages"]
-    assert train["source"] == fingerprint.module_fingerprint("dermcompress.train")
-    assert fingerprint.code_fingerprint("dermcompress.train", packages=False)["packages"] == "env"
+    assert train["source"] == fingerprint.module_fingerprint("dermcompress.learn.train")
+    assert fingerprint.code_fingerprint("dermcompress.learn.train", packages=False)["packages"] == "env"
 
 
 def test_runs_column_contract_is_the_aggregations():
@@ -208,7 +209,7 @@ def test_table_row_names_the_raw_image_hashes_of_its_test_split(finished_study):
     assert degrades["degraded"]["params"]["variant"]["jpeg_quality"] == 75
     assert stages["split"]["params"]["test_fraction"] == 0.2
     assert stages["resize"]["wildcards"] == {"res": "16"}
-    assert stages["degrade"]["code"]["source"] == fingerprint.module_fingerprint("dermcompress.degrade")
+    assert stages["degrade"]["code"]["source"] == fingerprint.module_fingerprint("dermcompress.data.degrade")
     text = cli(finished_study, "results/tables/base.md", "--row", "0").stdout
     assert f"test  {test_ids[0]}  sha256 {named[test_ids[0]]}" in text
     assert "OK: all" in text and "Removed after use (1)" in text
@@ -311,8 +312,8 @@ def test_official_zip_layout_names_the_raw_files_and_flags_a_changed_member(tmp_
 
     from conftest import copy_workflow, write_config
 
-    from dermcompress.sources import GROUND_TRUTH, IMAGES_ZIP, METADATA
-    from dermcompress.synth import make_synthetic
+    from dermcompress.data.sources import GROUND_TRUTH, IMAGES_ZIP, METADATA
+    from dermcompress.data.synth import make_synthetic
 
     root = make_synthetic(tmp_path / "isic", n=30, seed=1, as_zip=True)
     workdir = copy_workflow(tmp_path / "wf")

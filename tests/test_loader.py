@@ -10,10 +10,10 @@ import pytest
 import torch
 from torchvision.transforms.functional import normalize as tv_normalize
 
-from dermcompress import augment
-from dermcompress.cache import ChecksumError, run_cache
-from dermcompress.loader import CacheDataset, make_loader, normalize
-from dermcompress.pixeltable import write_pixel_table
+from dermcompress.data.cache import ChecksumError, run_cache
+from dermcompress.data.loader import CacheDataset, make_loader, normalize
+from dermcompress.data.pixeltable import write_pixel_table
+from dermcompress.learn import augment
 
 CLASSES = ["MEL", "NV"]
 H, W = 5, 7

@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
-from dermcompress import bootstrap
-from dermcompress.metrics import (
+from dermcompress.learn import bootstrap
+from dermcompress.learn.metrics import (
     EXTRA_KEYS,
     METRIC_KEYS,
     VAL_PREFIX,

@@ -11,10 +11,10 @@ import torch
 from conftest import REPO, tiny_dinov2_config
 from safetensors.torch import save_file
 
-from dermcompress.config import ConfigError
-from dermcompress.models import Classifier, LoraUnsupportedError, build_architecture, build_model
-from dermcompress.registry import DEFAULT_MODELS, effective_input, parse_spec
-from dermcompress.weights import (
+from dermcompress.errors import ConfigError
+from dermcompress.learn.models import Classifier, LoraUnsupportedError, build_architecture, build_model
+from dermcompress.learn.registry import DEFAULT_MODELS, effective_input, parse_spec
+from dermcompress.learn.weights import (
     UnsafeCheckpointError,
     WeightsMismatchError,
     WeightsUnavailableError,

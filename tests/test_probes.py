@@ -13,12 +13,12 @@ import torch
 from conftest import learnable_cache
 from safetensors.torch import load_file
 
-from dermcompress import probes
-from dermcompress.features import read_features, run_features
-from dermcompress.loader import make_loader, normalize
-from dermcompress.metrics import METRIC_KEYS, VAL_PREFIX, compute_run_metrics
-from dermcompress.models import build_seeded
-from dermcompress.runs import HISTORY_COLUMNS
+from dermcompress.data.loader import make_loader, normalize
+from dermcompress.learn import probes
+from dermcompress.learn.features import read_features, run_features
+from dermcompress.learn.metrics import METRIC_KEYS, VAL_PREFIX, compute_run_metrics
+from dermcompress.learn.models import build_seeded
+from dermcompress.learn.runs import HISTORY_COLUMNS
 
 RES = 32
 MODEL, ENTRY = "test_vit", {"source": "timm:test_vit", "pretrained": False}

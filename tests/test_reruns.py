@@ -107,7 +107,7 @@ def test_new_resolution_reruns_only_its_resize_and_downstream(finished_study):
 
 
 def test_edit_to_degradation_module_reruns_degradation_and_downstream(finished_study):
-    module = finished_study / "src/dermcompress/degrade.py"
+    module = finished_study / "src/dermcompress/data/degrade.py"
     original = module.read_text()
     try:
         module.write_text(original + "\n# an edit\n")
@@ -125,13 +125,28 @@ def test_edit_to_degradation_module_reruns_degradation_and_downstream(finished_s
     assert "data_summary" not in rules_of(jobs)
 
 
+def test_edit_to_experiment_grid_code_reruns_only_the_study(finished_study):
+    """The grids' code (study/experiments.py) is read by config checks and tables, never by a data stage or a
+    run: editing it reruns the tables that expand the grids, nothing upstream."""
+    module = finished_study / "src/dermcompress/study/experiments.py"
+    original = module.read_text()
+    try:
+        module.write_text(original + "\n# an edit\n")
+        jobs = dry_run(finished_study)
+    finally:
+        module.write_text(original)
+    assert not rules_of(jobs) & DATA_RULES
+    assert not rules_of(jobs) & {"train", "evaluate", "features", "linear", "evaluate_probe"}
+    assert tables(jobs) == {"base", "other"}
+
+
 def test_edit_to_training_code_retrains_from_step_zero(finished_study, tmp_path):
     """A finished run rerun because its training code changed trains again, from step 0: no checkpoint of the
     old code is left to stand in for the training (results/checkpoints/ held finished runs before)."""
     workdir = tmp_path / "study"
     shutil.copytree(finished_study, workdir, symlinks=True)
     assert not list((workdir / "results/checkpoints").rglob("*.pt"))
-    module = workdir / "src/dermcompress/train.py"
+    module = workdir / "src/dermcompress/learn/train.py"
     module.write_text(module.read_text() + "\n# an edit to the training code\n")
     proc = snakemake(workdir)
     assert "rule train:" in proc.stdout + proc.stderr

@@ -12,10 +12,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from dermcompress.cache import iter_shards, load_info
-from dermcompress.images import decode_image
-from dermcompress.pixeltable import PIXELS, arrow_to_pixels, read_table_metadata
-from dermcompress.resize import (
+from dermcompress.data.cache import iter_shards, load_info
+from dermcompress.data.images import decode_image
+from dermcompress.data.pixeltable import PIXELS, arrow_to_pixels, read_table_metadata
+from dermcompress.data.resize import (
     SourceChangedError,
     draft_size_for,
     load_resized,
@@ -248,7 +248,7 @@ def test_split_members_reads_the_files_ingest_and_split_write(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from dermcompress.resize import split_members
+    from dermcompress.data.resize import split_members
 
     splits, manifest = write_dataset(tmp_path / "images", n_small=4, n_large=0)
     splits.to_parquet(tmp_path / "splits.parquet")
@@ -276,7 +276,7 @@ def test_split_images_must_be_ok_in_the_manifest(tmp_path):
 
 
 def test_small_jobs_ask_for_one_thread_large_ones_one_per_thousand_images(tmp_path):
-    from dermcompress.resize import images_in, job_threads
+    from dermcompress.data.resize import images_in, job_threads
 
     assert [job_threads(n) for n in (1, 60, 1000, 1001, 2400, 25_331)] == [1, 1, 1, 2, 3, 26]
     splits, manifest = write_dataset(tmp_path / "images", n_small=6, n_large=0)

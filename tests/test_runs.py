@@ -15,7 +15,7 @@ from conftest import copy_workflow, snakemake, write_config
 from safetensors.torch import save_file
 from test_workflow import planned_jobs
 
-from dermcompress.plan import format_plan, make_plan
+from dermcompress.study.plan import format_plan, make_plan
 
 pytestmark = pytest.mark.workflow
 

@@ -12,9 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import copy_workflow, snakemake, write_config
 
-from dermcompress import lineage
-from dermcompress.cache import load_info
-from dermcompress.synth import make_synthetic
+from dermcompress.data.cache import load_info
+from dermcompress.data.synth import make_synthetic
+from dermcompress.provenance import lineage
 
 pytestmark = pytest.mark.workflow
 

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dermcompress import split as split_module
-from dermcompress.split import COLUMNS, grouped_split, run_split, split_report
+from dermcompress.data import split as split_module
+from dermcompress.data.split import COLUMNS, grouped_split, run_split, split_report
 
 GROUPS = ["patient_id", "lesion_id"]
 FAST = settings(max_examples=30, deadline=None)

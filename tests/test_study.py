@@ -17,8 +17,8 @@ import pytest
 from conftest import copy_workflow, snakemake, write_config
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
 
-from dermcompress.experiments import expand, figure_kinds, format_number
-from dermcompress.runs import parse_eval_dir
+from dermcompress.learn.runs import parse_eval_dir
+from dermcompress.study.experiments import expand, figure_kinds, format_number
 
 pytestmark = pytest.mark.workflow
 

@@ -13,8 +13,8 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from dermcompress import ISIC_CLASSES
-from dermcompress.sources import DOC_FILES, GROUND_TRUTH, IMAGES_DIR, IMAGES_ZIP, METADATA
-from dermcompress.synth import BCN_SIZE, HAM_SIZE, MSK_SIZES, SITES, class_counts, make_synthetic
+from dermcompress.data.sources import DOC_FILES, GROUND_TRUTH, IMAGES_DIR, IMAGES_ZIP, METADATA
+from dermcompress.data.synth import BCN_SIZE, HAM_SIZE, MSK_SIZES, SITES, class_counts, make_synthetic
 
 N, SEED = 60, 7
 

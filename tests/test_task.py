@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dermcompress.task import run_task, select_task
+from dermcompress.data.task import run_task, select_task
 
 MANIFEST_COLUMNS = [
     "image_id",
@@ -140,7 +140,7 @@ def test_run_task_round_trip(tmp_path, manifest, caplog):
     manifest_path = tmp_path / "manifest.parquet"
     manifest.assign(patient_id=[f"IP_{i % 40}" for i in range(len(manifest))]).to_parquet(manifest_path)
     out = tmp_path / "data" / "task.parquet"
-    with caplog.at_level(logging.INFO, logger="dermcompress.task"):
+    with caplog.at_level(logging.INFO, logger="dermcompress.data.task"):
         returned = run_task(
             manifest=manifest_path, task_out=out, classes=["MEL", "NV"], balance="undersample", seed=0
         )

@@ -20,15 +20,15 @@ from conftest import learnable_cache
 from safetensors.torch import load_file
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-from dermcompress import models
-from dermcompress.checkpoints import CHECKPOINT
-from dermcompress.evaluate import run_evaluation
-from dermcompress.inference import predict
-from dermcompress.loader import make_loader
-from dermcompress.metrics import EXTRA_KEYS, METRIC_KEYS, VAL_PREFIX, compute_run_metrics
-from dermcompress.runs import HISTORY_COLUMNS
-from dermcompress.settings import resolve_settings
-from dermcompress.train import run_training
+from dermcompress.data.loader import make_loader
+from dermcompress.learn import models
+from dermcompress.learn.checkpoints import CHECKPOINT
+from dermcompress.learn.evaluate import run_evaluation
+from dermcompress.learn.inference import predict
+from dermcompress.learn.metrics import EXTRA_KEYS, METRIC_KEYS, VAL_PREFIX, compute_run_metrics
+from dermcompress.learn.runs import HISTORY_COLUMNS
+from dermcompress.learn.settings import resolve_settings
+from dermcompress.learn.train import run_training
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["MEL", "NV"]
@@ -273,7 +273,7 @@ def test_augmentation_is_seeded_and_changes_training(caches, finetuned, tmp_path
 INTERRUPTED = """
 import json, os, signal, sys, torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
-from dermcompress.train import run_training
+from dermcompress.learn.train import run_training
 args, threads, stop_at = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 torch.set_num_threads(threads)
 steps = 0

@@ -18,12 +18,12 @@ import yaml
 from conftest import copy_workflow, snakemake, tiny_dinov2_config, write_config
 from safetensors.torch import load_file, save_file
 
-from dermcompress.features import read_features
-from dermcompress.loader import make_loader, normalize
-from dermcompress.metrics import METRIC_KEYS, VAL_PREFIX, compute_run_metrics
-from dermcompress.models import build_model
-from dermcompress.registry import parse_spec
-from dermcompress.runs import HISTORY_COLUMNS, MODES, parse_eval_dir
+from dermcompress.data.loader import make_loader, normalize
+from dermcompress.learn.features import read_features
+from dermcompress.learn.metrics import METRIC_KEYS, VAL_PREFIX, compute_run_metrics
+from dermcompress.learn.models import build_model
+from dermcompress.learn.registry import parse_spec
+from dermcompress.learn.runs import HISTORY_COLUMNS, MODES, parse_eval_dir
 
 pytestmark = pytest.mark.workflow
 

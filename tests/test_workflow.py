@@ -12,7 +12,7 @@ import pytest
 import yaml
 from conftest import copy_workflow, snakemake, write_config
 
-from dermcompress.cache import load_info, read_split
+from dermcompress.data.cache import load_info, read_split
 
 pytestmark = pytest.mark.workflow
 
@@ -155,7 +155,7 @@ def test_new_resolution_reruns_only_its_resize_and_downstream(finished):
 
 
 def test_edit_to_degradation_module_reruns_degradation_and_downstream(finished):
-    module = finished / "src/dermcompress/degrade.py"
+    module = finished / "src/dermcompress/data/degrade.py"
     original = module.read_text()
     try:
         module.write_text(original + "\n# an edit\n")
@@ -174,7 +174,7 @@ def test_edit_to_degradation_module_reruns_degradation_and_downstream(finished):
 def test_cache_checksum_failure_names_the_shard(finished, tmp_path):
     import shutil
 
-    from dermcompress.cache import ChecksumError
+    from dermcompress.data.cache import ChecksumError
 
     cache = tmp_path / "cache"
     shutil.copytree(finished / f"results/cache/{RESOLUTIONS[0]}px/clean", cache)

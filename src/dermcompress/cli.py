@@ -8,12 +8,12 @@ import os
 import sys
 from pathlib import Path
 
-# dermcompress.fetch.SOURCES, named here so the parser imports no network code (tests/test_fetch.py checks).
+# dermcompress.data.fetch.SOURCES, named here so the parser imports no network code (tests/test_fetch.py checks).
 FETCH_SOURCES = ("isic2019", "isic2020", "ham10000")
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from dermcompress.synth import make_synthetic
+    from dermcompress.data.synth import make_synthetic
 
     try:
         root = make_synthetic(Path(args.out), n=args.n, seed=args.seed, as_zip=args.zip, source=args.source)
@@ -24,7 +24,7 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _fetch(args: argparse.Namespace) -> int:
-    from dermcompress.fetch import FetchError, fetch
+    from dermcompress.data.fetch import FetchError, fetch
 
     try:
         outcome = fetch(args.source, args.dest, only=args.only, mirror=args.mirror)
@@ -45,7 +45,7 @@ def _flops(args: argparse.Namespace) -> int:
 
     import yaml
 
-    from dermcompress.flops import model_cost
+    from dermcompress.learn.flops import model_cost
 
     registry = None
     config = Path(args.config) if args.config else Path("config.yaml")
@@ -61,7 +61,7 @@ def _flops(args: argparse.Namespace) -> int:
 def _lineage(args: argparse.Namespace) -> int:
     import json
 
-    from dermcompress.lineage import LineageError, format_text, trace
+    from dermcompress.provenance.lineage import LineageError, format_text, trace
 
     try:
         report = trace(args.path, row=args.row, verify=not args.no_verify, external=args.external)
@@ -77,7 +77,7 @@ def _lineage(args: argparse.Namespace) -> int:
 def _plan(args: argparse.Namespace) -> int:
     import json
 
-    from dermcompress.plan import format_plan, make_plan
+    from dermcompress.study.plan import format_plan, make_plan
 
     try:
         plan = make_plan(
@@ -94,7 +94,7 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _export_isic(args: argparse.Namespace) -> int:
-    from dermcompress.export import run_export
+    from dermcompress.study.export import run_export
 
     try:
         counts = run_export(

@@ -11,20 +11,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from dermcompress import codec, experiments
+from dermcompress.data import codec
+from dermcompress.data.degrade import DEGRADATIONS
+from dermcompress.errors import ConfigError
+from dermcompress.study import experiments
 
-DEGRADATIONS = ("jpeg", "blur", "quantize")
+__all__ = ["ConfigError", "check", "refuse_alias_bomb", "variant_settings"]
 DEFAULT_DEGRADED_SPLITS = ("train",)
 # Far more than any real config (config.yaml has ~500); a YAML alias bomb of a few lines has billions.
 MAX_CONFIG_NODES = 1_000_000
-
-
-class ConfigError(ValueError):
-    """A config value that is well-typed but unusable; the message starts with the key's dotted path."""
-
-    def __init__(self, key: str, problem: str) -> None:
-        super().__init__(f"config key '{key}': {problem}")
-        self.key = key
 
 
 def config_nodes(value: Any, _memo: dict[int, int] | None = None) -> int:

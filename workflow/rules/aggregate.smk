@@ -18,7 +18,7 @@ rule data_summary:
     conda:
         "../../envs/report.yaml"
     params:
-        code=get_code("aggregate"),
+        code=get_code("study.aggregate"),
     script:
         "../../scripts/data_summary.py"
 
@@ -39,7 +39,7 @@ rule bytes_summary:
     conda:
         "../../envs/report.yaml"
     params:
-        code=get_code("bytes_summary"),
+        code=get_code("study.bytes_summary"),
     script:
         "../../scripts/bytes_summary.py"
 
@@ -59,7 +59,7 @@ rule runs_index:
     conda:
         "../../envs/report.yaml"
     params:
-        code=get_code("aggregate"),
+        code=get_code("study.aggregate"),
     script:
         "../../scripts/runs_index.py"
 
@@ -89,7 +89,7 @@ rule table:
         reference=get_reference,
         n_bootstrap=config["training"]["n_bootstrap"],
         runs=get_experiment_runs,
-        code=get_code("aggregate"),
+        code=get_code("study.aggregate"),
     script:
         "../../scripts/table.py"
 
@@ -114,7 +114,7 @@ rule figure_curves:
         kind="curves",
         title=get_title,
         runs=get_experiment_runs,
-        code=get_code("figures"),
+        code=get_code("study.figures"),
     script:
         "../../scripts/figure.py"
 
@@ -136,7 +136,7 @@ use rule figure_curves as figure_cost with:
         kind="cost",
         title=get_title,
         runs=get_experiment_runs,
-        code=get_code("figures"),
+        code=get_code("study.figures"),
 
 
 use rule figure_curves as figure_robustness with:
@@ -156,7 +156,7 @@ use rule figure_curves as figure_robustness with:
         kind="robustness",
         title=get_title,
         runs=get_experiment_runs,
-        code=get_code("figures"),
+        code=get_code("study.figures"),
 
 
 use rule figure_curves as figure_label_efficiency with:
@@ -176,7 +176,7 @@ use rule figure_curves as figure_label_efficiency with:
         kind="label_efficiency",
         title=get_title,
         runs=get_experiment_runs,
-        code=get_code("figures"),
+        code=get_code("study.figures"),
 
 
 # Drawn from the experiment's table (bytes and paired differences beside the metrics), not from the runs.
@@ -199,7 +199,7 @@ rule figure_rate_accuracy:
         kind="rate_accuracy",
         title=get_title,
         runs=get_experiment_runs,
-        code=get_code("figures"),
+        code=get_code("study.figures"),
     script:
         "../../scripts/table_figure.py"
 
@@ -219,4 +219,4 @@ use rule figure_rate_accuracy as figure_forest with:
         kind="forest",
         title=get_title,
         runs=get_experiment_runs,
-        code=get_code("figures"),
+        code=get_code("study.figures"),

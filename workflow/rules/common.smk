@@ -4,16 +4,11 @@ import os
 from pathlib import Path
 
 from dermcompress import config as dc_config
-from dermcompress import (
-    datasets,
-    experiments,
-    fingerprint,
-    lineage,
-    resize,
-    runs,
-    sources,
-)
-from dermcompress.fingerprint import code_fingerprint
+from dermcompress.data import datasets, resize, sources
+from dermcompress.study import experiments
+from dermcompress.provenance import fingerprint, lineage
+from dermcompress.learn import runs
+from dermcompress.provenance.fingerprint import code_fingerprint
 from snakemake_interface_executor_plugins.settings import DeploymentMethod
 
 # What the schema cannot say, and each experiment's `training:` overrides against the training section's.
@@ -73,7 +68,7 @@ def get_code(module):
     """What a job depends on besides its inputs: the fingerprint of a package module and everything it imports from
     the package, and the installed versions of the third-party packages those modules import.
 
-    Passed as a param, so that editing e.g. dermcompress/degrade.py, or installing another Pillow, reruns
+    Passed as a param, so that editing e.g. dermcompress/data/degrade.py, or installing another Pillow, reruns
     degradation and what follows, which Snakemake cannot see on its own (it only tracks the script file). Jobs
     in conda envs leave the versions out: Snakemake tracks those envs itself, and this interpreter's packages
     are not theirs.

@@ -16,7 +16,7 @@ rule synth:
         source=SOURCE,
         n=config["data"]["synthetic"]["n"],
         seed=config["data"]["synthetic"]["seed"],
-        code=get_code("synth"),
+        code=get_code("data.synth"),
     script:
         "../../scripts/synth.py"
 
@@ -43,7 +43,7 @@ if INGEST_PARTS == 1:
             max_pixels=config["data"]["max_pixels"],
             max_file_bytes=config["data"]["max_file_bytes"],
             synthetic=SYNTHETIC,
-            code=get_code("ingest"),
+            code=get_code("data.ingest"),
         script:
             "../../scripts/ingest.py"
 
@@ -67,7 +67,7 @@ else:
             synthetic=SYNTHETIC,
             part=get_part,
             parts=INGEST_PARTS,
-            code=get_code("ingest"),
+            code=get_code("data.ingest"),
         script:
             "../../scripts/ingest.py"
 
@@ -84,7 +84,7 @@ else:
         conda:
             "../../envs/data.yaml"
         params:
-            code=get_code("ingest"),
+            code=get_code("data.ingest"),
         script:
             "../../scripts/ingest_gather.py"
 
@@ -104,7 +104,7 @@ rule task:
         classes=config["data"]["classes"],
         balance=config["data"]["balance"],
         seed=config["data"]["seed"],
-        code=get_code("task"),
+        code=get_code("data.task"),
     script:
         "../../scripts/task.py"
 
@@ -126,7 +126,7 @@ rule split:
         test_fraction=config["split"]["test_fraction"],
         val_fraction=config["split"]["val_fraction"],
         seed=config["split"]["seed"],
-        code=get_code("split"),
+        code=get_code("data.split"),
     script:
         "../../scripts/split.py"
 
@@ -158,7 +158,7 @@ if RESIZE_PARTS == 1:
             classes=config["data"]["classes"],
             rows_per_shard=config["cache"]["rows_per_shard"],
             row_group_size=config["cache"]["row_group_size"],
-            code=get_code("resize"),
+            code=get_code("data.resize"),
         script:
             "../../scripts/resize.py"
 
@@ -191,7 +191,7 @@ else:
             row_group_size=config["cache"]["row_group_size"],
             part=get_part,
             parts=RESIZE_PARTS,
-            code=get_code("resize"),
+            code=get_code("data.resize"),
         script:
             "../../scripts/resize.py"
 
@@ -208,7 +208,7 @@ else:
         conda:
             "../../envs/data.yaml"
         params:
-            code=get_code("resize"),
+            code=get_code("data.resize"),
         script:
             "../../scripts/resize_gather.py"
 
@@ -234,6 +234,6 @@ rule degrade:
         order=config["degrade"]["order"],
         max_pixels=config["data"]["max_pixels"],
         max_file_bytes=config["data"]["max_file_bytes"],
-        code=get_code("degrade"),
+        code=get_code("data.degrade"),
     script:
         "../../scripts/degrade.py"

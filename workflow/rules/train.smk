@@ -1,4 +1,4 @@
-# The run layer (src/dermcompress/runs.py): each distinct training once, evaluated once per eval variant.
+# The run layer (src/dermcompress/learn/runs.py): each distinct training once, evaluated once per eval variant.
 #   train -> weights (temporary) -> evaluate        finetune, freeze_blocks, lora: one cluster job per training
 #   features (once per model x resolution x variant x split) -> linear -> evaluate_probe   linear probes
 #   features -> evaluate_probe                                                            knn
@@ -34,7 +34,7 @@ rule train:
         settings=get_run_settings,
         # Outside the declared outputs: Snakemake must not delete it when an attempt fails or is preempted.
         checkpoint_dir=CHECKPOINT_DIR,
-        code=get_code("train"),
+        code=get_code("learn.train"),
     script:
         "../../scripts/train.py"
 
@@ -63,7 +63,7 @@ rule evaluate:
     params:
         model=get_model_entry,
         settings=get_run_settings,
-        code=get_code("evaluate"),
+        code=get_code("learn.evaluate"),
     script:
         "../../scripts/evaluate.py"
 
@@ -90,7 +90,7 @@ rule features:
         model=get_model_entry,
         settings=config["training"],
         seed=get_features_seed,
-        code=get_code("features"),
+        code=get_code("learn.features"),
     script:
         "../../scripts/features.py"
 
@@ -116,7 +116,7 @@ rule linear:
         "../../envs/torch.yaml"
     params:
         settings=get_run_settings,
-        code=get_code("probes"),
+        code=get_code("learn.probes"),
     script:
         "../../scripts/linear.py"
 
@@ -137,6 +137,6 @@ rule evaluate_probe:
         "../../envs/torch.yaml"
     params:
         settings=get_run_settings,
-        code=get_code("probes"),
+        code=get_code("learn.probes"),
     script:
         "../../scripts/evaluate_probe.py"

@@ -23,16 +23,16 @@ import pyarrow.parquet as pq
 from PIL import Image
 from tqdm import tqdm
 
-from dermcompress.datasets import (
+from dermcompress.data.datasets import (
     LABEL_COLUMNS,
     default_labels,
     join_extra,
     lesion_conflicts,
     read_source,
 )
-from dermcompress.groups import connected_groups
-from dermcompress.images import ImageError, decode_image, image_size
-from dermcompress.sources import (
+from dermcompress.data.groups import connected_groups
+from dermcompress.data.images import ImageError, decode_image, image_size
+from dermcompress.data.sources import (
     DEFAULT_MAX_FILE_BYTES,
     SYNTHETIC_BANNER,
     SourceError,

@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from dermcompress.config import ConfigError
-from dermcompress.models import build_architecture
-from dermcompress.registry import DEFAULT_MODELS, ModelSpec, parse_spec
+from dermcompress.errors import ConfigError
+from dermcompress.learn.models import build_architecture
+from dermcompress.learn.registry import DEFAULT_MODELS, ModelSpec, parse_spec
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ Defaults (``DEFAULT_MODELS``, copied into config.yaml)
   ``python convert.py ResNet50_1x/model.ckpt-225206 resnet50-1x.pth``) or
   https://github.com/Separius/SimCLRv2-Pytorch (v2), then to safetensors with timm's key names::
 
-      python -c "from dermcompress.weights import convert_simclr_checkpoint as c; \\
+      python -c "from dermcompress.learn.weights import convert_simclr_checkpoint as c; \\
                  c('resnet50-1x.pth', 'models/simclr_r50.safetensors')"
 
   tonylins' checkpoint uses torchvision's ResNet names, which timm's ``resnet50`` shares, so the conversion only
@@ -52,7 +52,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .config import ConfigError
+from dermcompress.errors import ConfigError
 
 SOURCE_KINDS = ("timm", "hf", "local")
 ENTRY_KEYS = ("source", "arch", "pretrained", "pad_to_patch", "mean", "std", "description")

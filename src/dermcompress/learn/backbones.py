@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import ConfigError
+from dermcompress.errors import ConfigError
+
 from .registry import ModelSpec, effective_input
 from .weights import (
     WeightsMismatchError,

@@ -29,12 +29,11 @@ import pyarrow as pa
 from PIL import Image
 from tqdm import tqdm
 
-from dermcompress import codec
-from dermcompress.cache import BYTES_TYPES, CacheWriter, iter_shards, load_info, verify_cache
-from dermcompress.config import DEGRADATIONS
-from dermcompress.images import ImageError, decode_image
-from dermcompress.pixeltable import PIXELS, arrow_to_pixels, read_parquet, read_table_metadata
-from dermcompress.resize import (
+from dermcompress.data import codec
+from dermcompress.data.cache import BYTES_TYPES, CacheWriter, iter_shards, load_info, verify_cache
+from dermcompress.data.images import ImageError, decode_image
+from dermcompress.data.pixeltable import PIXELS, arrow_to_pixels, read_parquet, read_table_metadata
+from dermcompress.data.resize import (
     NONE,
     PathOrFrame,
     SourceChangedError,
@@ -46,10 +45,12 @@ from dermcompress.resize import (
     resize_image,
     source_changed,
 )
-from dermcompress.sources import DEFAULT_MAX_FILE_BYTES, image_paths
+from dermcompress.data.sources import DEFAULT_MAX_FILE_BYTES, image_paths
 
 log = logging.getLogger(__name__)
 
+# In the order plan_degradation lays their fractions out on [0, 1).
+DEGRADATIONS = ("jpeg", "blur", "quantize")
 ORDERS = ("after_resize", "before_resize")
 QUANTIZE_METHODS = {
     "maxcoverage": Image.Quantize.MAXCOVERAGE,

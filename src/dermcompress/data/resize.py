@@ -27,11 +27,11 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from dermcompress.cache import BYTES_TYPES, CacheError, CacheWriter, check_rows, load_info, shard_plan
-from dermcompress.codec import REFERENCE, png_size
-from dermcompress.images import ImageError, decode_image
-from dermcompress.pixeltable import read_parquet
-from dermcompress.sources import (
+from dermcompress.data.cache import BYTES_TYPES, CacheError, CacheWriter, check_rows, load_info, shard_plan
+from dermcompress.data.codec import REFERENCE, png_size
+from dermcompress.data.images import ImageError, decode_image
+from dermcompress.data.pixeltable import read_parquet
+from dermcompress.data.sources import (
     DEFAULT_MAX_FILE_BYTES,
     ImageSource,
     ImageSources,

@@ -28,7 +28,7 @@ from pathlib import Path
 import pandas as pd
 
 from dermcompress import ISIC_CLASSES
-from dermcompress.sources import DataFileError, official_paths
+from dermcompress.data.sources import DataFileError, official_paths
 
 log = logging.getLogger(__name__)
 

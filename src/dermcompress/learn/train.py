@@ -26,9 +26,11 @@ import pandas as pd
 import torch
 from torch import nn
 
-from . import cache, checkpoints, devices, distributed, flops, models, subsample, weights
+from dermcompress.data import cache, subsample
+from dermcompress.data.loader import make_loader
+
+from . import checkpoints, devices, distributed, flops, models, weights
 from .checkpoints import CHECKPOINT
-from .loader import make_loader
 from .loop import Loop, train
 from .modes import count_m, prepare_mode
 from .phases import Phases

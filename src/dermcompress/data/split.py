@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
-from dermcompress.groups import connected_groups, id_counts
+from dermcompress.data.groups import connected_groups, id_counts
 
 logger = logging.getLogger(__name__)
 

@@ -30,10 +30,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from dermcompress.data.loader import normalize, step_batches
+
 from . import augment, checkpoints, devices, distributed
 from .checkpoints import Preempted
 from .inference import predict
-from .loader import normalize, step_batches
 from .modes import set_train_mode
 from .optim import lr_lambda, param_groups
 from .phases import Phases

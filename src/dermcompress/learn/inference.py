@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .loader import normalize
+from dermcompress.data.loader import normalize
 
 
 @torch.no_grad()

@@ -23,7 +23,7 @@ import copy
 import itertools
 from typing import Any
 
-from .runs import PROBE_MODES, TRAINED_MODES, Evaluation, Run, identity_tag, is_pretrained
+from dermcompress.learn.runs import PROBE_MODES, TRAINED_MODES, Evaluation, Run, identity_tag, is_pretrained
 
 # Grid key in config.yaml -> field. Seeds last: repeats of one setting sit together.
 GRID_KEYS = {

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .cache import SPLITS, load_info
+from dermcompress.data.cache import SPLITS, load_info
 
 log = logging.getLogger(__name__)
 

@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from dermcompress import datasets
-from dermcompress.synth import MARKER, Plan, _Writer, render_images
+from dermcompress.data import datasets
+from dermcompress.data.synth import MARKER, Plan, _Writer, render_images
 
 log = logging.getLogger(__name__)
 

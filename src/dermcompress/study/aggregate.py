@@ -31,10 +31,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from dermcompress.learn.runs import parse_eval_dir
+
 from . import compare
 from .bytes_summary import bytes_table, split_bytes
 from .experiments import spelt
-from .runs import parse_eval_dir
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,11 @@ from pathlib import Path
 import pandas as pd
 from safetensors.torch import load_file
 
-from . import cache, devices, metrics, models
+from dermcompress.data import cache
+from dermcompress.data.loader import make_loader
+
+from . import devices, metrics, models
 from .inference import predict
-from .loader import make_loader
 from .modes import prepare_mode
 from .phases import Phases
 from .settings import resolve_settings

@@ -29,9 +29,10 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from .cache import INFO, file_sha256
+from dermcompress.data.cache import INFO, file_sha256
+from dermcompress.learn.runs import RUN_FILES, TEMPORARY_FILES
+
 from .fingerprint import PACKAGE_DIR, package_versions
-from .runs import RUN_FILES, TEMPORARY_FILES
 
 FORMAT = "dermcompress-lineage/1"
 RECORD_SUFFIX = ".lineage.json"
@@ -658,7 +659,7 @@ class Checker:
 
     def raw_images(self, manifest: Any, source: Path, used: frozenset[str]) -> None:
         """Rehash every raw image the manifest vouches for (folder or zip) and flag those that changed."""
-        from .sources import ImageSource
+        from dermcompress.data.sources import ImageSource
 
         listed = manifest[manifest["sha256"].notna() & manifest["member"].notna()]
         if source.is_dir():
@@ -683,7 +684,7 @@ class Checker:
 
 def _read_sha(images: Any, member: str) -> str | None:
     """sha256 of a zip member (bounded read, as ingest's), None if it is gone or unreadable."""
-    from .sources import SourceError
+    from dermcompress.data.sources import SourceError
 
     try:
         return hashlib.sha256(images.read(member)).hexdigest()

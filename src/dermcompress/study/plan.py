@@ -33,7 +33,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from .runs import FEATURES, Evaluation, Run, is_pretrained
+from dermcompress.learn.runs import FEATURES, Evaluation, Run, is_pretrained
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def parse_jobs(text: str) -> tuple[list[Job], list[set[str]]]:
 def split_sizes(workdir: Path, config: dict[str, Any], full: bool = False) -> tuple[dict[str, int], str]:
     """Images per split: measured (the splits table), else estimated from ISIC 2019's class counts (or the
     synthetic data set's, which follow them); `full`: ISIC 2019's, whatever the config's data are."""
-    from .synth import REAL_CLASS_COUNTS, class_counts
+    from dermcompress.data.synth import REAL_CLASS_COUNTS, class_counts
 
     table = workdir / "results/data/splits.parquet"
     if table.is_file() and not full:
@@ -113,7 +113,7 @@ def split_sizes(workdir: Path, config: dict[str, Any], full: bool = False) -> tu
 
 def model_sizes(config: dict[str, Any], jobs: list[Job]) -> dict[tuple[str, int], dict[str, float]]:
     """(model, res) -> gmacs, params_m, feature_dim of the GPU jobs' models, built without weights."""
-    from .flops import model_cost
+    from dermcompress.learn.flops import model_cost
 
     sizes = {}
     used = {(j.wildcards["model"], int(j.wildcards["res"])) for j in jobs if j.rule in GPU_RULES}

@@ -28,7 +28,7 @@ from urllib.error import HTTPError, URLError
 from urllib.parse import quote, urlsplit
 from urllib.request import Request, urlopen
 
-from dermcompress.sources import GROUND_TRUTH, IMAGES_ZIP, METADATA
+from dermcompress.data.sources import GROUND_TRUTH, IMAGES_ZIP, METADATA
 
 log = logging.getLogger(__name__)
 

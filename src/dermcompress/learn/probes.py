@@ -35,9 +35,11 @@ from safetensors.torch import load_file, save_file
 from sklearn.metrics import balanced_accuracy_score
 from torch import nn
 
-from . import knn, metrics, subsample
+from dermcompress.data import subsample
+from dermcompress.data.loader import PERMUTATION, epoch_generator
+
+from . import knn, metrics
 from .features import Features, read_features
-from .loader import PERMUTATION, epoch_generator
 from .phases import Phases
 from .runs import HISTORY_COLUMNS
 from .settings import resolve_settings

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .metrics import PROB_PREFIX
+from dermcompress.learn.metrics import PROB_PREFIX
 
 # The official ground truth's class columns, in its order.
 ISIC2019_CLASSES = ("MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC", "UNK")

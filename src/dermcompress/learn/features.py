@@ -24,8 +24,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import cache, devices, flops, models
-from .loader import make_loader, normalize
+from dermcompress.data import cache
+from dermcompress.data.loader import make_loader, normalize
+
+from . import devices, flops, models
 from .modes import count_m
 from .phases import Phases
 from .settings import resolve_settings

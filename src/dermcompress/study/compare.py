@@ -23,8 +23,8 @@ import pandas as pd
 from scipy.stats import norm, rankdata
 from sklearn.metrics import balanced_accuracy_score
 
-from . import bootstrap
-from .metrics import auc_score, class_indices, prob_columns
+from dermcompress.learn import bootstrap
+from dermcompress.learn.metrics import auc_score, class_indices, prob_columns
 
 METRICS = ("auc", "balanced_accuracy")
 # Placement values lie in [0, 1]; a variance of their difference below this is rounding, i.e. zero.

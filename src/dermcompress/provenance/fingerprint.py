@@ -2,7 +2,7 @@
 versions of the third-party packages those modules import.
 
 Snakemake sees edits to a rule's script but not to the package the script calls. Each rule passes the
-fingerprint of its stage module as a param, so an edit to dermcompress/degrade.py reruns degradation and what
+fingerprint of its stage module as a param, so an edit to dermcompress/data/degrade.py reruns degradation and what
 follows, and nothing upstream. Likewise a new timm reruns training, and a new pandas everything that uses it;
 an unrelated install (a linter, a new notebook package) reruns nothing.
 """
@@ -20,7 +20,7 @@ from functools import cache
 from pathlib import Path
 
 PACKAGE = "dermcompress"
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
 # Imported, but they only draw progress bars or fetch files: a new version changes no number.
 NO_EFFECT = frozenset({"tqdm", "huggingface_hub"})
 # What this module works out from the package's source and the installed packages (each module's imports, which
@@ -93,12 +93,14 @@ def _package_imports(module: str) -> set[str]:
 @cache
 def module_closure(module: str) -> tuple[str, ...]:
     """`module` and every package module reachable through its imports, sorted."""
-    seen, todo = set(), [module, PACKAGE]
+    seen, todo = set(), [module]
     while todo:
         name = todo.pop()
         if name not in seen:
             seen.add(name)
             todo.extend(_package_imports(name) - seen)
+            # Importing a.b.c runs a/__init__.py and a/b/__init__.py first.
+            todo.extend(name.rsplit(".", n)[0] for n in range(1, name.count(".") + 1))
     return tuple(sorted(seen))
 
 
@@ -202,7 +204,10 @@ def code_fingerprint(module: str, *, packages: bool = True) -> dict:
 
 def package_versions() -> dict[str, str | None]:
     """Python and every third-party package the package imports, as installed in this interpreter."""
-    modules = [f"{PACKAGE}.{p.stem}" for p in PACKAGE_DIR.glob("*.py") if p.stem != "__init__"]
+    modules = [
+        ".".join([PACKAGE, *path.relative_to(PACKAGE_DIR).with_suffix("").parts]).removesuffix(".__init__")
+        for path in PACKAGE_DIR.rglob("*.py")
+    ]
     packages: dict[str, str | None] = {}
     for module in modules:
         packages.update(module_packages(module))

@@ -28,8 +28,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import cache, distributed
-from .fingerprint import code_fingerprint
+from dermcompress.data import cache
+from dermcompress.provenance.fingerprint import code_fingerprint
+
+from . import distributed
 
 log = logging.getLogger(__name__)
 

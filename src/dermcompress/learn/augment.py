@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .loader import AUGMENTATION, epoch_generator
+from dermcompress.data.loader import AUGMENTATION, epoch_generator
 
 AUGMENTATIONS = ("hflip", "vflip", "rot90")
 

@@ -1,0 +1,15 @@
+"""The data half of the DAG: raw sources to cached pixels.
+
+sources, datasets, fetch    where the images and labels are (ISIC 2019/2020, HAM10000, the ISIC Archive), and
+                            getting them
+synth, synth_layouts        a synthetic stand-in for each source, in its layout
+ingest, groups              checked images and labels -> manifest (+ quarantine), lesion/patient groups
+task, split, subsample      the label task, the grouped train/val/test split, grouped label fractions
+resize, degrade, codec      resized clean pixels; JPEG / blur / quantization degradations; codec round trips
+images, pixeltable, cache   decoding, pixel tables, the sharded parquet caches
+loader                      the PyTorch loader over a cache
+
+May import: the standard library, third-party packages, `dermcompress` (ISIC_CLASSES) and `dermcompress.errors`;
+never `learn`, `study`, `provenance` or `config`, so that editing a model, an experiment grid or the lineage
+code reruns no data stage (tests/test_layering.py checks it on the code fingerprints' import closures).
+"""
