@@ -16,7 +16,12 @@ OPEN = {"dermcompress", "dermcompress.errors"}
 MAY_REACH = {
     "data": ("dermcompress.data",),
     "learn": ("dermcompress.learn", "dermcompress.data", "dermcompress.provenance.fingerprint"),
-    "study": ("dermcompress.study", "dermcompress.learn", "dermcompress.data", "dermcompress.provenance.fingerprint"),
+    "study": (
+        "dermcompress.study",
+        "dermcompress.learn",
+        "dermcompress.data",
+        "dermcompress.provenance.fingerprint",
+    ),
     "provenance": ("dermcompress.provenance", "dermcompress.data", "dermcompress.learn"),
 }
 
@@ -41,7 +46,9 @@ def allowed(name: str, part: str) -> bool:
 def test_every_module_belongs_to_a_part():
     top = sorted(p.stem for p in PACKAGE.glob("*.py"))
     assert top == ["__init__", "cli", "config", "errors"]
-    assert sorted(p.name for p in PACKAGE.iterdir() if p.is_dir() and p.name != "__pycache__") == sorted(MAY_REACH)
+    assert sorted(p.name for p in PACKAGE.iterdir() if p.is_dir() and p.name != "__pycache__") == sorted(
+        MAY_REACH
+    )
 
 
 @pytest.mark.parametrize("part", sorted(MAY_REACH))
@@ -63,7 +70,9 @@ def test_data_stages_do_not_depend_on_experiment_grids_or_config():
     """config.py checks the experiment grids; a data stage that imported it would rerun for a grid edit."""
     for module in modules("data"):
         closure = fingerprint.module_closure(module)
-        assert "dermcompress.config" not in closure and "dermcompress.study.experiments" not in closure, module
+        assert "dermcompress.config" not in closure and "dermcompress.study.experiments" not in closure, (
+            module
+        )
 
 
 def test_subpackages_say_what_they_may_import():

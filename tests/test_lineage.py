@@ -19,6 +19,7 @@ from snakemake.iocontainers import InputFiles, Log, OutputFiles, Params, Resourc
 from dermcompress.data.cache import load_info, read_split, verify_cache
 from dermcompress.provenance import fingerprint, lineage
 from dermcompress.provenance.logs import job_logging
+from dermcompress.provenance.records import output_of
 from dermcompress.study import aggregate
 
 # --------------------------------------------------------------------------------------------- records (unit)
@@ -61,6 +62,42 @@ def test_successful_job_writes_its_record_next_to_each_output(tmp_path, monkeypa
     assert record["versions"]["python"] and record["versions"]["numpy"]
     assert record["host"] and record["started"] <= record["finished"]
     assert "lineage recorded" in (tmp_path / "job.log").read_text()
+
+
+def test_records_of_results_live_in_a_mirror_of_results(tmp_path, monkeypatch):
+    """A job's record of results/<path> is results/.lineage/records/<path>.json, however the path is spelt;
+    output_of turns a record back into its output; outside results/ a record sits beside its output."""
+    monkeypatch.chdir(tmp_path)
+    store = tmp_path / "results/.lineage/records"
+    for output, record in [
+        ("results/tables/base.csv", store / "tables/base.csv.json"),
+        ("results/cache/16px/clean", store / "cache/16px/clean.json"),  # a folder, made or not
+        (tmp_path / "results/figures/a/b.png", store / "figures/a/b.png.json"),
+    ]:
+        assert lineage.record_path(output) == record
+        assert output_of(record) == Path(output).absolute()
+    Path("outdir").mkdir()
+    assert lineage.record_path("out.csv") == Path("out.csv.lineage.json")
+    assert lineage.record_path("outdir") == Path("outdir/_lineage.json")
+    assert output_of(Path("outdir/_lineage.json")) == tmp_path / "outdir"
+    assert output_of(Path("out.csv.lineage.json")) == tmp_path / "out.csv"
+
+
+def test_job_under_results_writes_its_records_to_the_store_only(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("results/tables").mkdir(parents=True)
+    job = fake_job(tmp_path, {}, {"table": "results/tables/t.csv", "folder": "results/cache/c"})
+    with job_logging(job):
+        Path("results/tables/t.csv").write_text("a\n")
+        Path("results/cache/c").mkdir(parents=True)
+        Path("results/cache/c/part.bin").write_bytes(b"1")
+    assert sorted(p.name for p in Path("results/tables").iterdir()) == ["t.csv"]
+    assert sorted(p.name for p in Path("results/cache/c").iterdir()) == ["part.bin"]
+    record = lineage.read_record("results/.lineage/records/tables/t.csv.json")
+    assert record == lineage.read_record("results/.lineage/records/cache/c.json")
+    assert (
+        lineage.find_record("results/cache/c/part.bin") == tmp_path / "results/.lineage/records/cache/c.json"
+    )
 
 
 def test_failed_job_leaves_no_record_not_even_an_old_one(tmp_path, monkeypatch):
@@ -249,9 +286,10 @@ def test_run_folder_and_cache_shard_walk_back_to_the_raw_images(finished_study):
 @pytest.mark.workflow
 def test_records_leave_caches_intact(finished_study):
     cache = finished_study / "results/cache/16px/clean"
-    assert (cache / "_lineage.json").is_file()
+    assert lineage.record_path(cache) == finished_study / "results/.lineage/records/cache/16px/clean.json"
+    assert lineage.record_path(cache).is_file() and not (cache / "_lineage.json").exists()
     verify_cache(cache)
-    recorded = lineage.read_record(cache / "_lineage.json")["outputs"][0]
+    recorded = lineage.read_record(lineage.record_path(cache))["outputs"][0]
     assert lineage.describe(cache)["sha256"] == recorded["sha256"]
     splits = pd.read_parquet(finished_study / "results/data/splits.parquet")
     assert sum(load_info(cache)["rows"].values()) == len(splits)
@@ -359,6 +397,27 @@ def entry(record: dict, role: str, name: str) -> dict:
 
 
 @pytest.mark.workflow
+def test_folders_users_browse_hold_no_records(finished_study):
+    """results/tables/ and results/figures/ hold tables and figures only; every output's record is in the store
+    results/.lineage/records/, a mirror of results/, and nowhere else."""
+    results = finished_study / "results"
+    for folder, kinds in (("tables", {".csv", ".md", ".html", ".tex"}), ("figures", {".png"})):
+        files = [p for p in (results / folder).rglob("*") if p.is_file()]
+        assert files and {p.suffix for p in files} <= kinds, folder
+        for shown in files:
+            record = lineage.record_path(shown)
+            assert (
+                record
+                == results / ".lineage/records" / folder / f"{shown.relative_to(results / folder)}.json"
+            )
+            assert record.is_file() and lineage.find_record(shown) == record
+    outside_store = [
+        p for p in results.rglob("*lineage.json") if ".lineage" not in p.relative_to(results).parts
+    ]
+    assert outside_store == []
+
+
+@pytest.mark.workflow
 def test_record_naming_a_fifo_or_a_folder_as_a_file_is_a_broken_link_never_read(study_copy):
     fifo = study_copy / "results/data/trap.fifo"
     os.mkfifo(fifo)  # reading it would block forever: no writer
@@ -367,7 +426,7 @@ def test_record_naming_a_fifo_or_a_folder_as_a_file_is_a_broken_link_never_read(
         entry(record, "outputs", "report")["path"] = "results/data/trap.fifo"
         record["outputs"].append({**entry(record, "outputs", "splits"), "name": "extra", "path": "src"})
 
-    edit_record(study_copy / "results/data/splits.parquet.lineage.json", tamper)
+    edit_record(lineage.record_path(study_copy / "results/data/splits.parquet"), tamper)
     proc = cli(study_copy, str(run_dir(study_copy).relative_to(study_copy)), "--json")
     assert proc.returncode == 1, proc.stderr
     broken = {Path(b["path"]): b for b in json.loads(proc.stdout)["broken"]}
@@ -388,7 +447,7 @@ def test_paths_outside_the_workflow_folder_are_shown_as_external_and_not_read(st
             {**entry(record, "inputs", "manifest"), "name": "sibling", "path": "../outside.txt"}
         )
 
-    edit_record(study_copy / "results/data/task.parquet.lineage.json", tamper)
+    edit_record(lineage.record_path(study_copy / "results/data/task.parquet"), tamper)
     proc = cli(study_copy, "results/data/splits.parquet", "--json")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(proc.stdout)
@@ -404,19 +463,19 @@ def test_paths_outside_the_workflow_folder_are_shown_as_external_and_not_read(st
 
 @pytest.mark.workflow
 def test_malformed_records_are_broken_links_not_tracebacks(study_copy):
-    task_record = study_copy / "results/data/task.parquet.lineage.json"
+    task_record = lineage.record_path(study_copy / "results/data/task.parquet")
     original = task_record.read_text()
     edit_record(task_record, lambda r: r.pop("outputs"))
     proc = cli(study_copy, "results/data/splits.parquet", "--json")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     broken = {Path(b["path"]).name: b for b in json.loads(proc.stdout)["broken"]}
-    problem = broken["task.parquet.lineage.json"]["problem"]
+    problem = broken["task.parquet.json"]["problem"]
     assert "malformed lineage record: record: 'outputs' is a required property" in problem
-    assert broken["task.parquet.lineage.json"]["recorded"][0]["by"] == "split (input task)"
+    assert broken["task.parquet.json"]["recorded"][0]["by"] == "split (input task)"
 
     task_record.write_text(original)
     edit_record(
-        study_copy / "results/data/manifest.parquet.lineage.json",
+        lineage.record_path(study_copy / "results/data/manifest.parquet"),
         lambda r: entry(r, "inputs", "images").update(path=5),
     )
     proc = cli(study_copy, "results/data/task.parquet")
@@ -426,7 +485,7 @@ def test_malformed_records_are_broken_links_not_tracebacks(study_copy):
 
 @pytest.mark.workflow
 def test_missing_upstream_record_is_a_broken_link(study_copy):
-    (study_copy / "results/data/task.parquet.lineage.json").unlink()
+    lineage.record_path(study_copy / "results/data/task.parquet").unlink()
     proc = cli(study_copy, str(run_dir(study_copy).relative_to(study_copy)), "--json")
     assert proc.returncode == 1, proc.stderr
     broken = {Path(b["path"]): b for b in json.loads(proc.stdout)["broken"]}

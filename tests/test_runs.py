@@ -92,7 +92,9 @@ def test_finished_study_leaves_no_weights_and_no_checkpoints(finished_study):
     results = finished_study / "results"
     assert not list(results.rglob("weights.safetensors"))
     assert not list(results.rglob("checkpoint.pt"))
-    assert list(results.rglob("weights.safetensors.lineage.json"))  # what they were stays on record
+    assert list(
+        (results / ".lineage/records").rglob("weights.safetensors.json")
+    )  # what they were stays on record
     assert list(results.rglob("eval/clean/metrics.json"))
 
 

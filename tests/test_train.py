@@ -337,7 +337,7 @@ def test_checkpoint_of_other_code_is_not_resumed(caches, finetuned, tmp_path):
     shutil.copytree(REPO / "src", src, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     args = run_args(caches, tmp_path)
     preempt(args, stop_at=4, src=src)
-    module = src / "dermcompress" / "train.py"
+    module = src / "dermcompress" / "learn" / "train.py"
     module.write_text(module.read_text() + "\n# an edit to the training code\n")
     proc = run_in_process(args, src=src)
     assert proc.returncode == 0, proc.stderr[-3000:]
