@@ -31,7 +31,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.functional import pil_to_tensor
 
-from dermcompress.data.cache import run_cache
+from dermcompress.data.cache_write import run_cache
 from dermcompress.data.loader import make_loader, normalize
 from dermcompress.data.pixeltable import write_pixel_table
 

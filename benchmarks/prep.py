@@ -424,7 +424,7 @@ def codec_table(pool: Path, n: int) -> None:
 def pool_speedup(pool: Path, n: int) -> None:
     """What a degrade job's thread pool (resize.map_images) buys for each codec at 224 px: 2 threads vs 1."""
     from dermcompress.data import codec
-    from dermcompress.data.resize import map_images
+    from dermcompress.data.imagepool import map_images
 
     images = resized_pool(pool, n, 224)
     print(f"\nthread pool (resize.map_images) on {n} images at 224 px, encode + decode:")

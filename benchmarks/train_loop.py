@@ -59,7 +59,7 @@ from torch.utils.data import Dataset
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from dermcompress.data.cache import run_cache
+from dermcompress.data.cache_write import run_cache
 from dermcompress.data.loader import CacheDataset, make_loader, normalize
 from dermcompress.data.pixeltable import write_pixel_table
 from dermcompress.learn import loop, models, train

@@ -1,6 +1,6 @@
 """Snakemake adapter: a scattered ingest's parts -> manifest.parquet + quarantine.csv, as one job writes them."""
 
-from dermcompress.data.ingest import gather_ingest
+from dermcompress.data.manifest import gather_ingest
 from dermcompress.provenance.logs import job_logging
 
 with job_logging(snakemake):

@@ -1,6 +1,6 @@
 """Snakemake adapter: a scattered resize's parts -> the clean variant's cache, as one job writes it."""
 
-from dermcompress.data.cache import merge_caches
+from dermcompress.data.cache_write import merge_caches
 from dermcompress.data.sources import image_paths
 from dermcompress.provenance.logs import job_logging
 

@@ -116,7 +116,7 @@ def tiny_dinov2_config():
 def learnable_cache(root: Path, *, res: int = 32, seed: int = 0, classes=("MEL", "NV")) -> tuple[Path, Path]:
     """A tiny cache, 48 train / 16 val / 16 test images, balanced, NV brighter than MEL (so a model can learn),
     in lesion groups of two images of one class; returns (cache folder, splits.parquet with those groups)."""
-    from dermcompress.data.cache import run_cache
+    from dermcompress.data.cache_write import run_cache
     from dermcompress.data.pixeltable import write_pixel_table
 
     rng = np.random.default_rng(seed)

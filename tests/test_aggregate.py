@@ -263,7 +263,7 @@ def test_grouped_subsample_takes_whole_groups_per_class_nested_and_seeded():
 
 
 def test_cache_dataset_keeps_only_requested_images(tmp_path):
-    from dermcompress.data.cache import run_cache
+    from dermcompress.data.cache_write import run_cache
     from dermcompress.data.pixeltable import write_pixel_table
 
     ids = [f"ISIC_{i:07d}" for i in range(12)]

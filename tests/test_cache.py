@@ -10,17 +10,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from dermcompress.data.cache import (
-    CacheError,
-    CacheWriter,
-    ChecksumError,
-    load_info,
-    merge_caches,
-    read_split,
-    run_cache,
-    shard_plan,
-    verify_cache,
-)
+from dermcompress.data.cache import CacheError, ChecksumError, load_info, read_split, verify_cache
+from dermcompress.data.cache_write import CacheWriter, merge_caches, run_cache, shard_plan
 from dermcompress.data.pixeltable import write_pixel_table
 from dermcompress.data.resize import numbered
 

@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 
 from dermcompress.data import datasets
-from dermcompress.data.ingest import gather_ingest, run_ingest
+from dermcompress.data.ingest import run_ingest
+from dermcompress.data.manifest import gather_ingest
 from dermcompress.data.sources import DataFileError
 from dermcompress.data.split import run_split
 from dermcompress.data.synth import make_synthetic

@@ -19,9 +19,10 @@ from dermcompress.config import variant_settings
 from dermcompress.data import codec
 from dermcompress.data.cache import ChecksumError, bytes_stats, load_info
 from dermcompress.data.degrade import apply_degradation, plan_degradation, plan_rows, run_degrade
+from dermcompress.data.imagepool import SourceChangedError
 from dermcompress.data.images import decode_image
 from dermcompress.data.pixeltable import read_table_metadata
-from dermcompress.data.resize import SourceChangedError, resize_image, run_resize
+from dermcompress.data.resize import resize_image, run_resize
 
 CONFIG = yaml.safe_load((Path(__file__).parents[1] / "config.yaml").read_text())
 DEGRADED = variant_settings(CONFIG, "degraded")

@@ -10,7 +10,8 @@ import pytest
 import torch
 from torchvision.transforms.functional import normalize as tv_normalize
 
-from dermcompress.data.cache import ChecksumError, run_cache
+from dermcompress.data.cache import ChecksumError
+from dermcompress.data.cache_write import run_cache
 from dermcompress.data.loader import CacheDataset, make_loader, normalize
 from dermcompress.data.pixeltable import write_pixel_table
 from dermcompress.learn import augment

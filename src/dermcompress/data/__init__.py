@@ -2,11 +2,14 @@
 
 sources, datasets, fetch    where the images and labels are (ISIC 2019/2020, HAM10000, the ISIC Archive), and
                             getting them
-synth, synth_layouts        a synthetic stand-in for each source, in its layout
-ingest, groups              checked images and labels -> manifest (+ quarantine), lesion/patient groups
+synth, synth_draw,          a synthetic stand-in for each source: its plan, drawing its lesions, its layout
+  synth_layouts
+ingest, manifest, groups    checked images and labels -> manifest (+ quarantine), lesion/patient groups
 task, split, subsample      the label task, the grouped train/val/test split, grouped label fractions
 resize, degrade, codec      resized clean pixels; JPEG / blur / quantization degradations; codec round trips
-images, pixeltable, cache   decoding, pixel tables, the sharded parquet caches
+imagepool                   the stages' thread pool over images; rereading the raw files ingest checked
+images, pixeltable          decoding, pixel tables
+cache, cache_write          the sharded parquet caches: their format and reading them; writing them
 loader                      the PyTorch loader over a cache
 
 May import: the standard library, third-party packages, `dermcompress` (ISIC_CLASSES) and `dermcompress.errors`;

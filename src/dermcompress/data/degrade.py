@@ -9,7 +9,7 @@ and the plan is the same on every machine and Python run (unlike hash()).
 
 A variant with a transmission codec (codec.py) then encodes every image of its splits, degraded or not, and
 keeps the decoded pixels and the encoded bytes. What each row costs on the wire (`encoded_bytes`): its codec's
-bytes, else its jpeg degradation's, else a PNG of its pixels (cache.CacheWriter).
+bytes, else its jpeg degradation's, else a PNG of its pixels (cache_write.CacheWriter).
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import hashlib
 import json
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,21 +31,19 @@ from PIL import Image
 from tqdm import tqdm
 
 from dermcompress.data import codec
-from dermcompress.data.cache import BYTES_TYPES, CacheWriter, iter_shards, load_info, verify_cache
-from dermcompress.data.images import ImageError, decode_image
-from dermcompress.data.pixeltable import PIXELS, arrow_to_pixels, read_parquet, read_table_metadata
-from dermcompress.data.resize import (
-    NONE,
-    PathOrFrame,
+from dermcompress.data.cache import BYTES_TYPES, iter_shards, load_info, verify_cache
+from dermcompress.data.cache_write import CacheWriter
+from dermcompress.data.imagepool import (
     SourceChangedError,
     available_threads,
     changed_error,
     map_images,
     read_member,
-    read_table,
-    resize_image,
     source_changed,
 )
+from dermcompress.data.images import ImageError, decode_image
+from dermcompress.data.pixeltable import PIXELS, arrow_to_pixels, read_parquet, read_table_metadata
+from dermcompress.data.resize import NONE, PathOrFrame, read_table, resize_image
 from dermcompress.data.sources import DEFAULT_MAX_FILE_BYTES, image_paths
 
 log = logging.getLogger(__name__)
@@ -240,12 +239,12 @@ def run_degrade(
     threads = threads or available_threads()
     if threads > 1:  # one of our threads per core already; OpenCV's own pool (blur) would oversubscribe them
         cv2.setNumThreads(1)
-    if order == "before_resize":
-        man = read_table(manifest, ["image_id", "member", "sha256"])
-        files = zip(man["member"].to_pylist(), man["sha256"].to_pylist(), strict=True)
-        raw = dict(zip(man["image_id"].to_pylist(), files, strict=True))
-        fn = functools.partial(
-            _degrade_task,
+    if order == "after_resize":
+        degrade = _Degrader(threads=threads)
+    else:
+        degrade = _raw_degrade(
+            manifest,
+            threads=threads,
             images=image_paths(images),
             size=resolution,
             policy=policy,
@@ -266,57 +265,107 @@ def run_degrade(
             "variant_settings": json.dumps(variant, sort_keys=True),
         },
     )
+    _write_shards(writer, clean, variant, degrade, resolution=resolution, total=sum(info["rows"].values()))
+    out = writer.close(input={"clean": clean.as_posix()})
+    log.info("wrote %s (%s images per split)", out_dir, out["rows"])
+    return out
+
+
+@dataclass
+class _Degrader:
+    """How a shard's images are degraded: after_resize, its clean pixels (`raw` None, `fn` _apply_task);
+    before_resize, the raw files of `raw` (image_id -> member, sha256) by `fn` (_degrade_task)."""
+
+    threads: int
+    raw: dict[str, tuple[str, str]] | None = None
+    fn: Callable[[Any], tuple[np.ndarray, int | None]] = _apply_task
+
+    def __call__(
+        self, pixels: np.ndarray, ids: list[str], ops: list[str], params: list[str], bar: tqdm
+    ) -> dict[int, int | None]:
+        """Degrade the rows of `pixels` that `ops` names, in place; row -> the bytes a jpeg degradation sent.
+        A raw file that changed since ingest is a SourceChangedError (after every image was looked at)."""
+        todo = [i for i, op in enumerate(ops) if op != NONE]
+        bar.update(len(ids) - len(todo))
+        sizes: list[int | None] = []
+        if todo:
+            # jpeg and blur take < 1 ms at <= 224 px, MAXCOVERAGE quantize ~50-100 ms (most of this stage's
+            # time), and Pillow releases the GIL while it quantizes: a thread pool pays.
+            if self.raw is None:
+                tasks = [(pixels[i], ops[i], params[i]) for i in todo]
+            else:
+                tasks = [(ids[i], *self.raw[ids[i]], ops[i], params[i]) for i in todo]
+            pixels[todo] = map_images(
+                self.fn, tasks, shape=pixels.shape[1:], threads=self.threads, bar=bar, sizes=sizes
+            )
+        return dict(zip(todo, sizes, strict=True))
+
+
+def _raw_degrade(manifest: PathOrFrame, *, threads: int, **settings: Any) -> _Degrader:
+    """before_resize: each raw file (from the manifest, checked against its sha256) degraded by _degrade_task."""
+    man = read_table(manifest, ["image_id", "member", "sha256"])
+    files = zip(man["member"].to_pylist(), man["sha256"].to_pylist(), strict=True)
+    raw = dict(zip(man["image_id"].to_pylist(), files, strict=True))
+    return _Degrader(threads=threads, raw=raw, fn=functools.partial(_degrade_task, **settings))
+
+
+def _write_shards(
+    writer: CacheWriter,
+    clean: Path,
+    variant: dict[str, Any],
+    degrade: _Degrader,
+    *,
+    resolution: int,
+    total: int,
+) -> None:
+    """Every shard of the clean cache, degraded as planned (and encoded, where the variant has a codec), written
+    as the variant's; raw files that changed since ingest fail it, all named."""
     settings = variant.get("codec")
     coded_splits = set(variant.get("splits", ())) if settings else set()
-    total = sum(info["rows"].values())
     changed: list[SourceChangedError] = []
     with tqdm(total=total, desc=f"degrade {variant['name']}", unit="img", mininterval=5) as bar:
         for shard, table in iter_shards(clean, verify=False):
             ids = table["image_id"].to_pylist()
             ops, params = plan_images(ids, table["split"].to_pylist(), variant)
             pixels = arrow_to_pixels(table.column(PIXELS), resolution, resolution).copy()
-            todo = [i for i, op in enumerate(ops) if op != NONE]
-            bar.update(len(ids) - len(todo))
-            sizes: list[int | None] = []
-            if todo and order == "after_resize":
-                # jpeg and blur take < 1 ms at <= 224 px, MAXCOVERAGE quantize ~50-100 ms (most of this stage's
-                # time), and Pillow releases the GIL while it quantizes: a thread pool pays.
-                tasks = [(pixels[i], ops[i], params[i]) for i in todo]
-                pixels[todo] = map_images(
-                    _apply_task, tasks, shape=pixels.shape[1:], threads=threads, bar=bar, sizes=sizes
-                )
-            elif todo:
-                tasks = [(ids[i], *raw[ids[i]], ops[i], params[i]) for i in todo]
-                try:
-                    pixels[todo] = map_images(
-                        fn, tasks, shape=pixels.shape[1:], threads=threads, bar=bar, sizes=sizes
-                    )
-                except SourceChangedError as err:  # look at every image before failing, to name them all
-                    changed.append(err)
+            try:
+                sizes = degrade(pixels, ids, ops, params, bar)
+            except SourceChangedError as err:  # look at every image before failing, to name them all
+                changed.append(err)
+                continue
             if changed:
                 continue
-            sent = _sent_bytes(ops, params, dict(zip(todo, sizes, strict=True)), table)
+            sent = _sent_bytes(ops, params, sizes, table)
             if settings and shard["split"] in coded_splits:
-                # Encoded in the thread pool too: AVIF takes ~10 ms an image at 224 px, and Pillow releases the
-                # GIL while it encodes. The image sent is the degraded one, and its bytes are the codec's.
-                sizes = []
-                task = functools.partial(_codec_task, settings=settings)
-                pixels[:] = map_images(
-                    task, list(pixels), shape=pixels.shape[1:], threads=threads, sizes=sizes, desc="encode"
-                )
-                sent = {
-                    "codec": [settings["format"]] * len(ids),
-                    "codec_quality": [settings["quality"]] * len(ids),
-                    "encoded_bytes": sizes,
-                }
-            rows = table.select(["image_id", "label", "split"])
-            rows = rows.append_column("degradation", pa.array(ops, pa.string()))
-            rows = rows.append_column("degradation_params", pa.array(params, pa.string()))
-            for name, values in sent.items():
-                rows = rows.append_column(name, pa.array(values, BYTES_TYPES[name]))
-            writer.write(shard["split"], rows, pixels)
+                sent = _transmit(pixels, settings, threads=degrade.threads)
+            writer.write(shard["split"], _variant_rows(table, ops, params, sent), pixels)
     if changed:
         raise changed_error(changed)
-    out = writer.close(input={"clean": clean.as_posix()})
-    log.info("wrote %s (%s images per split)", out_dir, out["rows"])
-    return out
+
+
+def _transmit(pixels: np.ndarray, settings: dict[str, Any], *, threads: int) -> dict[str, list]:
+    """Encode and decode every image of a shard with the variant's codec, in place; the bytes columns it sent.
+
+    Encoded in the thread pool too: AVIF takes ~10 ms an image at 224 px, and Pillow releases the GIL while it
+    encodes. The image sent is the degraded one, and its bytes are the codec's.
+    """
+    sizes: list[int | None] = []
+    task = functools.partial(_codec_task, settings=settings)
+    pixels[:] = map_images(
+        task, list(pixels), shape=pixels.shape[1:], threads=threads, sizes=sizes, desc="encode"
+    )
+    return {
+        "codec": [settings["format"]] * len(pixels),
+        "codec_quality": [settings["quality"]] * len(pixels),
+        "encoded_bytes": sizes,
+    }
+
+
+def _variant_rows(table: pa.Table, ops: list[str], params: list[str], sent: dict[str, list]) -> pa.Table:
+    """The variant's cache columns of a clean shard's rows: its degradations and what each image sent."""
+    rows = table.select(["image_id", "label", "split"])
+    rows = rows.append_column("degradation", pa.array(ops, pa.string()))
+    rows = rows.append_column("degradation_params", pa.array(params, pa.string()))
+    for name, values in sent.items():
+        rows = rows.append_column(name, pa.array(values, BYTES_TYPES[name]))
+    return rows

@@ -1,8 +1,9 @@
 """Ingest: the official ISIC 2019 files -> one manifest row per image, each problem quarantined with a reason.
 
 Every image file is read once, hashed (sha256) and decoded to its end (a JPEG at 1/8 scale: every byte is still
-entropy-decoded, so a truncated or corrupt file fails as in a full decode). Nothing is dropped silently: an image id seen in either CSV or on disk gets exactly one
-row, `ok` or `quarantined` with the first problem found, so listed = ok + quarantined.
+entropy-decoded, so a truncated or corrupt file fails as in a full decode). Nothing is dropped silently: an
+image id seen in either CSV or on disk gets exactly one row, `ok` or `quarantined` with the first problem found,
+so listed = ok + quarantined. The manifest's columns and its writing: manifest.py.
 """
 
 from __future__ import annotations
@@ -12,14 +13,12 @@ import io
 import logging
 import os
 import zlib
-from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image
 from tqdm import tqdm
 
@@ -32,6 +31,7 @@ from dermcompress.data.datasets import (
 )
 from dermcompress.data.groups import connected_groups
 from dermcompress.data.images import ImageError, decode_image, image_size
+from dermcompress.data.manifest import write_manifest, write_part
 from dermcompress.data.sources import (
     DEFAULT_MAX_FILE_BYTES,
     SYNTHETIC_BANNER,
@@ -61,36 +61,6 @@ CSV_REASONS = (
     "duplicate_file",
 )
 
-# manifest.parquet; patient_id only when the metadata has that column (ISIC 2019 has not), duplicate_group only
-# when the source lists duplicate pairs (ISIC 2020).
-MANIFEST_SCHEMA = pa.schema(
-    [
-        ("image_id", pa.string()),
-        ("status", pa.string()),
-        ("reason", pa.string()),
-        ("detail", pa.string()),
-        ("member", pa.string()),
-        ("sha256", pa.string()),
-        ("bytes", pa.int64()),
-        ("width", pa.int64()),
-        ("height", pa.int64()),
-        ("mode", pa.string()),
-        ("format", pa.string()),
-        ("label", pa.string()),
-        ("lesion_id", pa.string()),
-        ("patient_id", pa.string()),
-        ("group_id", pa.string()),
-        ("duplicate_group", pa.string()),
-        ("age_approx", pa.float64()),
-        ("anatom_site_general", pa.string()),
-        ("sex", pa.string()),
-        ("synthetic", pa.bool_()),
-    ]
-)
-QUARANTINE_COLUMNS = ["image_id", "reason", "member", "detail"]
-# A cell starting with one of these is a formula to a spreadsheet (OWASP, CSV injection): quarantine.csv
-# prefixes it with a quote, so opening the file shows the text and runs nothing.
-FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 # The smallest side a JPEG may be decoded to when it is only checked: libjpeg's 1/8 scale, whatever the size.
 VERIFY_DRAFT = 1
 METADATA_FIELDS = ("lesion_id", "patient_id", "age_approx", "anatom_site_general", "sex")
@@ -147,18 +117,14 @@ def _cell(value) -> str:
     return "(blank)" if value is None or (isinstance(value, float) and np.isnan(value)) else repr(str(value))
 
 
-def neutralise_formulas(frame: pd.DataFrame) -> pd.DataFrame:
-    """Text cells that a spreadsheet would run as a formula, prefixed with a quote (OWASP's advice)."""
-    return frame.map(lambda v: f"'{v}" if isinstance(v, str) and v.startswith(FORMULA_START) else v)
-
-
 def _unreadable(err: SourceError) -> dict:
     """What the manifest records of a file that was not read (too large, a damaged or encrypted zip entry)."""
     return {"sha256": None, "bytes": None, "reason": err.reason, "detail": err.detail}
 
 
 def _inspect_files(source, members: list[str], *, max_pixels: int) -> dict[str, dict]:
-    """inspect_image() over `members` of `source` (sources.open_images): bytes are read here in order (zip entry by entry), decoded in threads.
+    """inspect_image() over `members` of `source` (sources.open_images): bytes are read here in order (zip entry
+    by entry), decoded in threads.
 
     PIL and hashlib release the GIL, so threads decode in parallel. Files waiting for a thread hold at most
     `workers` x max_bytes (and 4 per worker), so memory stays bounded whatever the files declare.
@@ -208,6 +174,30 @@ def _duplicate_groups(pairs: list[tuple[str, str]]) -> dict[str, str]:
     return dict(zip(ids, connected_groups(pd.DataFrame({"image_id": ids}), [], pairs), strict=True))
 
 
+@dataclass
+class _Listed:
+    """What the source's CSVs say, per image id."""
+
+    gt_rows: dict[str, int]  # ground-truth rows
+    meta_rows: dict[str, int]  # metadata rows
+    positives: dict[str, list[str]]  # the positive classes of its (first) ground-truth row
+    invalid: dict[str, list[str]]  # the cells of that row that are not a one-hot 0.0 or 1.0
+    meta_first: dict[str, dict]  # its first metadata row
+    label_problems: dict[str, tuple[str, str]]  # an unmapped diagnosis, a label the source contradicts
+    conflicts: dict[str, tuple[str, str]]  # metadata_conflict: extra metadata against the source's, lesions
+    duplicate_of: dict[str, str]  # the duplicate group of an image in some duplicate pair
+    has_patient_id: bool
+
+
+@dataclass
+class _Found:
+    """What is on disk, per image id: its image files, a refused name, and what inspecting its file found."""
+
+    files: dict[str, list[str]]
+    refused: dict[str, tuple[str, str, str]]  # (name, reason, detail)
+    inspected: dict[str, dict]  # member -> inspect_image() or _unreadable()
+
+
 def run_ingest(
     *,
     images: str | Path | list[str],
@@ -230,14 +220,38 @@ def run_ingest(
     metadata fields) join onto the source's (datasets.join_extra).
 
     With `parts` > 1 (a scattered job) only the images of part `part` (in_part) are checked, and
-    `manifest_out` receives their rows, unfinished (gather_ingest finishes them: groups span parts), and no
-    quarantine.csv.
+    `manifest_out` receives their rows, unfinished (manifest.gather_ingest finishes them: groups span parts),
+    and no quarantine.csv.
 
     An input file that cannot be parsed at all (a CSV, the zip) stops the run with a DataFileError naming it.
     """
     if synthetic:
         log.warning(SYNTHETIC_BANNER)
     labels = labels or default_labels(source, images)
+    listed = _read_listing(source, labels, metadata, duplicates, extra_metadata)
+    found = _find_images(images, max_file_bytes=max_file_bytes, max_pixels=max_pixels, part=part, parts=parts)
+    ids = set(listed.gt_rows) | set(listed.meta_rows) | set(found.files) | set(found.refused)
+    rows = [
+        _manifest_row(image_id, listed, found, synthetic=synthetic)
+        for image_id in sorted(ids)
+        if in_part(image_id, part, parts)
+    ]
+    columns = {"patient_id": listed.has_patient_id, "duplicate_group": bool(listed.duplicate_of)}
+    about = {
+        "source": source,
+        "images": ";".join(image_paths(images)),
+        "max_pixels": str(max_pixels),
+        "synthetic": str(bool(synthetic)),
+    }
+    if parts > 1:
+        return write_part(rows, columns, about, manifest_out=manifest_out, part=part, parts=parts)
+    if not rows:
+        raise ValueError(f"no image listed in {labels} or {metadata}, and none found in {images}")
+    return write_manifest(rows, columns, about, manifest_out=manifest_out, quarantine_out=quarantine_out)
+
+
+def _read_listing(source: str, labels, metadata, duplicates, extra_metadata) -> _Listed:
+    """The source's label file, metadata and duplicates list (those given), and the extra metadata joined on."""
     paths = {"labels": labels, "metadata": metadata, "duplicates": duplicates}
     tables = read_source(source, {k: v for k, v in paths.items() if v is not None})
     gt, meta = tables.gt, tables.meta
@@ -247,28 +261,29 @@ def run_ingest(
         meta, conflicts = join_extra(meta, extra_metadata)
     for image, problem in lesion_conflicts(meta).items():
         conflicts.setdefault(image, problem)
-    duplicate_of = _duplicate_groups(tables.pairs)
-
-    gt_rows = gt["image"].value_counts().to_dict()
-    meta_rows = meta["image"].value_counts().to_dict()
     labels_of = _labels(gt).drop_duplicates("image").set_index("image")
-    positives, invalid = labels_of["positives"].to_dict(), labels_of["invalid"].to_dict()
-    meta_first = meta.drop_duplicates("image").set_index("image").to_dict("index")
+    return _Listed(
+        gt_rows=gt["image"].value_counts().to_dict(),
+        meta_rows=meta["image"].value_counts().to_dict(),
+        positives=labels_of["positives"].to_dict(),
+        invalid=labels_of["invalid"].to_dict(),
+        meta_first=meta.drop_duplicates("image").set_index("image").to_dict("index"),
+        label_problems=tables.problems,
+        conflicts=conflicts,
+        duplicate_of=_duplicate_groups(tables.pairs),
+        has_patient_id="patient_id" in meta.columns,
+    )
 
+
+def _find_images(images, *, max_file_bytes: int, max_pixels: int, part: int, parts: int) -> _Found:
+    """The image files of `images` per image id, the names refused, and the first file of every image id of
+    part `part` that was not refused, inspected."""
     with open_images(images, max_bytes=max_file_bytes) as container:
         listing = list(container.members())
         files: dict[str, list[str]] = {}
         for member, image_id in listing:
             files.setdefault(image_id, []).append(member)
-        refused: dict[str, tuple[str, str, str]] = {}
-        for name, reason, detail in container.refused:
-            image_id = image_id_of(name)
-            if image_id is None:
-                log.warning(
-                    "refused %r (%s: %s); not an image name, so it has no manifest row", name, reason, detail
-                )
-            else:
-                refused.setdefault(image_id, (name, reason, detail))
+        refused = _refused(container)
         if container.ignored:
             log.info(
                 "%d non-image file(s) in %s, not in the manifest: %s",
@@ -287,144 +302,87 @@ def run_ingest(
             for image_id, members in files.items()
             if image_id not in refused and in_part(image_id, part, parts)
         )
-        inspected = _inspect_files(container, to_decode, max_pixels=max_pixels)
+        return _Found(files, refused, _inspect_files(container, to_decode, max_pixels=max_pixels))
 
-    rows = []
-    for image_id in sorted(set(gt_rows) | set(meta_rows) | set(files) | set(refused)):
-        if not in_part(image_id, part, parts):
-            continue
-        members = files.get(image_id, [])
-        problems: list[tuple[str, str]] = []  # (reason, detail), in the order of precedence
-        if image_id in refused:
-            problems.append(refused[image_id][1:])
-        n_gt, n_meta = gt_rows.get(image_id, 0), meta_rows.get(image_id, 0)
-        if n_gt > 1 or n_meta > 1:
-            problems.append(("duplicate_row", f"{n_gt} ground-truth row(s), {n_meta} metadata row(s)"))
-        if image_id not in gt_rows:
-            where = "a file" if members else "only a metadata row"
-            problems.append(("no_label_row", f"{where}, no row in the ground truth"))
-        elif image_id in tables.problems:  # an unmapped diagnosis, a label the source contradicts
-            problems.append(tables.problems[image_id])
+
+def _refused(container) -> dict[str, tuple[str, str, str]]:
+    """image id -> (name, reason, detail) of the first file refused under a name with that id."""
+    refused: dict[str, tuple[str, str, str]] = {}
+    for name, reason, detail in container.refused:
+        image_id = image_id_of(name)
+        if image_id is None:
+            log.warning(
+                "refused %r (%s: %s); not an image name, so it has no manifest row", name, reason, detail
+            )
         else:
-            classes = positives[image_id]
-            if invalid[image_id]:
-                problems.append(
-                    (
-                        "invalid_label",
-                        f"{', '.join(invalid[image_id])} in the ground truth: one-hot labels are exactly one 1.0 "
-                        "and the rest 0.0",
-                    )
-                )
-            elif not classes:
-                problems.append(("no_label", "no positive class in the ground-truth row"))
-            elif len(classes) > 1:
-                problems.append(("multiple_labels", f"positive for {', '.join(classes)}"))
-        if image_id in conflicts:
-            problems.append(conflicts[image_id])
-        if not members and image_id not in refused:
-            problems.append(("missing_file", "no image file with this id"))
-        if len(members) > 1:
-            problems.append(("duplicate_file", f"{len(members)} files with this id: {', '.join(members)}"))
-        info = inspected.get(members[0], {}) if members and image_id not in refused else {}
-        if info.get("reason"):
-            problems.append((info["reason"], info["detail"]))
+            refused.setdefault(image_id, (name, reason, detail))
+    return refused
 
-        classes = positives.get(image_id, []) if not invalid.get(image_id) else []
-        fields = meta_first.get(image_id, {})
-        record = {f: _first(fields.get(f)) for f in METADATA_FIELDS}
-        reason, detail = problems[0] if problems else (None, None)
-        rows.append(
-            {
-                "image_id": image_id,
-                "status": "quarantined" if problems else "ok",
-                "reason": reason,
-                "detail": detail,
-                "member": refused[image_id][0] if image_id in refused else (members[0] if members else None),
-                **{k: info.get(k) for k in ("sha256", "bytes", "width", "height", "mode", "format")},
-                "label": classes[0] if len(classes) == 1 else None,
-                **record,
-                "group_id": None,  # below: the connected components of shared patients, lesions, duplicates
-                "duplicate_group": duplicate_of.get(image_id),
-                "synthetic": bool(synthetic),
-            }
-        )
-    columns = {"patient_id": "patient_id" in meta.columns, "duplicate_group": bool(duplicate_of)}
-    about = {
-        "source": source,
-        "images": ";".join(image_paths(images)),
-        "max_pixels": str(max_pixels),
-        "synthetic": str(bool(synthetic)),
+
+def _problems(image_id: str, listed: _Listed, found: _Found, info: dict) -> list[tuple[str, str]]:
+    """Every problem of one image id, as (reason, detail), in the order of precedence (CSV_REASONS)."""
+    members = found.files.get(image_id, [])
+    problems: list[tuple[str, str]] = []
+    if image_id in found.refused:
+        problems.append(found.refused[image_id][1:])
+    n_gt, n_meta = listed.gt_rows.get(image_id, 0), listed.meta_rows.get(image_id, 0)
+    if n_gt > 1 or n_meta > 1:
+        problems.append(("duplicate_row", f"{n_gt} ground-truth row(s), {n_meta} metadata row(s)"))
+    if image_id not in listed.gt_rows:
+        where = "a file" if members else "only a metadata row"
+        problems.append(("no_label_row", f"{where}, no row in the ground truth"))
+    elif image_id in listed.label_problems:
+        problems.append(listed.label_problems[image_id])
+    else:
+        classes, invalid = listed.positives[image_id], listed.invalid[image_id]
+        if invalid:
+            problems.append(
+                (
+                    "invalid_label",
+                    f"{', '.join(invalid)} in the ground truth: one-hot labels are exactly one 1.0 "
+                    "and the rest 0.0",
+                )
+            )
+        elif not classes:
+            problems.append(("no_label", "no positive class in the ground-truth row"))
+        elif len(classes) > 1:
+            problems.append(("multiple_labels", f"positive for {', '.join(classes)}"))
+    if image_id in listed.conflicts:
+        problems.append(listed.conflicts[image_id])
+    if not members and image_id not in found.refused:
+        problems.append(("missing_file", "no image file with this id"))
+    if len(members) > 1:
+        problems.append(("duplicate_file", f"{len(members)} files with this id: {', '.join(members)}"))
+    if info.get("reason"):
+        problems.append((info["reason"], info["detail"]))
+    return problems
+
+
+def _manifest_row(image_id: str, listed: _Listed, found: _Found, *, synthetic: bool) -> dict:
+    """One image id's manifest row: `ok`, or `quarantined` with its first problem."""
+    members = found.files.get(image_id, [])
+    refused = found.refused.get(image_id)
+    info = found.inspected.get(members[0], {}) if members and refused is None else {}
+    problems = _problems(image_id, listed, found, info)
+    classes = listed.positives.get(image_id, []) if not listed.invalid.get(image_id) else []
+    fields = listed.meta_first.get(image_id, {})
+    reason, detail = problems[0] if problems else (None, None)
+    return {
+        "image_id": image_id,
+        "status": "quarantined" if problems else "ok",
+        "reason": reason,
+        "detail": detail,
+        "member": refused[0] if refused is not None else (members[0] if members else None),
+        **{k: info.get(k) for k in ("sha256", "bytes", "width", "height", "mode", "format")},
+        "label": classes[0] if len(classes) == 1 else None,
+        **{f: _first(fields.get(f)) for f in METADATA_FIELDS},
+        "group_id": None,  # write_manifest: the connected components of shared patients, lesions, duplicates
+        "duplicate_group": listed.duplicate_of.get(image_id),
+        "synthetic": bool(synthetic),
     }
-    if parts > 1:
-        part_table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
-        keep = {f"keep_{c}": str(v) for c, v in columns.items()}
-        Path(manifest_out).parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(part_table.replace_schema_metadata({**about, **keep}), manifest_out)
-        log.info("part %d of %d: %d image ids, written to %s", part + 1, parts, len(rows), manifest_out)
-        return part_table.to_pandas()
-    if not rows:
-        raise ValueError(f"no image listed in {labels} or {metadata}, and none found in {images}")
-    return write_manifest(rows, columns, about, manifest_out=manifest_out, quarantine_out=quarantine_out)
 
 
 def in_part(image_id: str, part: int, parts: int) -> bool:
     """Whether an image id belongs to part `part` of `parts` (a stable hash of the id alone, so every file, row
     and problem of one id lands in one part, whatever the listing order)."""
     return parts == 1 or zlib.crc32(image_id.encode()) % parts == part
-
-
-def gather_ingest(
-    parts: list[str | Path], *, manifest_out: str | Path, quarantine_out: str | Path
-) -> pd.DataFrame:
-    """The manifest and quarantine.csv from a scattered ingest's parts: the same files one job would write."""
-    tables = [pq.read_table(p) for p in parts]
-    meta = {k.decode(): v.decode() for k, v in (tables[0].schema.metadata or {}).items()}
-    columns = {c: meta.pop(f"keep_{c}") == "True" for c in ("patient_id", "duplicate_group")}
-    rows = sorted((r for t in tables for r in t.to_pylist()), key=lambda r: r["image_id"])
-    if not rows:
-        raise ValueError(f"no image in any of the {len(parts)} ingest parts {[str(p) for p in parts]}")
-    return write_manifest(rows, columns, meta, manifest_out=manifest_out, quarantine_out=quarantine_out)
-
-
-def write_manifest(
-    rows: list[dict], columns: dict[str, bool], about: dict[str, str], *, manifest_out, quarantine_out
-) -> pd.DataFrame:
-    """Group ids (the connected components of shared patients, lesions and duplicates, over all rows), the
-    manifest with the optional `columns` it keeps and the schema metadata `about`, quarantine.csv, and the
-    log's counts."""
-    frame = pd.DataFrame(rows)
-    for row, group in zip(
-        rows, connected_groups(frame, ["patient_id", "lesion_id", "duplicate_group"], ()), strict=True
-    ):
-        row["group_id"] = group
-    schema = MANIFEST_SCHEMA
-    # No column rather than an all-null one: the split links images by the id columns that exist.
-    for column, keep in columns.items():
-        if not keep:
-            schema = schema.remove(schema.get_field_index(column))
-    table = pa.Table.from_pylist(rows, schema=schema).replace_schema_metadata(about)
-    Path(manifest_out).parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, manifest_out)
-    manifest = table.to_pandas()
-    quarantined = manifest[manifest["status"] == "quarantined"]
-    Path(quarantine_out).parent.mkdir(parents=True, exist_ok=True)
-    neutralise_formulas(quarantined[QUARANTINE_COLUMNS]).to_csv(
-        quarantine_out, index=False, lineterminator="\n"
-    )
-
-    listed, ok = len(manifest), int((manifest["status"] == "ok").sum())
-    assert manifest["image_id"].is_unique, "manifest has a duplicated image_id"
-    assert listed == ok + len(quarantined), (listed, ok, len(quarantined))
-    per_reason = Counter(quarantined["reason"])
-    for reason, count in per_reason.most_common():
-        example = quarantined[quarantined["reason"] == reason].iloc[0]
-        log.warning("quarantined %d: %s (e.g. %s: %s)", count, reason, example["image_id"], example["detail"])
-    log.info("wrote %s and %s", manifest_out, quarantine_out)
-    log.info(
-        "listed=%d ok=%d quarantined=%d%s",
-        listed,
-        ok,
-        len(quarantined),
-        "".join(f" {r}={c}" for r, c in sorted(per_reason.items())),
-    )
-    return manifest

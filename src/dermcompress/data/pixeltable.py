@@ -1,5 +1,5 @@
-"""Parquet columns of fixed-size images: how the caches store pixels, and pixel tables that cache.run_cache turns
-into a cache.
+"""Parquet columns of fixed-size images: how the caches store pixels, and pixel tables that
+cache_write.run_cache turns into a cache.
 
 Pixels are stored raw (uint8 RGB, row-major H x W x 3) in a fixed_size_binary column, so what is stored is
 exactly what the model gets, and reading a batch back is one memory copy, no decode.

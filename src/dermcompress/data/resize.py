@@ -1,22 +1,18 @@
 """Resize stage: every image of the split, decoded once, to one square resolution: the `clean` variant's cache.
 
 The resized pixels are the clean variant (it has no degradation), so they are written straight into its cache
-(cache.CacheWriter), shard by shard: one stored copy, and one shard in memory at a time. Decoding the JPEG is
-the bottleneck, so a JPEG is decoded at reduced scale (libjpeg's 1/2, 1/4, 1/8 DCT scaling) when the target is
-far smaller than the source, and images are spread over a thread pool (Pillow and OpenCV release the GIL while
-they decode, resample and filter).
+(cache_write.CacheWriter), shard by shard: one stored copy, and one shard in memory at a time. Decoding the
+JPEG is the bottleneck, so a JPEG is decoded at reduced scale (libjpeg's 1/2, 1/4, 1/8 DCT scaling) when the
+target is far smaller than the source, and images are spread over a thread pool (imagepool.map_images: Pillow
+and OpenCV release the GIL while they decode, resample and filter).
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import math
-import os
-import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -27,18 +23,20 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from dermcompress.data.cache import BYTES_TYPES, CacheError, CacheWriter, check_rows, load_info, shard_plan
+from dermcompress.data.cache import BYTES_TYPES, CacheError, load_info
+from dermcompress.data.cache_write import CacheWriter, check_rows, shard_plan
 from dermcompress.data.codec import REFERENCE, png_size
+from dermcompress.data.imagepool import (
+    SourceChangedError,
+    available_threads,
+    changed_error,
+    map_images,
+    read_member,
+    source_changed,
+)
 from dermcompress.data.images import ImageError, decode_image
 from dermcompress.data.pixeltable import read_parquet
-from dermcompress.data.sources import (
-    DEFAULT_MAX_FILE_BYTES,
-    ImageSource,
-    ImageSources,
-    SourceError,
-    image_paths,
-    open_images,
-)
+from dermcompress.data.sources import DEFAULT_MAX_FILE_BYTES, image_paths
 
 log = logging.getLogger(__name__)
 
@@ -60,23 +58,6 @@ CLEAN = "clean"
 NONE = "none"  # the degradation of every clean row
 # The stages read parquet files (pixeltable.read_parquet); tests and notebooks may pass pandas frames.
 PathOrFrame = Any
-
-
-class SourceChangedError(RuntimeError):
-    """An image that passed ingest no longer reads, matches its sha256 or decodes: the raw data changed under
-    the pipeline. `image_ids` names them (all of them, when raised by map_images)."""
-
-    def __init__(
-        self, message: str, image_ids: Sequence[str] = (), errors: Sequence[SourceChangedError] = ()
-    ) -> None:
-        super().__init__(message)
-        self.image_ids = list(image_ids)
-        self.errors = list(errors) or [self]  # one per image
-
-
-RERUN_INGEST = (
-    "the raw data changed since ingest: rerun the workflow from ingest (snakemake --forcerun ingest)"
-)
 
 
 def resize_image(img: Image.Image, size: int, policy: str) -> np.ndarray:
@@ -118,7 +99,7 @@ def load_resized(
 
 
 def numbered(plan: list[tuple[str, np.ndarray]]) -> Iterator[tuple[str, int, np.ndarray]]:
-    """(split, the shard's number within its split, its rows) for every shard of cache.shard_plan."""
+    """(split, the shard's number within its split, its rows) for every shard of cache_write.shard_plan."""
     counts: dict[str, int] = {}
     for split, rows in plan:
         counts[split] = counts.get(split, -1) + 1
@@ -147,54 +128,6 @@ def images_in(path: str | Path) -> int | None:
         return None
 
 
-def available_threads() -> int:
-    """Cores this process may run on (what Snakemake or SLURM granted, not what the machine has)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-@functools.cache
-def _source(paths: tuple[str, ...], max_bytes: int, thread: int) -> ImageSource | ImageSources:
-    """One open image source per thread: threads sharing a zip handle would also share its file offset."""
-    return open_images(paths, max_bytes=max_bytes)
-
-
-def read_member(
-    images: str | Path | Sequence[str],
-    image_id: str,
-    member: str,
-    sha256: str,
-    max_bytes: int = DEFAULT_MAX_FILE_BYTES,
-) -> bytes:
-    """Raw bytes of one image, checked against the sha256 ingest recorded (the bytes are in memory: cheap).
-
-    Opens the source once per thread. A missing, unreadable or changed file is a SourceChangedError.
-    """
-    try:
-        data = _source(image_paths(images), max_bytes, threading.get_ident()).read(member)
-    except (OSError, KeyError, SourceError) as err:
-        raise SourceChangedError(
-            f"{image_id}: cannot read {member!r} from {images} ({err}); it was read at ingest, so {RERUN_INGEST}",
-            [image_id],
-        ) from None
-    if hashlib.sha256(data).hexdigest() != sha256:
-        raise SourceChangedError(
-            f"{image_id}: {member!r} in {images} is not the file ingest read (sha256 {sha256[:16]}...); "
-            + RERUN_INGEST,
-            [image_id],
-        )
-    return data
-
-
-def source_changed(image_id: str, member: str, err: ImageError) -> SourceChangedError:
-    return SourceChangedError(
-        f"{image_id}: {member!r} no longer decodes ({err}); it decoded at ingest, so {RERUN_INGEST}",
-        [image_id],
-    )
-
-
 def _resize_task(
     task: tuple[str, str, str], *, images: tuple[str, ...], max_file_bytes: int, **settings: Any
 ) -> tuple[np.ndarray, int]:
@@ -207,66 +140,6 @@ def _resize_task(
     # What the clean image costs to send: a lossless PNG, sized here in the pool rather than on the writer's
     # one thread (1.4 ms an image at 224 px).
     return pixels, png_size(pixels)
-
-
-def changed_error(errors: Sequence[SourceChangedError]) -> SourceChangedError:
-    """One error that names every image of `errors` (the first 20 with their reasons)."""
-    each = sorted((e for err in errors for e in err.errors), key=lambda e: e.image_ids)
-    ids = [i for err in each for i in err.image_ids]
-    shown = "\n  ".join(str(err) for err in each[:20])
-    more = f"\n  ... and {len(each) - 20} more" if len(each) > 20 else ""
-    return SourceChangedError(
-        f"{len(ids)} raw image(s) changed since ingest: {', '.join(ids[:20])}\n  {shown}{more}", ids, each
-    )
-
-
-def map_images(
-    fn: Callable[[Any], np.ndarray],
-    tasks: Sequence[Any],
-    *,
-    shape: tuple[int, ...],
-    threads: int,
-    desc: str = "",
-    bar: tqdm | None = None,
-    sizes: list[int | None] | None = None,
-) -> np.ndarray:
-    """Apply `fn` to every task, in order, over a thread pool; results stacked into one (N, *shape) uint8 array.
-    With `sizes` (a list, filled in task order), `fn` returns (pixels, encoded bytes or None) instead.
-
-    Threads, not processes: the work runs in Pillow and OpenCV with the GIL released (1.7x on 2 cores against
-    1.3x for a process pool, which pays for pickling every image), and nothing is forked, so no thread pool's
-    lock can be copied in a held state into a child that then hangs. The output is allocated once and filled
-    as results arrive, so memory stays at one copy of the table. Images whose raw file changed since ingest
-    (SourceChangedError) are all collected, then named together in one error. `bar`: a progress bar to advance
-    (else one of its own, labelled `desc`).
-    """
-    changed: list[SourceChangedError] = []
-
-    def guarded(task: Any) -> np.ndarray | None:
-        try:
-            return fn(task)
-        except SourceChangedError as err:
-            changed.append(err)
-            return None
-
-    out = np.empty((len(tasks), *shape), dtype=np.uint8)
-    threads = max(1, min(threads, len(tasks)))
-    own_bar = bar is None
-    bar = tqdm(total=len(tasks), desc=desc, unit="img", mininterval=5) if own_bar else bar
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        results = pool.map(guarded, tasks) if threads > 1 else map(guarded, tasks)
-        for i, result in enumerate(results):
-            if result is not None and sizes is not None:
-                result, size = result
-                sizes.append(size)
-            if result is not None:
-                out[i] = result
-            bar.update()
-    if own_bar:
-        bar.close()
-    if changed:
-        raise changed_error(changed)
-    return out
 
 
 def read_table(source: PathOrFrame, columns: list[str]) -> pa.Table:
@@ -337,7 +210,7 @@ def run_resize(
     parts: int = 1,
 ) -> dict[str, Any]:
     """Every image of splits.parquet at (res x res) -> the clean variant's cache in `out_dir`; its _info.
-    With `parts` > 1, only every `parts`-th shard from the `part`-th (a scattered job; cache.merge_caches
+    With `parts` > 1, only every `parts`-th shard from the `part`-th (a scattered job; cache_write.merge_caches
     gathers them).
 
     Each raw file is checked against the sha256 ingest recorded; any that changed fail the job, all named.
@@ -360,8 +233,6 @@ def run_resize(
         max_pixels=max_pixels,
         max_file_bytes=max_file_bytes,
     )
-    ids = rows["image_id"].to_pylist()
-    tasks = list(zip(ids, rows["member"].to_pylist(), rows["sha256"].to_pylist(), strict=True))
     writer = CacheWriter(
         out_dir,
         classes=classes,
@@ -374,14 +245,34 @@ def run_resize(
             "reduced_decode": bool(reduced_decode),
         },
     )
-    changed: list[SourceChangedError] = []
     plan = [
         (split, number, shard)
         for g, (split, number, shard) in enumerate(
-            numbered(shard_plan(ids, rows["split"].to_pylist(), rows_per_shard))
+            numbered(shard_plan(rows["image_id"].to_pylist(), rows["split"].to_pylist(), rows_per_shard))
         )
         if g % parts == part
     ]
+    _write_shards(writer, plan, rows, fn, resolution=resolution, threads=threads)
+    info = writer.close(input={"images": ";".join(image_paths(images))})
+    log.info("wrote the clean cache %s (%d images, %s per split)", out_dir, rows.num_rows, info["rows"])
+    return info
+
+
+def _write_shards(
+    writer: CacheWriter,
+    plan: list[tuple[str, int, np.ndarray]],
+    rows: pa.Table,
+    fn: Callable[[tuple[str, str, str]], tuple[np.ndarray, int]],
+    *,
+    resolution: int,
+    threads: int,
+) -> None:
+    """Resize the images of every (split, number, rows) shard of `plan` with `fn` and write the shard; any raw
+    file that changed since ingest fails it, once every image has been looked at, to name them all."""
+    tasks = list(
+        zip(rows["image_id"].to_pylist(), rows["member"].to_pylist(), rows["sha256"].to_pylist(), strict=True)
+    )
+    changed: list[SourceChangedError] = []
     with tqdm(
         total=sum(len(s) for *_, s in plan), desc=f"resize {resolution}px", unit="img", mininterval=5
     ) as bar:
@@ -396,17 +287,20 @@ def run_resize(
                     bar=bar,
                     sizes=sizes,
                 )
-            except SourceChangedError as err:  # look at every image before failing, to name them all
+            except SourceChangedError as err:
                 changed.append(err)
                 continue
             if not changed:
-                sent = {"codec": [REFERENCE] * len(shard), "codec_quality": [None] * len(shard)}
-                table = clean_rows(rows.take(shard))
-                for name, values in {**sent, "encoded_bytes": sizes}.items():
-                    table = table.append_column(name, pa.array(values, BYTES_TYPES[name]))
-                writer.write(split, table, pixels, number=number)
+                writer.write(split, _clean_shard(rows.take(shard), sizes), pixels, number=number)
     if changed:
         raise changed_error(changed)
-    info = writer.close(input={"images": ";".join(image_paths(images))})
-    log.info("wrote the clean cache %s (%d images, %s per split)", out_dir, rows.num_rows, info["rows"])
-    return info
+
+
+def _clean_shard(rows: pa.Table, sizes: list[int | None]) -> pa.Table:
+    """A shard's cache columns: the clean rows, sent as the lossless PNGs of `sizes` bytes."""
+    n = rows.num_rows
+    sent = {"codec": [REFERENCE] * n, "codec_quality": [None] * n, "encoded_bytes": sizes}
+    table = clean_rows(rows)
+    for name, values in sent.items():
+        table = table.append_column(name, pa.array(values, BYTES_TYPES[name]))
+    return table

@@ -27,7 +27,8 @@ import numpy as np
 import pandas as pd
 
 from dermcompress.data import datasets
-from dermcompress.data.synth import MARKER, Plan, _Writer, render_images
+from dermcompress.data.synth import MARKER, Plan, _Writer
+from dermcompress.data.synth_draw import render_images
 
 log = logging.getLogger(__name__)
 
