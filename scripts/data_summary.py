@@ -1,7 +1,7 @@
 """Snakemake adapter: manifest + split report -> the data-set summary (Markdown, and HTML for the report)."""
 
 from dermcompress.provenance.logs import job_logging
-from dermcompress.study.aggregate import run_data_summary
+from dermcompress.study.tables import run_data_summary
 
 with job_logging(snakemake):
     run_data_summary(

@@ -1,7 +1,7 @@
 """Snakemake adapter: every selected run's metrics.json -> one row per run (CSV, and HTML for the report)."""
 
 from dermcompress.provenance.logs import job_logging
-from dermcompress.study.aggregate import run_runs_index
+from dermcompress.study.tables import run_runs_index
 
 with job_logging(snakemake):
     run_runs_index(

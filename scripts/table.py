@@ -2,7 +2,7 @@
 with the bytes per image of each row's data and each row's paired differences from the reference row."""
 
 from dermcompress.provenance.logs import job_logging
-from dermcompress.study.aggregate import run_table
+from dermcompress.study.tables import run_table
 
 with job_logging(snakemake):
     run_table(

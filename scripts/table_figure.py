@@ -1,7 +1,7 @@
 """Snakemake adapter: one experiment's table -> one figure (params.kind: rate_accuracy, forest)."""
 
 from dermcompress.provenance.logs import job_logging
-from dermcompress.study.figures import run_table_figure
+from dermcompress.study.rate_figures import run_table_figure
 
 with job_logging(snakemake):
     run_table_figure(

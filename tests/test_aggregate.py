@@ -17,7 +17,7 @@ from dermcompress.data.loader import CacheDataset
 from dermcompress.data.subsample import grouped_subsample
 from dermcompress.learn import runs as runs_module
 from dermcompress.learn.runs import Evaluation, Run
-from dermcompress.study import aggregate, experiments, figures
+from dermcompress.study import aggregate, experiments, figures, tables
 
 
 def study_config() -> dict:
@@ -352,9 +352,7 @@ def test_table_rows_are_means_and_stds_over_seeds_with_their_runs(tmp_path):
         tmp_path, [{"res": 64}, {"res": 32}, {"model": "n", "res": 64}, {"model": "n", "res": 32}]
     )
     out = {ext: str(tmp_path / f"t.{ext}") for ext in ("csv", "md", "tex", "html")}
-    table = aggregate.run_table(
-        metrics=[f"{d}/metrics.json" for d in dirs], title="A sweep", label="exp", **out
-    )
+    table = tables.run_table(metrics=[f"{d}/metrics.json" for d in dirs], title="A sweep", label="exp", **out)
     assert list(table[["model", "res"]].itertuples(index=False, name=None)) == [
         ("m", 64),
         ("m", 32),
@@ -386,14 +384,14 @@ def test_a_sweep_marks_the_setting_best_on_validation_never_on_test(tmp_path):
     # Test accuracy (and AUC) rise with the point's index: the last lr of each resolution is best on test.
     dirs = fake_runs(tmp_path, points, val_auc=[0.70, 0.90, 0.80, 0.85, 0.85, 0.60])
     out = {ext: str(tmp_path / f"t.{ext}") for ext in ("csv", "md", "tex", "html")}
-    table = aggregate.run_table(metrics=[f"{d}/metrics.json" for d in dirs], title="lr", label="lr", **out)
+    table = tables.run_table(metrics=[f"{d}/metrics.json" for d in dirs], title="lr", label="lr", **out)
     chosen = table.loc[table[aggregate.SELECTED], ["res", "lr"]]
     # 64 px: best val AUC at 0.001. 32 px: 0.01 and 0.001 tie on val AUC; 0.001 has the higher val bal. acc.
     assert list(chosen.itertuples(index=False, name=None)) == [(64, "0.001"), (32, "0.001")]
     best_on_test = table.loc[table.groupby("res")["auc_mean"].idxmax(), "lr"]
     assert set(best_on_test) == {"0.0001"}
     md = Path(out["md"]).read_text()
-    assert "Val-selected" in md and md.count(aggregate.SELECTED_MARK) == 3  # two rows and the note
+    assert "Val-selected" in md and md.count(tables.SELECTED_MARK) == 3  # two rows and the note
     assert pd.read_csv(out["csv"])[aggregate.SELECTED].sum() == 2
 
 

@@ -11,7 +11,7 @@ import pytest
 from matplotlib.collections import PathCollection
 from PIL import Image
 
-from dermcompress.study import figures
+from dermcompress.study import figures, rate_figures
 
 # (eval variant, codec, quality, kB per image at 224 px); a quarter of the bytes at 112 px.
 VARIANTS = (("png", "png", np.nan, 100.0), ("jpeg_q75", "jpeg", 75.0, 10.0))
@@ -94,10 +94,13 @@ def test_pareto_front_keeps_the_undominated_points_ties_included_nans_never():
     # (2, 0.8) twice: neither strictly better, both on. (3, 0.75) < (2, 0.8); (4, 0.85) < (4, 0.9) at equal kB;
     # (5, 0.9) < (4, 0.9) at equal score. The NaNs are off and dominate nothing (else (1, 0.7) would be off).
     expected = [True, True, True, False, True, False, False, False, False]
-    assert figures.pareto_front(kb, score).tolist() == expected
-    assert figures.pareto_front(np.array([]), np.array([])).tolist() == []
-    assert figures.pareto_front(np.array([np.nan, 1.0]), np.array([0.5, np.nan])).tolist() == [False, False]
-    assert figures.pareto_front(np.array([3.0]), np.array([0.1])).tolist() == [True]
+    assert rate_figures.pareto_front(kb, score).tolist() == expected
+    assert rate_figures.pareto_front(np.array([]), np.array([])).tolist() == []
+    assert rate_figures.pareto_front(np.array([np.nan, 1.0]), np.array([0.5, np.nan])).tolist() == [
+        False,
+        False,
+    ]
+    assert rate_figures.pareto_front(np.array([3.0]), np.array([0.1])).tolist() == [True]
 
 
 def test_pareto_front_matches_the_definition_on_random_points():
@@ -106,7 +109,7 @@ def test_pareto_front_matches_the_definition_on_random_points():
         kb = rng.integers(1, 6, 30).astype(float)  # many ties
         score = rng.integers(0, 6, 30).astype(float)
         kb[rng.random(30) < 0.1] = np.nan
-        front = figures.pareto_front(kb, score)
+        front = rate_figures.pareto_front(kb, score)
         for i in range(30):
             dominated = any(
                 kb[j] <= kb[i] and score[j] >= score[i] and (kb[j] < kb[i] or score[j] > score[i])
@@ -120,8 +123,8 @@ def test_pareto_front_matches_the_definition_on_random_points():
 
 def test_rate_accuracy_draws_a_line_per_resolution_and_codec_and_the_front(tmp_path, caplog):
     table = rate_table()
-    with caplog.at_level(logging.WARNING, logger=figures.log.name):
-        fig = figures.plot_rate_accuracy(table, "What do bytes buy?")
+    with caplog.at_level(logging.WARNING, logger=rate_figures.log.name):
+        fig = rate_figures.plot_rate_accuracy(table, "What do bytes buy?")
     assert "1 row(s) without kB per image" in caplog.text
     axes = np.array(fig.axes).reshape(2, 2)  # AUC, balanced accuracy x models m, n
     assert [ax.get_title() for ax in axes[0]] == ["m", "n"]
@@ -133,7 +136,9 @@ def test_rate_accuracy_draws_a_line_per_resolution_and_codec_and_the_front(tmp_p
         for c, model in enumerate(("m", "n")):
             ax = axes[r, c]
             panel = drawn[drawn["model"] == model]
-            mask = figures.pareto_front(panel["kb_per_image"].to_numpy(), panel[f"{metric}_mean"].to_numpy())
+            mask = rate_figures.pareto_front(
+                panel["kb_per_image"].to_numpy(), panel[f"{metric}_mean"].to_numpy()
+            )
             expected = panel[mask].sort_values(["kb_per_image", f"{metric}_mean"])
             (line,) = [line for line in ax.lines if line.get_gid() == "pareto_front"]
             assert line.get_linestyle() == "--" and line.get_drawstyle() == "steps-post"
@@ -167,7 +172,7 @@ def test_rate_accuracy_draws_a_line_per_resolution_and_codec_and_the_front(tmp_p
     assert labels[:2] == ["224 px PNG", "224 px JPEG"]  # lines first, largest resolution first
     lines = {"224 px PNG", "224 px JPEG", "224 px AVIF", "112 px PNG", "112 px JPEG", "112 px AVIF"}
     assert lines <= set(labels)
-    assert figures.FRONTIER in labels and "reference level" in labels
+    assert rate_figures.FRONTIER in labels and "reference level" in labels
     assert "reference: m, 224 px PNG, 100 kB" in labels
     assert not any("mixed" in label for label in labels)  # its only row has no kB per image
     out = tmp_path / "rate.png"
@@ -179,7 +184,7 @@ def test_rate_accuracy_draws_a_line_per_resolution_and_codec_and_the_front(tmp_p
 def test_rate_accuracy_with_one_model_and_no_reference_draws_one_column():
     table = rate_table()
     table = table[table["model"] == "m"].drop(columns="reference")
-    fig = figures.plot_rate_accuracy(table, "t")
+    fig = rate_figures.plot_rate_accuracy(table, "t")
     assert len(fig.axes) == 2 and fig.axes[0].get_title() == "m"
     labels = [t.get_text() for t in fig.legends[0].get_texts()]
     assert not any(label.startswith("reference") for label in labels)
@@ -196,7 +201,7 @@ def test_rate_accuracy_labels_its_kb_axis_in_plain_numbers_even_over_a_narrow_ra
     table["kb_per_image"] = low + (table["kb_per_image"] - low) / np.ptp(table["kb_per_image"]) * low * (
         span - 1
     )
-    fig = figures.plot_rate_accuracy(table.reset_index(drop=True), "t")
+    fig = rate_figures.plot_rate_accuracy(table.reset_index(drop=True), "t")
     fig.canvas.draw()
     ax = fig.axes[-1]
     left, right = ax.get_xlim()
@@ -208,7 +213,7 @@ def test_rate_accuracy_labels_its_kb_axis_in_plain_numbers_even_over_a_narrow_ra
 
 def test_rate_accuracy_without_any_kb_still_draws():
     table = rate_table().assign(kb_per_image=np.nan)
-    fig = figures.plot_rate_accuracy(table, "t")
+    fig = rate_figures.plot_rate_accuracy(table, "t")
     assert len(fig.axes) == 2 and fig.axes[0].get_title() == "no row has a kB per image"
     plt.close(fig)
 
@@ -217,7 +222,7 @@ def test_rate_accuracy_panels_per_training_arm():
     table = rate_table()
     table = pd.concat([table.assign(train_variant="clean"), table.assign(train_variant="codec")])
     table["reference"] &= table["train_variant"] == "clean"
-    fig = figures.plot_rate_accuracy(table.reset_index(drop=True), "t")
+    fig = rate_figures.plot_rate_accuracy(table.reset_index(drop=True), "t")
     titles = [ax.get_title() for ax in fig.axes[:4]]
     assert titles == [
         "m, trained on clean",
@@ -234,7 +239,7 @@ def test_rate_accuracy_panels_per_training_arm():
 
 def test_forest_has_a_line_per_row_filled_where_significant(tmp_path):
     table = rate_table()
-    fig = figures.plot_forest(table, "Δ vs 224 px PNG")
+    fig = rate_figures.plot_forest(table, "Δ vs 224 px PNG")
     assert len(fig.axes) == 2
     left, right = fig.axes
     labels = [t.get_text() for t in left.get_yticklabels()]
@@ -262,7 +267,7 @@ def test_forest_has_a_line_per_row_filled_where_significant(tmp_path):
             )
         (star,) = [line for line in ax.lines if line.get_marker() == "*"]
         np.testing.assert_allclose([star.get_xdata()[0], star.get_ydata()[0]], [0, reference])
-    small = figures.plot_forest(table.head(4), "t")
+    small = rate_figures.plot_forest(table.head(4), "t")
     assert small.get_figheight() < fig.get_figheight()
     out = tmp_path / "forest.png"
     fig.savefig(out, dpi=figures.DPI)
@@ -277,7 +282,7 @@ def test_forest_has_a_line_per_row_filled_where_significant(tmp_path):
 def test_table_csv_reads_back_with_its_types(tmp_path, monkeypatch):
     csv = tmp_path / "table.csv"
     rate_table().assign(lr="1e-05", schedule="").to_csv(csv, index=False)
-    table = figures.read_table_csv(str(csv))
+    table = rate_figures.read_table_csv(str(csv))
     assert table["res"].dtype == np.int64 and table["codec_quality"].dtype == float
     assert table["reference"].dtype == bool and table["reference"].sum() == 1
     assert set(table["lr"]) == {"1e-05"} and set(table["schedule"]) == {""}
@@ -290,8 +295,8 @@ def test_run_table_figure_writes_a_png_from_the_table_csv(tmp_path, kind, caplog
     rate_table().to_csv(csv, index=False)
     out = tmp_path / f"{kind}.png"
     open_before = set(plt.get_fignums())
-    with caplog.at_level(logging.INFO, logger=figures.log.name):
-        figures.run_table_figure(kind=kind, table_csv=str(csv), title="codecs", out=str(out))
+    with caplog.at_level(logging.INFO, logger=rate_figures.log.name):
+        rate_figures.run_table_figure(kind=kind, table_csv=str(csv), title="codecs", out=str(out))
     assert f"{kind} figure of 17 table rows" in caplog.text
     assert_png(out)
     assert set(plt.get_fignums()) == open_before  # closed

@@ -18,7 +18,7 @@ rule data_summary:
     conda:
         "../../envs/report.yaml"
     params:
-        code=get_code("study.aggregate"),
+        code=get_code("study.tables"),
     script:
         "../../scripts/data_summary.py"
 
@@ -59,7 +59,7 @@ rule runs_index:
     conda:
         "../../envs/report.yaml"
     params:
-        code=get_code("study.aggregate"),
+        code=get_code("study.tables"),
     script:
         "../../scripts/runs_index.py"
 
@@ -89,7 +89,7 @@ rule table:
         reference=get_reference,
         n_bootstrap=config["training"]["n_bootstrap"],
         runs=get_experiment_runs,
-        code=get_code("study.aggregate"),
+        code=get_code("study.tables"),
     script:
         "../../scripts/table.py"
 
@@ -199,7 +199,7 @@ rule figure_rate_accuracy:
         kind="rate_accuracy",
         title=get_title,
         runs=get_experiment_runs,
-        code=get_code("study.figures"),
+        code=get_code("study.rate_figures"),
     script:
         "../../scripts/table_figure.py"
 
@@ -219,4 +219,4 @@ use rule figure_rate_accuracy as figure_forest with:
         kind="forest",
         title=get_title,
         runs=get_experiment_runs,
-        code=get_code("study.figures"),
+        code=get_code("study.rate_figures"),

@@ -1,9 +1,8 @@
-"""The study's tables, from the runs' own outputs only (metrics.json; the grid point is read from the run's path).
+"""The study's aggregation of runs, from their own outputs only (metrics.json; the grid point is read from the
+run's path): an experiment's evaluations summarised per setting over seeds, which tables.py formats and writes.
 
-One table per experiment: a row per setting of the grid dimensions that vary in it (the model always shown),
-mean and sample standard deviation over its seeds, and `n`, the number of runs behind the mean. So the
-resolution sweep gives Table 1 (model x resolution), the learning-rate sweeps Tables 2 and 3, and so on, without
-a table definition per experiment.
+A row per setting of the grid dimensions that vary (the model always), mean and sample standard deviation over
+its seeds, `n_runs`, the number of runs behind the mean, and `runs`, the run folders the row aggregates.
 
 Validation chooses, test reports. Every run is scored on both splits (metrics.json: `val_*` and plain keys).
 Where an experiment sweeps a hyperparameter (lr, schedule or epochs vary), the rows that differ only in it form
@@ -15,17 +14,12 @@ evaluated on (bytes_summary.py), beside its metrics. And whether a loss is real:
 the experiment's reference row (`reference:`, default the highest resolution on clean) on the shared test
 images, Δ AUC and Δ balanced accuracy with a paired lesion-group bootstrap interval and p-value, Holm-adjusted
 within the table, and DeLong's test as the familiar second opinion (compare.py).
-
-Every table is written as CSV (numbers, for analysis), Markdown and LaTeX (formatted, mean ± std) and HTML (for
-the report). The CSV's `runs` column lists, separated by ';', the run folders (relative to the workflow
-directory) that each row aggregates: every number is traceable to its runs, and from them to their data.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from html import escape
 from pathlib import Path
 
 import numpy as np
@@ -73,38 +67,12 @@ COSTS = {
     "peak_eval_mem_mb": "Peak eval mem. (MB)",
     "params_m": "Params (M)",
 }
-# What the Markdown / LaTeX / HTML tables show (the study's Table 1 columns); the CSV has every metric and cost.
-SHOWN = {
-    "val_auc": "Val AUC",
-    "val_balanced_accuracy": "Val bal. acc.",
-    "accuracy": "Accuracy",
-    "f1_macro": "F1 (macro)",
-    "auc": "AUC",
-    "balanced_accuracy": "Bal. acc.",
-    "gmacs": "GMACs",
-    "peak_train_mem_mb": "Peak GPU mem. (MB)",
-}
 # Bytes per image of the data a row is evaluated on (its test split), from the bytes summary.
 BYTES = {"kb_per_image": "kB/image", "bpp": "bpp"}
 CODEC_COLUMNS = ("codec", "codec_quality")
-REFERENCE = "reference"
 REFERENCE_DEFAULT = {"eval_variant": "clean"}  # and the highest resolution
-# Paired differences against the reference row: what the Markdown / LaTeX / HTML tables show of them.
-DELTAS = {"delta_auc": "Δ AUC [95% CI]", "delta_balanced_accuracy": "Δ bal. acc. [95% CI]"}
-P_SHOWN = {
-    "delta_auc_p_holm": "p Δ AUC (Holm)",
-    "delta_balanced_accuracy_p_holm": "p Δ bal. acc. (Holm)",
-    "delong_p_holm": "DeLong p (Holm)",
-}
-SELECTED_MARK = "✓"
-NOT_MEASURED = "n/a"
-NOT_APPLICABLE = "—"
+# Under the tables and in the cost figure, where the runs measured no GPU memory (NaN).
 CPU_NOTE = "Peak GPU memory is not measured on a CPU (n/a)."
-TABLE_CSS = [
-    {"selector": "", "props": "border-collapse: collapse; font-family: sans-serif; font-size: 13px;"},
-    {"selector": "th, td", "props": "border: 1px solid #ccc; padding: 3px 8px; text-align: right;"},
-    {"selector": "caption", "props": "font-weight: bold; padding: 6px; text-align: left;"},
-]
 
 
 # ------------------------------------------------------------------------------------------------- reading
@@ -148,7 +116,7 @@ def varying_dims(runs: pd.DataFrame) -> list[str]:
     return ["model", *(d for d in DIMS if d != "model" and runs[d].nunique() > 1)]
 
 
-# ------------------------------------------------------------------------------------------------- tables
+# ---------------------------------------------------------------------------------------------- summaries
 
 
 def summarize(runs: pd.DataFrame, dims: list[str] | None = None) -> pd.DataFrame:
@@ -237,207 +205,3 @@ def add_comparisons(
 def _test_rows(path: Path) -> pd.DataFrame:
     frame = pd.read_parquet(path)
     return frame[frame["split"] == "test"].reset_index(drop=True)
-
-
-def _delta(value: float, low: float, high: float, reference: bool) -> str:
-    if reference:
-        return REFERENCE
-    if np.isnan(value):
-        return NOT_MEASURED
-    return f"{value:+.3f} [{low:+.3f}, {high:+.3f}]"
-
-
-def _p(value: float) -> str:
-    return "" if np.isnan(value) else "<0.001" if value < 0.001 else f"{value:.3f}"
-
-
-def _mean_std(mean: float, std: float, n: int) -> str:
-    if np.isnan(mean):
-        return NOT_MEASURED
-    return f"{mean:.3f}" if n < 2 or np.isnan(std) else f"{mean:.3f} ± {std:.3f}"
-
-
-def _cost(column: str, value: float) -> str:
-    if np.isnan(value):
-        return NOT_MEASURED
-    return (
-        f"{value:.0f}"
-        if column.endswith("_mb")
-        else f"{value:.2f}"
-        if column == "params_m"
-        else f"{value:.3g}"
-    )
-
-
-def display_table(table: pd.DataFrame) -> pd.DataFrame:
-    """The table as people read it: headers in words, mean ± std, label fractions in %, no `runs` column."""
-    dims = [d for d in DIMS if d in table.columns]
-    out = pd.DataFrame({DIMS[d]: table[d].astype(str) for d in dims})
-    if "label_fraction" in dims:
-        out[DIMS["label_fraction"]] = [f"{float(f) * 100:g}%" for f in table["label_fraction"]]
-    for dim in ("lr", "schedule", "epochs"):  # a probe takes none from the grid
-        if dim in dims:
-            out[DIMS[dim]] = [NOT_APPLICABLE if v in ("", "0") else v for v in out[DIMS[dim]]]
-    out["n"] = table["n_runs"]
-    if table[SELECTED].any():
-        out["Val-selected"] = [SELECTED_MARK if chosen else "" for chosen in table[SELECTED]]
-    for column, header in SHOWN.items():
-        if column in METRICS:
-            means, stds = table[f"{column}_mean"], table[f"{column}_std"]
-            out[header] = [_mean_std(*v) for v in zip(means, stds, table["n_runs"], strict=True)]
-        else:
-            out[header] = [_cost(column, v) for v in table[column]]
-    if "kb_per_image" in table.columns:
-        out[BYTES["kb_per_image"]] = [
-            f"{v:.3g}" if pd.notna(v) else NOT_MEASURED for v in table["kb_per_image"]
-        ]
-        out[BYTES["bpp"]] = [f"{v:.3g}" if pd.notna(v) else NOT_MEASURED for v in table["bpp"]]
-    if REFERENCE in table.columns:
-        for column, header in DELTAS.items():
-            parts = (table[column], table[f"{column}_low"], table[f"{column}_high"], table[REFERENCE])
-            out[header] = [_delta(*v) for v in zip(*parts, strict=True)]
-        for column, header in P_SHOWN.items():
-            out[header] = [_p(v) for v in table[column]]
-    return out
-
-
-def table_notes(table: pd.DataFrame) -> list[str]:
-    notes = [
-        "Mean ± sample std over n runs (seeds). Val: the validation split, which chooses; the other metrics are "
-        "the test split's, which only reports. GMACs per image; peak GPU memory in training. The CSV has every "
-        "metric and cost, and the run folders of every row."
-    ]
-    if table[SELECTED].any():
-        notes.append(
-            f"{SELECTED_MARK}: among rows that differ only in {'/'.join(TUNED)}, the one with the best mean "
-            "validation AUC (ties: validation balanced accuracy), chosen without the test split."
-        )
-    if table["peak_train_mem_mb"].isna().all():
-        notes.append(CPU_NOTE)
-    if "kb_per_image" in table.columns:
-        notes.append(
-            "kB/image and bpp: the mean encoded size of the test images evaluated on (the codec's bytes, else a "
-            "lossless PNG's), from the caches' _info.json; results/data/bytes.csv lists every cache."
-        )
-    if REFERENCE in table.columns:
-        notes.append(
-            "Δ: each row minus the reference row, on the same test images: per seed on the same lesion-group "
-            "resample, averaged over seeds, with a 95% paired group-bootstrap interval and two-sided p-value, "
-            "Holm-adjusted within the table. DeLong p: DeLong's test of the two AUCs, image-level (it ignores "
-            "that images of one lesion are correlated, so its p-values run small), Holm-adjusted."
-        )
-    return notes
-
-
-def write_table(
-    table: pd.DataFrame, *, title: str, csv: str, md: str, tex: str, html: str, label: str
-) -> None:
-    """The table as CSV (numbers), Markdown, LaTeX and HTML (formatted)."""
-    table.to_csv(csv, index=False)
-    shown = display_table(table)
-    notes = table_notes(table)
-    Path(md).write_text(f"**{title}**\n\n{shown.to_markdown(index=False)}\n\n" + "\n".join(notes) + "\n")
-    Path(tex).write_text(
-        shown.to_latex(index=False, caption=f"{title}. {' '.join(notes)}", label=f"tab:{label}", escape=True)
-    )
-    styled = shown.style.hide(axis="index").set_caption(title).set_table_styles(TABLE_CSS)
-    Path(html).write_text(
-        f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{escape(title)}</title></head><body>\n"
-        + styled.to_html()
-        + "".join(f"<p>{escape(note)}</p>\n" for note in notes)
-        + "</body></html>\n"
-    )
-
-
-def run_table(
-    *,
-    metrics: list[str],
-    title: str,
-    label: str,
-    csv: str,
-    md: str,
-    tex: str,
-    html: str,
-    caches: list[str] | None = None,
-    classes: list[str] | None = None,
-    reference: dict | None = None,
-    n_bootstrap: int = 1000,
-    seed: int = 0,
-) -> pd.DataFrame:
-    """The table of one experiment from its runs' metrics.json files; with `caches` (those its evaluations
-    score), each row's bytes per image; with `classes`, each row compared with the reference row (from the
-    runs' predictions.parquet)."""
-    runs = load_runs([str(Path(m).parent) for m in metrics])
-    if caches is not None:
-        runs = add_bytes(runs, caches)
-    table = summarize(runs)
-    if classes is not None:
-        row = reference_row(table, runs, reference)
-        table = add_comparisons(table, runs, classes, reference=row, n_bootstrap=n_bootstrap, seed=seed)
-    write_table(table, title=title, csv=csv, md=md, tex=tex, html=html, label=label)
-    log.info("%s: %d rows from %d runs, by %s", csv, len(table), len(runs), varying_dims(runs))
-    return table
-
-
-def run_runs_index(*, metrics: list[str], csv: str, html: str) -> pd.DataFrame:
-    """Every run of the selected experiments, one row each: its grid point, metrics, costs and folder."""
-    runs = load_runs([str(Path(m).parent) for m in metrics])
-    runs.to_csv(csv, index=False)
-    shown = runs.drop(columns="run").assign(run=runs["run"].str.removeprefix("results/runs/"))
-    styled = shown.style.hide(axis="index").format(precision=3, na_rep=NOT_MEASURED)
-    Path(html).write_text(
-        "<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>Runs</title></head><body>\n"
-        + styled.set_caption(f"All {len(runs)} runs").set_table_styles(TABLE_CSS).to_html()
-        + "</body></html>\n"
-    )
-    return runs
-
-
-# ------------------------------------------------------------------------------------------------- data
-
-
-def data_summary(manifest: pd.DataFrame, split_report: dict) -> dict[str, pd.DataFrame]:
-    """The data set at a glance: images listed / ok / quarantined, quarantine reasons, classes, split sizes."""
-    ok = manifest["status"] == "ok"
-    images = pd.DataFrame(
-        {
-            "Images": ["listed", "ok", "quarantined"],
-            "Count": [len(manifest), int(ok.sum()), int((~ok).sum())],
-        }
-    )
-    reasons = (
-        manifest.loc[~ok, "reason"].value_counts().rename_axis("Quarantine reason").reset_index(name="Count")
-    )
-    classes = (
-        manifest.loc[ok, "label"].value_counts().rename_axis("Class (ok images)").reset_index(name="Count")
-    )
-    counts = pd.DataFrame(split_report["counts"]).T
-    splits = counts.assign(
-        images=pd.Series(split_report["images_per_split"]), groups=pd.Series(split_report["groups_per_split"])
-    ).rename_axis("Split (task)")
-    return {
-        "Images": images,
-        "Quarantined images by reason": reasons,
-        "Classes of the ok images": classes,
-        f"Split sizes (images per class, images, {split_report['group_column']} groups)": splits.reset_index(),
-    }
-
-
-def run_data_summary(*, manifest: str, split_report: str, md: str, html: str) -> None:
-    frame = pd.read_parquet(manifest)
-    report = json.loads(Path(split_report).read_text())
-    parts = data_summary(frame, report)
-    synthetic = bool(frame.get("synthetic", pd.Series([False])).any())
-    banner = "SYNTHETIC data: a stand-in generated by the workflow, not ISIC 2019." if synthetic else ""
-    md_parts = [f"**{name}**\n\n{part.to_markdown(index=False)}" for name, part in parts.items()]
-    Path(md).write_text("\n\n".join(filter(None, [banner, *md_parts])) + "\n")
-    html_parts = [
-        part.style.hide(axis="index").set_caption(name).set_table_styles(TABLE_CSS).to_html()
-        for name, part in parts.items()
-    ]
-    Path(html).write_text(
-        "<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>Data</title></head><body>\n"
-        + (f"<p><b>{banner}</b></p>\n" if banner else "")
-        + "<br>\n".join(html_parts)
-        + "</body></html>\n"
-    )

@@ -4,7 +4,7 @@ Each cache's _info.json records, per split, the mean and median encoded bytes of
 the codec's bytes where the variant encodes, else a lossless PNG's). This table puts them side by side, with
 bits per pixel and the ratio to the lossless PNG of the same split at the highest resolution: the "what do we
 save" of the study, in bytes. It reads only the caches' _info.json files, so it is cheap; the data summary
-(aggregate.data_summary) reads the manifest and split alone and does not rerun when a codec changes.
+(tables.data_summary) reads the manifest and split alone and does not rerun when a codec changes.
 """
 
 from __future__ import annotations
