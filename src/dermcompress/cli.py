@@ -111,10 +111,7 @@ def _export_isic(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dermcompress", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-
+def _add_synth(commands: argparse._SubParsersAction) -> None:
     synth = commands.add_parser(
         "synth",
         help="write a synthetic data set in the exact layout of a data source (default ISIC 2019)",
@@ -136,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     synth.set_defaults(func=_synth)
 
+
+def _add_fetch(commands: argparse._SubParsersAction) -> None:
     fetch = commands.add_parser(
         "fetch",
         help="download a source's official files (ISIC 2019, ISIC 2020, HAM10000), checked, into a folder",
@@ -156,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fetch.set_defaults(func=_fetch)
 
+
+def _add_flops(commands: argparse._SubParsersAction) -> None:
     flops = commands.add_parser(
         "flops",
         help="GMACs (attention included), parameters and effective input of a model at a resolution",
@@ -170,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     flops.add_argument("--num-classes", type=int, default=2, help="classes of the linear head (default 2)")
     flops.set_defaults(func=_flops)
 
+
+def _add_lineage(commands: argparse._SubParsersAction) -> None:
     lineage = commands.add_parser(
         "lineage",
         help="where a result comes from: stages, parameters, code, raw files and images, broken links",
@@ -195,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     lineage.set_defaults(func=_lineage)
 
+
+def _add_plan(commands: argparse._SubParsersAction) -> None:
     plan = commands.add_parser(
         "plan",
         help="what a config costs before it runs: jobs, cluster submissions, image-passes, disk, GPU-hours",
@@ -225,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan.set_defaults(func=_plan)
 
+
+def _add_export_isic(commands: argparse._SubParsersAction) -> None:
     export_isic = commands.add_parser(
         "export-isic",
         help="a run's test predictions as an ISIC 2019 submission, and the ground truth to score them",
@@ -247,6 +254,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--eval-variant", help="for a run folder: the evaluation to export (default clean)"
     )
     export_isic.set_defaults(func=_export_isic)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dermcompress", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    _add_synth(commands)
+    _add_fetch(commands)
+    _add_flops(commands)
+    _add_lineage(commands)
+    _add_plan(commands)
+    _add_export_isic(commands)
     return parser
 
 
