@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import snakemake, write_config
+from conftest import edited, snakemake, write_config
 from test_workflow import planned_jobs, rules_of
 
 pytestmark = pytest.mark.workflow
@@ -107,13 +107,8 @@ def test_new_resolution_reruns_only_its_resize_and_downstream(finished_study):
 
 
 def test_edit_to_degradation_module_reruns_degradation_and_downstream(finished_study):
-    module = finished_study / "src/dermcompress/data/degrade.py"
-    original = module.read_text()
-    try:
-        module.write_text(original + "\n# an edit\n")
+    with edited(finished_study / "src/dermcompress/data/degrade.py"):
         jobs = dry_run(finished_study)
-    finally:
-        module.write_text(original)
     assert not rules_of(jobs) & BEFORE_DEGRADE
     # The clean caches are the resize stage's, untouched by degrade.py.
     # Only the caches an experiment reads are built: `base` trains on 16 px degraded; nothing reads 32 px's.
@@ -128,13 +123,8 @@ def test_edit_to_degradation_module_reruns_degradation_and_downstream(finished_s
 def test_edit_to_experiment_grid_code_reruns_only_the_study(finished_study):
     """The grids' code (study/experiments.py) is read by config checks and tables, never by a data stage or a
     run: editing it reruns the tables that expand the grids, nothing upstream."""
-    module = finished_study / "src/dermcompress/study/experiments.py"
-    original = module.read_text()
-    try:
-        module.write_text(original + "\n# an edit\n")
+    with edited(finished_study / "src/dermcompress/study/experiments.py"):
         jobs = dry_run(finished_study)
-    finally:
-        module.write_text(original)
     assert not rules_of(jobs) & DATA_RULES
     assert not rules_of(jobs) & {"train", "evaluate", "features", "linear", "evaluate_probe"}
     assert tables(jobs) == {"base", "other"}

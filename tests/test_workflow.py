@@ -10,7 +10,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import copy_workflow, snakemake, write_config
+from conftest import copy_workflow, edited, snakemake, write_config
 
 from dermcompress.data.cache import load_info, read_split
 
@@ -155,13 +155,8 @@ def test_new_resolution_reruns_only_its_resize_and_downstream(finished):
 
 
 def test_edit_to_degradation_module_reruns_degradation_and_downstream(finished):
-    module = finished / "src/dermcompress/data/degrade.py"
-    original = module.read_text()
-    try:
-        module.write_text(original + "\n# an edit\n")
+    with edited(finished / "src/dermcompress/data/degrade.py"):
         jobs = dry_run(finished)
-    finally:
-        module.write_text(original)
     assert rules_of(jobs) == {"degrade", "bytes_summary", "all"}
     variants = yaml.safe_load((finished / "config.yaml").read_text())["degrade"]["variants"]
     # Every variant but clean: the clean caches are the resize stage's pixels, which degrade.py never touches.
