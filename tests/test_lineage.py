@@ -86,6 +86,7 @@ def test_records_of_results_live_in_a_mirror_of_results(tmp_path, monkeypatch):
 def test_job_under_results_writes_its_records_to_the_store_only(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     Path("results/tables").mkdir(parents=True)
+    Path("results/tables/t.csv.lineage.json").write_text("{}")  # as versions before the store wrote it
     job = fake_job(tmp_path, {}, {"table": "results/tables/t.csv", "folder": "results/cache/c"})
     with job_logging(job):
         Path("results/tables/t.csv").write_text("a\n")

@@ -139,9 +139,11 @@ def job_record(job: Any, *, started: str, memo_dir: Path | None = MEMO_DIR) -> d
 
 
 def clear_records(job: Any) -> None:
-    """Remove the records of a job's previous outputs, so that a failed rerun leaves none that vouch for it."""
+    """Remove the records of a job's previous outputs, so that a failed rerun leaves none that vouch for it;
+    and a file's record beside it, where versions before the store wrote it (a folder's went with the folder)."""
     for _, path in _files(job.output):
         record_path(path).unlink(missing_ok=True)
+        Path(f"{path}{RECORD_SUFFIX}").unlink(missing_ok=True)
 
 
 def write_records(job: Any, *, started: str) -> list[Path]:
