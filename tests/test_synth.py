@@ -14,7 +14,8 @@ from sklearn.metrics import roc_auc_score
 
 from dermcompress import ISIC_CLASSES
 from dermcompress.data.sources import DOC_FILES, GROUND_TRUTH, IMAGES_DIR, IMAGES_ZIP, METADATA
-from dermcompress.data.synth import BCN_SIZE, HAM_SIZE, MSK_SIZES, SITES, class_counts, make_synthetic
+from dermcompress.data.synth import make_synthetic
+from dermcompress.data.synth_plan import BCN_SIZE, HAM_SIZE, MSK_SIZES, SITES, class_counts
 
 N, SEED = 60, 7
 

@@ -2,8 +2,8 @@
 
 sources, datasets, fetch    where the images and labels are (ISIC 2019/2020, HAM10000, the ISIC Archive), and
                             getting them
-synth, synth_draw,          a synthetic stand-in for each source: its plan, drawing its lesions, its layout
-  synth_layouts
+synth, synth_plan,          a synthetic stand-in for each source: its plan; drawing, encoding and writing its
+  synth_draw, synth_layouts   images; the ISIC 2019 layout and the other sources' layouts
 ingest, manifest, groups    checked images and labels -> manifest (+ quarantine), lesion/patient groups
 task, split, subsample      the label task, the grouped train/val/test split, grouped label fractions
 resize, degrade, codec      resized clean pixels; JPEG / blur / quantization degradations; codec round trips

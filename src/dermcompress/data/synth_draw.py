@@ -1,5 +1,5 @@
-"""What a synthetic lesion looks like, and drawing and encoding the images of a synthetic set (synth.py plans
-them, synth_layouts.py lays them out per source).
+"""What a synthetic lesion looks like, and drawing, encoding and writing the images of a synthetic set
+(synth_plan.py plans them, synth.py and synth_layouts.py lay them out per source).
 
 MEL and NV differ visibly even at 32 px: MEL is a large, dark, irregular, multi-coloured blob (blue-grey,
 black, red); NV a small, regular, uniform brown one. Every image has its own generator, seeded from (seed,
@@ -9,17 +9,20 @@ its slot), so the bytes do not depend on the threads that draw them.
 from __future__ import annotations
 
 import os
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from pathlib import Path
 
 import cv2
 import numpy as np
 from tqdm import tqdm
 
-if TYPE_CHECKING:
-    from dermcompress.data.synth import Lesion, Plan
+from dermcompress.data.synth_plan import Lesion, Plan
 
 JPEG_QUALITY = 90
+ZIP_TIME = (2019, 7, 1, 0, 0, 0)  # fixed, so the zip is byte-identical between runs
+# First words of the documents a synthetic set carries: a folder that starts so may be replaced by a rerun.
+MARKER = "SYNTHETIC ISIC 2019 STAND-IN"
 # Longest side of the canvas the scene is drawn on before upscaling (fast, and smooth like skin).
 LOW_RES = 128
 
@@ -227,3 +230,38 @@ def render_images(plan: Plan, seed: int, writer_of, name_of=lambda image_id: ima
             for image_id, data in pool.map(render, todo[start : start + 64]):
                 writer_of(image_id).write(f"{name_of(image_id)}.jpg", data)
                 bar.update()
+
+
+class ImageWriter:
+    """Writes an image container's members either as files of a folder or as entries of a zip (under
+    `prefix/`, with fixed metadata so the zip is byte-identical between runs)."""
+
+    def __init__(self, folder: Path, archive: Path | None = None, prefix: str | None = None) -> None:
+        self.archive, self.prefix, self.folder = None, prefix, folder
+        if archive is not None:
+            self.archive = zipfile.ZipFile(archive, "w")
+            if prefix:
+                self._entry(f"{prefix}/", b"")
+        else:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        self.bytes = 0
+
+    def _entry(self, name: str, data: bytes, compress: int = zipfile.ZIP_STORED) -> None:
+        info = zipfile.ZipInfo(name, date_time=ZIP_TIME)
+        info.create_system = 3  # unix, whatever the platform, for identical bytes
+        info.external_attr = (0o40755 << 16 | 0x10) if name.endswith("/") else (0o644 << 16)
+        info.compress_type = compress
+        self.archive.writestr(info, data)
+
+    def write(self, name: str, data: bytes) -> None:
+        self.bytes += len(data)
+        if self.archive is None:
+            (self.folder / name).parent.mkdir(parents=True, exist_ok=True)
+            (self.folder / name).write_bytes(data)
+        else:  # JPEGs do not deflate; text does
+            compress = zipfile.ZIP_STORED if name.endswith(".jpg") else zipfile.ZIP_DEFLATED
+            self._entry(f"{self.prefix}/{name}" if self.prefix else name, data, compress)
+
+    def close(self) -> None:
+        if self.archive is not None:
+            self.archive.close()

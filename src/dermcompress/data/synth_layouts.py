@@ -1,5 +1,5 @@
 """The synthetic set in the layouts of the other data sources (datasets.py): ISIC 2020, HAM10000, the ISIC
-Archive as isic-cli writes it. Same images as the ISIC 2019 stand-in (synth.plan_images, synth.render_images);
+Archive as isic-cli writes it. Same images as the ISIC 2019 stand-in (synth_plan.plan_images, synth_draw.render_images);
 what differs is the files around them, and the ids they carry: lesions are grouped into patients of one to
 three lesions, and each layout gives the ids its real counterpart gives.
 
@@ -27,8 +27,8 @@ import numpy as np
 import pandas as pd
 
 from dermcompress.data import datasets
-from dermcompress.data.synth import MARKER, Plan, _Writer
-from dermcompress.data.synth_draw import render_images
+from dermcompress.data.synth_draw import MARKER, ImageWriter, render_images
+from dermcompress.data.synth_plan import Plan
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ def write_layout(source: str, out: Path, plan: Plan, *, seed: int, as_zip: bool 
     log.info("wrote %d synthetic images in the %s layout to %s", len(frame), source, out)
 
 
-def _write_isic2020(out: Path, frame: pd.DataFrame, as_zip: bool) -> dict[str, _Writer]:
+def _write_isic2020(out: Path, frame: pd.DataFrame, as_zip: bool) -> dict[str, ImageWriter]:
     diagnosis = frame["label"].map(lambda c: DIAGNOSIS_2020.get(c, "unknown"))
     table = pd.DataFrame(
         {
@@ -148,11 +148,11 @@ def _write_isic2020(out: Path, frame: pd.DataFrame, as_zip: bool) -> dict[str, _
     )
     pairs.to_csv(out / datasets.DUPLICATES_2020, index=False, lineterminator="\n")
     folder, archive = datasets.IMAGES_2020
-    writer = _Writer(out / folder, out / archive if as_zip else None, folder)
+    writer = ImageWriter(out / folder, out / archive if as_zip else None, folder)
     return dict.fromkeys(frame["image"], writer)
 
 
-def _write_ham10000(out: Path, frame: pd.DataFrame, as_zip: bool) -> dict[str, _Writer]:
+def _write_ham10000(out: Path, frame: pd.DataFrame, as_zip: bool) -> dict[str, ImageWriter]:
     table = pd.DataFrame(
         {
             "lesion_id": frame["lesion_id"].str.replace("IL_", "HAM_", regex=False),
@@ -167,13 +167,13 @@ def _write_ham10000(out: Path, frame: pd.DataFrame, as_zip: bool) -> dict[str, _
     ).sort_values(["lesion_id", "image_id"])
     table.to_csv(out / datasets.METADATA_HAM, index=False, lineterminator="\n")
     parts = [
-        _Writer(out / part, out / f"{part}.zip" if as_zip else None, None) for part in datasets.IMAGES_HAM
+        ImageWriter(out / part, out / f"{part}.zip" if as_zip else None, None) for part in datasets.IMAGES_HAM
     ]
     half = (len(frame) + 1) // 2
     return {image: parts[i >= half] for i, image in enumerate(frame["image"])}
 
 
-def _write_isic_archive(out: Path, frame: pd.DataFrame, as_zip: bool) -> dict[str, _Writer]:
+def _write_isic_archive(out: Path, frame: pd.DataFrame, as_zip: bool) -> dict[str, ImageWriter]:
     if as_zip:
         raise ValueError("isic-cli writes the ISIC Archive as a folder; there is no zip form of it")
     rng = np.random.default_rng(len(frame) + 1)
@@ -200,7 +200,7 @@ def _write_isic_archive(out: Path, frame: pd.DataFrame, as_zip: bool) -> dict[st
     (out / "attribution.txt").write_text(f"{MARKER}: synthetic images, no attribution needed.\n")
     (out / "licenses").mkdir(exist_ok=True)
     (out / "licenses" / "CC-0.txt").write_text("CC0 1.0 Universal (synthetic images)\n")
-    writer = _Writer(out)
+    writer = ImageWriter(out)
     return dict.fromkeys(frame["image"], writer)
 
 

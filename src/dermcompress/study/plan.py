@@ -95,7 +95,7 @@ def parse_jobs(text: str) -> tuple[list[Job], list[set[str]]]:
 def split_sizes(workdir: Path, config: dict[str, Any], full: bool = False) -> tuple[dict[str, int], str]:
     """Images per split: measured (the splits table), else estimated from ISIC 2019's class counts (or the
     synthetic data set's, which follow them); `full`: ISIC 2019's, whatever the config's data are."""
-    from dermcompress.data.synth import REAL_CLASS_COUNTS, class_counts
+    from dermcompress.data.synth_plan import REAL_CLASS_COUNTS, class_counts
 
     table = workdir / "results/data/splits.parquet"
     if table.is_file() and not full:
