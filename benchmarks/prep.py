@@ -18,7 +18,7 @@ For each size N (default 60, 600 and 2400 images; 60 measures the fixed cost):
 
 `--codecs` measures the transmission codecs instead (codec.py), three ways: per format x quality x resolution,
 milliseconds to encode (and decode) one image on one core and its mean kB, beside a lossless PNG (the
-reference), on photo-like images resized to 224/112/56 px; the thread pool's speed-up (resize.map_images, what
+reference), on photo-like images resized to 224/112/56 px; the thread pool's speed-up (imagepool.map_images, what
 a degrade job runs) with 2 threads against 1; and through Snakemake, what adding the codec variants to a
 finished data half costs a user: the rerun's wall time and each new degrade job's, against the clean and
 degraded variants' own degrade jobs in the run before (the baseline, in the same run).
@@ -422,12 +422,12 @@ def codec_table(pool: Path, n: int) -> None:
 
 
 def pool_speedup(pool: Path, n: int) -> None:
-    """What a degrade job's thread pool (resize.map_images) buys for each codec at 224 px: 2 threads vs 1."""
+    """What a degrade job's thread pool (imagepool.map_images) buys for each codec at 224 px: 2 threads vs 1."""
     from dermcompress.data import codec
     from dermcompress.data.imagepool import map_images
 
     images = resized_pool(pool, n, 224)
-    print(f"\nthread pool (resize.map_images) on {n} images at 224 px, encode + decode:")
+    print(f"\nthread pool (imagepool.map_images) on {n} images at 224 px, encode + decode:")
     for name, settings in CODECS.items():
         task = functools.partial(codec.transmit, codec=settings)
         seconds = {}

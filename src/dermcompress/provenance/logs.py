@@ -20,8 +20,8 @@ def job_logging(job: Any, name: str = "dermcompress"):
 
     `job` is the Snakemake script's `snakemake` object (its first log file is used) or a log path (or None).
     Exceptions are logged with their traceback before they propagate, so a failed job's log says why.
-    A Snakemake job that succeeds writes its lineage record next to each of its outputs (see lineage.py); one
-    that fails leaves none.
+    A Snakemake job that succeeds writes a lineage record of each of its outputs (records.py); one that fails
+    leaves none.
     """
     log_path = job.log[0] if hasattr(job, "log") and job.log else job if isinstance(job, str | Path) else None
     is_job = hasattr(job, "output") and hasattr(job, "rule")
