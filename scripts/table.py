@@ -1,5 +1,5 @@
 """Snakemake adapter: one experiment's runs -> its table (CSV with the runs of each row, Markdown, LaTeX, HTML),
-with the bytes per image of each row's data and each row's paired differences from the reference row."""
+with the bytes per image of each row's data and each row's paired differences from its own reference row."""
 
 from dermcompress.provenance.logs import job_logging
 from dermcompress.study.tables import run_table
@@ -16,5 +16,6 @@ with job_logging(snakemake):
         caches=list(snakemake.input.caches),
         classes=list(snakemake.params.classes),
         reference=snakemake.params.reference,
+        family=snakemake.params.family,
         n_bootstrap=snakemake.params.n_bootstrap,
     )

@@ -85,6 +85,7 @@ STUDY = {
             "modes": ["finetune"],
             "lr": [1.0e-3],
             "seeds": [0],
+            "reference": {"res": 16},
         },
         "other": {
             "models": ["tiny"],
@@ -93,6 +94,7 @@ STUDY = {
             "eval_variants": ["clean"],
             "modes": ["linear"],
             "seeds": [0],
+            "reference": {"res": 16},
         },
     },
     "run_experiments": "all",

@@ -1,17 +1,26 @@
-"""Paired comparisons: DeLong against a by-hand O(n²) computation, Holm by hand, and the paired group
-bootstrap's coverage of a known Δ AUC on simulated clustered data."""
+"""Paired comparisons: the contrasts' statistics by hand, each row against its own model's reference row, tests
+that fit the kind of contrast (same models: bootstrap z; recipe: + seed variance, Welch t), no p-value floor,
+declared Holm families, unselected rows without a p, interactions, and coverage on simulated clustered data."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 from scipy.stats import norm
+from scipy.stats import t as student_t
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
 from dermcompress.learn import bootstrap
 from dermcompress.learn.metrics import predictions_frame
-from dermcompress.study.compare import delong_test, holm, paired_comparison
+from dermcompress.learn.runs import Evaluation, Run
+from dermcompress.study import aggregate, tables
+from dermcompress.study.clustered_roc import auc_difference_test
+from dermcompress.study.compare import interaction_comparison, paired_comparison
+from dermcompress.study.contrasts import RECIPE, SAME_MODELS, RowScores, contrast, difference, holm
 
 BINARY = ["MEL", "NV"]
 THREE = ["A", "B", "C"]
@@ -31,80 +40,28 @@ def noisy_scores(labels, rng, shift=1.0, noise=1.0):
     return shift * np.asarray(labels) + noise * rng.normal(size=len(labels))
 
 
-# --- DeLong against an independent computation ------------------------------------------------------------
+def grouped_data(rng, n_groups=150, prevalence=0.4):
+    """Lesion groups of 1-3 images, one label per group; returns (labels, groups) per image."""
+    sizes = rng.integers(1, 4, n_groups)
+    group_labels = (rng.random(n_groups) < prevalence).astype(int)
+    groups = np.repeat(np.arange(n_groups), sizes)
+    return group_labels[groups], groups
 
 
-def psi(x: float, y: float) -> float:
-    return 1.0 if x > y else 0.5 if x == y else 0.0
+def auc(frame: pd.DataFrame) -> float:
+    return roc_auc_score(frame["label"] == "NV", frame["prob_NV"])
 
 
-def delong_by_hand(y, a, b):
-    """DeLong, DeLong & Clarke-Pearson (1988) with explicit loops; a, b are (n_seeds, N), seed-averaged."""
-    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
-    m, n = len(pos), len(neg)
-    v10 = np.zeros((2, m))
-    v01 = np.zeros((2, n))
-    for r, s in enumerate((a, b)):
-        for seed_scores in s:
-            for i, pi in enumerate(pos):
-                for j, nj in enumerate(neg):
-                    k = psi(seed_scores[pi], seed_scores[nj])
-                    v10[r, i] += k / n / len(s)
-                    v01[r, j] += k / m / len(s)
-    theta = v10.mean(axis=1)
-    s10 = np.array(
-        [[np.sum((v10[r] - theta[r]) * (v10[q] - theta[q])) / (m - 1) for q in (0, 1)] for r in (0, 1)]
-    )
-    s01 = np.array(
-        [[np.sum((v01[r] - theta[r]) * (v01[q] - theta[q])) / (n - 1) for q in (0, 1)] for r in (0, 1)]
-    )
-    cov = s10 / m + s01 / n
-    var = cov[0, 0] + cov[1, 1] - 2 * cov[0, 1]
-    delta = theta[0] - theta[1]
-    return delta, 2 * norm.sf(abs(delta) / np.sqrt(var))
+def bacc(frame: pd.DataFrame) -> float:
+    return balanced_accuracy_score(frame["label"], frame["pred"])
 
 
-@pytest.mark.parametrize(("seeds_a", "seeds_b"), [(1, 1), (2, 3)])
-def test_delong_matches_by_hand_computation(seeds_a, seeds_b):
-    rng = np.random.default_rng(11)
-    y = rng.integers(0, 2, 70)
-    # Rounded scores: many ties, within a model and across the classes.
-    a = np.round(np.stack([noisy_scores(y, rng, 1.2) for _ in range(seeds_a)]), 1)
-    b = np.round(np.stack([noisy_scores(y, rng, 0.8) for _ in range(seeds_b)]), 1)
-    delta, p = delong_test(y, a if seeds_a > 1 else a[0], b if seeds_b > 1 else b[0])
-    want_delta, want_p = delong_by_hand(y, a, b)
-    assert delta == pytest.approx(want_delta, abs=1e-10)
-    assert p == pytest.approx(want_p, abs=1e-10)
-    sk = np.mean([roc_auc_score(y, s) for s in a]) - np.mean([roc_auc_score(y, s) for s in b])
-    assert delta == pytest.approx(sk, abs=1e-12)
-    assert 0 < p < 1
+# --- contrasts by hand ------------------------------------------------------------------------------------
 
 
-def test_delong_identical_scores_and_bad_labels():
-    rng = np.random.default_rng(0)
-    y = rng.integers(0, 2, 50)
-    s = noisy_scores(y, rng)
-    assert delong_test(y.astype(bool), s, s.copy()) == (0.0, 1.0)
-    with pytest.raises(ValueError, match="binary"):
-        delong_test(np.array([0, 1, 2]), np.zeros(3), np.zeros(3))
-
-
-def test_delong_p_is_roughly_uniform_under_the_null():
-    rng = np.random.default_rng(5)
-    ps = []
-    for _ in range(300):
-        y = rng.random(120) < 0.4
-        shared = rng.normal(size=120)  # correlated models of equal skill
-        ps.append(delong_test(y, y + shared + rng.normal(size=120), y + shared + rng.normal(size=120))[1])
-    ps = np.array(ps)
-    print(
-        f"DeLong under the null: P(p < 0.05) = {np.mean(ps < 0.05):.3f}, P(p < 0.5) = {np.mean(ps < 0.5):.3f}"
-    )
-    assert 0.02 <= np.mean(ps < 0.05) <= 0.09
-    assert 0.4 <= np.mean(ps < 0.5) <= 0.6
-
-
-# --- Holm -------------------------------------------------------------------------------------------------
+def scores(rng, n_seeds, recipe, center=0.8, seed_sd=0.0, b=200) -> RowScores:
+    point = center + seed_sd * rng.normal(size=n_seeds)
+    return RowScores(point, point[:, None] + 0.01 * rng.normal(size=(n_seeds, b)), recipe)
 
 
 def test_holm_by_hand():
@@ -116,15 +73,52 @@ def test_holm_by_hand():
     assert holm(np.array([])).shape == (0,)
 
 
+def test_same_models_contrast_is_the_paired_bootstrap_with_a_normal_p():
+    rng = np.random.default_rng(0)
+    a, b = scores(rng, 3, "r"), scores(rng, 3, "r", center=0.78)
+    got = difference(a, b)
+    resampled = a.resampled.mean(axis=0) - b.resampled.mean(axis=0)
+    se = resampled.std(ddof=1)
+    delta = a.point.mean() - b.point.mean()
+    assert got.kind == SAME_MODELS and got.df == np.inf and got.seed_variance
+    assert got.delta == pytest.approx(delta) and got.se == pytest.approx(se)
+    assert got.p == pytest.approx(2 * norm.sf(abs(delta) / se))
+    assert [got.low, got.high] == pytest.approx([delta - 1.959964 * se, delta + 1.959964 * se])
+    assert "models fixed" in got.test
+
+
+def test_recipe_contrast_adds_both_recipes_seed_variance_with_welch_df():
+    rng = np.random.default_rng(1)
+    a, b = scores(rng, 5, "a", seed_sd=0.02), scores(rng, 4, "b", center=0.78, seed_sd=0.03)
+    got = difference(a, b)
+    boot = (a.resampled.mean(axis=0) - b.resampled.mean(axis=0)).var(ddof=1)
+    parts = [a.point.var(ddof=1) / 5, b.point.var(ddof=1) / 4]
+    variance = boot + sum(parts)
+    df = variance**2 / (parts[0] ** 2 / 4 + parts[1] ** 2 / 3)
+    assert got.kind == RECIPE and got.seeds == (5, 4) and got.seed_variance
+    assert got.se == pytest.approx(np.sqrt(variance)) and got.df == pytest.approx(df)
+    t = abs(got.delta) / got.se
+    assert got.p == pytest.approx(2 * student_t.sf(t, df))
+    assert got.high - got.delta == pytest.approx(student_t.ppf(0.975, df) * got.se)
+    # An analytic sampling variance replaces the bootstrap's; the seed part stays.
+    analytic = difference(a, b, sampling_variance=1e-4)
+    assert analytic.se == pytest.approx(np.sqrt(1e-4 + sum(parts)))
+
+
+def test_one_seed_recipe_says_seed_variance_is_not_covered():
+    rng = np.random.default_rng(2)
+    got = difference(scores(rng, 1, "a"), scores(rng, 1, "b"))
+    assert got.kind == RECIPE and not got.seed_variance and got.df == np.inf
+    assert "not covered" in got.test
+
+
+def test_a_contrast_refuses_rows_of_one_recipe_with_other_seed_counts():
+    rng = np.random.default_rng(3)
+    with pytest.raises(ValueError, match="recipe r: rows with 2 and 3 seeds"):
+        contrast([(1.0, scores(rng, 2, "r")), (-1.0, scores(rng, 3, "r"))])
+
+
 # --- paired_comparison ------------------------------------------------------------------------------------
-
-
-def grouped_data(rng, n_groups=150, prevalence=0.4):
-    """Lesion groups of 1-3 images, one label per group; returns (labels, groups) per image."""
-    sizes = rng.integers(1, 4, n_groups)
-    group_labels = (rng.random(n_groups) < prevalence).astype(int)
-    groups = np.repeat(np.arange(n_groups), sizes)
-    return group_labels[groups], groups
 
 
 def test_identical_rows_give_zero_delta_and_p_one():
@@ -132,60 +126,58 @@ def test_identical_rows_give_zero_delta_and_p_one():
     y, groups = grouped_data(rng)
     ref = [binary_frame(y, noisy_scores(y, rng), groups) for _ in range(2)]
     other = [binary_frame(y, noisy_scores(y, rng, 0.5), groups)]
-    table = paired_comparison([ref, [f.copy() for f in ref], other], 0, BINARY, n_bootstrap=300, seed=0)
-    assert list(table.columns) == [
-        "reference",
-        *(f"delta_auc{s}" for s in ("", "_low", "_high", "_p", "_p_holm")),
-        *(f"delta_balanced_accuracy{s}" for s in ("", "_low", "_high", "_p", "_p_holm")),
-        "delong_p",
-        "delong_p_holm",
-    ]
+    table = paired_comparison(
+        [ref, [f.copy() for f in ref], other],
+        [0, 0, 0],
+        BINARY,
+        recipes=["r", "r", "other"],
+        n_bootstrap=300,
+        seed=0,
+    )
     assert table["reference"].tolist() == [True, False, False]
+    assert table["compared_with"].tolist() == [0, 0, 0]
+    assert table["contrast"].tolist() == ["", SAME_MODELS, RECIPE]
     for metric in ("auc", "balanced_accuracy"):
         col = f"delta_{metric}"
         assert table.loc[0, [col, f"{col}_low", f"{col}_high"]].tolist() == [0.0, 0.0, 0.0]
         assert np.isnan(table.loc[0, [f"{col}_p", f"{col}_p_holm"]].to_numpy(float)).all()
         assert table.loc[1, [col, f"{col}_low", f"{col}_high", f"{col}_p"]].tolist() == [0.0, 0.0, 0.0, 1.0]
         assert table.loc[1, f"{col}_p_holm"] == 1.0
-    assert table.loc[1, "delong_p"] == 1.0 and np.isnan(table.loc[0, "delong_p"])
-    # The weaker model: clearly worse, and the Holm p is its raw p times the two tests, monotone.
+    assert table.loc[1, "obuchowski_p"] == 1.0 and np.isnan(table.loc[0, "obuchowski_p"])
+    # The weaker model: clearly worse (1 vs 2 seeds: no seed variance to estimate on its side), and its Holm p
+    # is its raw p times the family's two tests, made monotone.
     assert table.loc[2, "delta_auc_high"] < 0 and table.loc[2, "delta_auc_p"] < 0.05
     assert table.loc[2, "delta_auc_p_holm"] == pytest.approx(min(1, 2 * table.loc[2, "delta_auc_p"]))
+    assert table["family_size"].tolist() == [0, 2, 2]
 
 
 def test_alignment_on_image_id_and_mismatched_images():
     rng = np.random.default_rng(2)
     y, groups = grouped_data(rng, 80)
     rows = [[binary_frame(y, noisy_scores(y, rng, d), groups) for _ in range(2)] for d in (1.0, 0.7, 1.3)]
-    want = paired_comparison(rows, 1, BINARY, n_bootstrap=200, seed=4)
+    kwargs = {"recipes": ["a", "b", "c"], "n_bootstrap": 200, "seed": 4}
+    want = paired_comparison(rows, [1, 1, 1], BINARY, **kwargs)
     shuffled = [[f.sample(frac=1, random_state=i) for i, f in enumerate(frames)] for frames in rows]
-    # Only the non-reference rows permuted: bit-identical; the reference too: the same up to rounding.
-    partly = [shuffled[0], rows[1], shuffled[2]]
-    pd.testing.assert_frame_equal(paired_comparison(partly, 1, BINARY, n_bootstrap=200, seed=4), want)
-    got = paired_comparison(shuffled, 1, BINARY, n_bootstrap=200, seed=4)
+    # Only rows after the first permuted: bit-identical; the first too: the same up to rounding.
+    partly = [rows[0], shuffled[1], shuffled[2]]
+    pd.testing.assert_frame_equal(paired_comparison(partly, [1, 1, 1], BINARY, **kwargs), want)
+    got = paired_comparison(shuffled, [1, 1, 1], BINARY, **kwargs)
     pd.testing.assert_frame_equal(got, want, check_exact=False, rtol=1e-12, atol=1e-12)
 
     dropped = [rows[0], rows[1], [rows[2][0], rows[2][1].iloc[1:]]]
     with pytest.raises(ValueError, match=r"row 2 .*missing \['ISIC_0000000'\]"):
-        paired_comparison(dropped, 1, BINARY, n_bootstrap=10, seed=0)
-    renamed = rows[0][0].assign(image_id=rows[0][0]["image_id"].str.replace("ISIC_0000003", "ISIC_X"))
-    with pytest.raises(ValueError, match=r"row 0 .*extra \['ISIC_X'\]"):
-        paired_comparison([[renamed], rows[1]], 1, BINARY, n_bootstrap=10, seed=0)
+        paired_comparison(dropped, [1, 1, 1], BINARY, **kwargs)
+    renamed = rows[1][0].assign(image_id=rows[1][0]["image_id"].str.replace("ISIC_0000003", "ISIC_X"))
+    with pytest.raises(ValueError, match=r"row 1 .*extra \['ISIC_X'\]"):
+        paired_comparison([rows[0], [renamed], rows[2]], [1, 1, 1], BINARY, **kwargs)
 
 
-def test_seed_averaging_of_the_point_delta():
+def test_seed_averaged_delta_and_the_obuchowski_column():
     rng = np.random.default_rng(3)
     y, groups = grouped_data(rng, 100)
     ref = [binary_frame(y, noisy_scores(y, rng, 1.0), groups) for _ in range(2)]
     row = [binary_frame(y, noisy_scores(y, rng, 0.6), groups) for _ in range(2)]
-    table = paired_comparison([row, ref], 1, BINARY, n_bootstrap=100, seed=0)
-
-    def auc(f):
-        return roc_auc_score(f["label"] == "NV", f["prob_NV"])
-
-    def bacc(f):
-        return balanced_accuracy_score(f["label"], f["pred"])
-
+    table = paired_comparison([row, ref], [1, 1], BINARY, recipes=["r", "r"], n_bootstrap=100, seed=0)
     for name, score in (("auc", auc), ("balanced_accuracy", bacc)):
         per_seed = [score(r) - score(f) for r, f in zip(row, ref, strict=True)]
         assert table.loc[0, f"delta_{name}"] == pytest.approx(np.mean(per_seed), abs=1e-12)
@@ -194,12 +186,14 @@ def test_seed_averaging_of_the_point_delta():
             <= table.loc[0, f"delta_{name}"]
             <= table.loc[0, f"delta_{name}_high"]
         )
-    # DeLong's Δ is the same seed-averaged AUC difference.
-    scores = [np.stack([f["prob_NV"].to_numpy() for f in fs]) for fs in (row, ref)]
-    assert delong_test(y, *scores)[0] == pytest.approx(table.loc[0, "delta_auc"], abs=1e-12)
+    # Same models: Obuchowski's clustered test on the seed-averaged AUCs, as clustered_roc computes it.
+    stacked = [np.stack([f["prob_NV"].to_numpy() for f in fs]) for fs in (row, ref)]
+    delta, p = auc_difference_test(y, *stacked, groups=groups)
+    assert delta == pytest.approx(table.loc[0, "delta_auc"], abs=1e-12)
+    assert table.loc[0, "obuchowski_p"] == pytest.approx(p, rel=1e-9)
 
 
-def test_multiclass_uses_macro_auc_and_no_delong():
+def test_multiclass_uses_macro_auc_and_no_obuchowski():
     rng = np.random.default_rng(6)
     n = 150
     y = rng.integers(0, 3, n)
@@ -212,10 +206,39 @@ def test_multiclass_uses_macro_auc_and_no_delong():
         return predictions_frame(ids, y, probs, THREE, group_ids=ids, split="test"), probs
 
     (a, pa), (b, pb) = frame(1.5), frame(0.5)
-    table = paired_comparison([[a], [b]], 1, THREE, n_bootstrap=100, seed=0)
+    table = paired_comparison([[a], [b]], [1, 1], THREE, recipes=["a", "b"], n_bootstrap=100, seed=0)
     want = roc_auc_score(y, pa, multi_class="ovr") - roc_auc_score(y, pb, multi_class="ovr")
     assert table.loc[0, "delta_auc"] == pytest.approx(want, abs=1e-12)
-    assert table["delong_p"].isna().all() and table["delong_p_holm"].isna().all()
+    assert table["obuchowski_p"].isna().all() and table["obuchowski_p_holm"].isna().all()
+
+
+def seeded_models(rng, y, groups, n_seeds, shift, seed_sd):
+    """Runs of one recipe: scores shift * y + lesion effect + noise, the shift moved per seed by seed_sd."""
+    lesion = 0.5 * rng.normal(size=groups.max() + 1)[groups]
+    return [
+        (shift + seed_sd * rng.normal()) * y + lesion + 0.8 * rng.normal(size=len(y)) for _ in range(n_seeds)
+    ]
+
+
+def test_recipe_interval_widens_when_seeds_disagree_and_same_models_does_not():
+    """Two data sets alike but for how much the five seeds of each recipe disagree: the recipe contrast's
+    interval (seed variance added) widens a lot; the same-models contrast (the reference's own models on
+    another test condition, models held fixed) stays about as wide."""
+    rng = np.random.default_rng(7)
+    y, groups = grouped_data(rng, 400)
+    widths = {}
+    for seed_sd in (0.0, 0.6):
+        reference = seeded_models(rng, y, groups, 5, 1.2, seed_sd)
+        condition = [s + 0.3 * rng.normal(size=len(y)) for s in reference]  # same models, another condition
+        other = seeded_models(rng, y, groups, 5, 1.2, seed_sd)  # another recipe
+        frames = [[binary_frame(y, s, groups) for s in side] for side in (reference, condition, other)]
+        table = paired_comparison(
+            frames, [0, 0, 0], BINARY, recipes=["ref", "ref", "other"], n_bootstrap=400, seed=1
+        )
+        assert table["contrast"].tolist() == ["", SAME_MODELS, RECIPE]
+        widths[seed_sd] = (table["delta_auc_high"] - table["delta_auc_low"]).to_numpy()[1:]
+    same, recipe = widths[0.6] / widths[0.0]
+    assert recipe > 2.0 and 0.7 < same < 1.4, widths
 
 
 def test_paired_bootstrap_covers_the_true_delta_auc():
@@ -233,9 +256,9 @@ def test_paired_bootstrap_covers_the_true_delta_auc():
         g = sigma_g * rng.normal(size=groups.max() + 1)[groups]
         a = binary_frame(y, d_a * y + g + sigma_e * rng.normal(size=len(y)), groups)
         b = binary_frame(y, d_b * y + g + sigma_e * rng.normal(size=len(y)), groups)
-        row = paired_comparison([[a], [b]], 1, BINARY, n_bootstrap=500, seed=int(rng.integers(1 << 31))).loc[
-            0
-        ]
+        seed = int(rng.integers(1 << 31))
+        row = paired_comparison([[a], [b]], [1, 1], BINARY, recipes=["a", "b"], n_bootstrap=500, seed=seed)
+        row = row.loc[0]
         covered.append(row["delta_auc_low"] <= true_delta <= row["delta_auc_high"])
         if len(narrower) < 20:  # each model's own group-bootstrap interval, from independent resamples
             widths = []
@@ -252,3 +275,206 @@ def test_paired_bootstrap_covers_the_true_delta_auc():
     )
     assert 0.90 <= coverage <= 0.99
     assert np.mean(narrower) >= 0.9
+
+
+# --- interactions -----------------------------------------------------------------------------------------
+
+
+def test_interaction_of_two_models_codec_costs_recovers_the_planted_difference():
+    """Binormal scores with unit noise shared by a model's two conditions: AUC = Φ(d / √2) exactly. A codec
+    lowers model A's separation from 1.5 to 0.8 and model B's from 1.2 to 1.1: the interaction (A's cost
+    minus B's) is known; three seeds per model."""
+    rng = np.random.default_rng(11)
+    n = 3000
+    y = rng.integers(0, 2, n)
+    true = (norm.cdf(0.8 / np.sqrt(2)) - norm.cdf(1.5 / np.sqrt(2))) - (
+        norm.cdf(1.1 / np.sqrt(2)) - norm.cdf(1.2 / np.sqrt(2))
+    )
+
+    def model(clean, codec):
+        noise = [rng.normal(size=n) for _ in range(3)]
+        return [[binary_frame(y, d * y + e) for e in noise] for d in (codec, clean)]
+
+    a_codec, a_clean = model(1.5, 0.8)
+    b_codec, b_clean = model(1.2, 1.1)
+    got = interaction_comparison(
+        [a_codec, a_clean, b_codec, b_clean], ["A", "A", "B", "B"], BINARY, n_bootstrap=400, seed=0
+    )["auc"]
+    assert got.kind == RECIPE and got.seeds == (3, 3)
+    by_hand = np.mean([auc(c) - auc(r) for c, r in zip(a_codec, a_clean, strict=True)]) - np.mean(
+        [auc(c) - auc(r) for c, r in zip(b_codec, b_clean, strict=True)]
+    )
+    assert got.delta == pytest.approx(by_hand, abs=1e-12)
+    assert got.low <= true <= got.high and abs(got.delta - true) < 3 * got.se
+    assert got.p < 1e-6 and got.se < 0.02
+    # The same cost for both models: no interaction to find.
+    b_codec, b_clean = model(1.5, 0.8)
+    null = interaction_comparison(
+        [a_codec, a_clean, b_codec, b_clean], ["A", "A", "B", "B"], BINARY, n_bootstrap=400, seed=0
+    )["auc"]
+    assert null.low <= 0 <= null.high and null.p > 0.05
+
+
+def test_subgroup_interaction_compares_a_codecs_cost_within_and_outside_the_subgroup():
+    """One model, two test conditions; in subgroup S the codec removes more of the signal. Rows restricted to
+    S and to the rest by image masks: Δ of Δ equals the recomputation on each subset, with models fixed."""
+    rng = np.random.default_rng(12)
+    n = 2000
+    y = rng.integers(0, 2, n)
+    subgroup = rng.random(n) < 0.5
+    noise = rng.normal(size=n)
+    clean = binary_frame(y, 1.5 * y + noise)
+    codec = binary_frame(y, np.where(subgroup, 0.6, 1.3) * y + noise)
+    got = interaction_comparison(
+        [[codec], [clean], [codec], [clean]],
+        ["m"] * 4,
+        BINARY,
+        images=[subgroup, subgroup, ~subgroup, ~subgroup],
+        n_bootstrap=400,
+        seed=0,
+    )
+
+    def cost(mask):
+        return auc(codec[mask]) - auc(clean[mask])
+
+    assert got["auc"].kind == SAME_MODELS
+    assert got["auc"].delta == pytest.approx(cost(subgroup) - cost(~subgroup), abs=1e-12)
+    assert got["auc"].high < 0 and got["auc"].p < 1e-6
+
+
+# --- tables: references, families, selection ---------------------------------------------------------------
+
+
+def write_runs(root: Path, rows: list[tuple[dict, list[pd.DataFrame], float]]) -> list[str]:
+    """Evaluation folders (metrics.json, predictions.parquet) for (grid point, per-seed test frames, val AUC)."""
+    base = {
+        "model": "m",
+        "res": 64,
+        "train_variant": "clean",
+        "mode": "finetune",
+        "lr": "0.001",
+        "schedule": "cosine",
+        "epochs": 2,
+        "label_fraction": "1",
+    }
+    metrics = []
+    for point, frames, val_auc in rows:
+        for seed, frame in enumerate(frames):
+            fields = {**base, **point, "seed": seed}
+            eval_variant = fields.pop("eval_variant", "clean")
+            folder = root / Evaluation(Run(**fields), eval_variant).eval_dir
+            folder.mkdir(parents=True, exist_ok=True)
+            frame.to_parquet(folder / "predictions.parquet")
+            values = {"auc": auc(frame), "balanced_accuracy": bacc(frame), "accuracy": bacc(frame)}
+            values |= {"f1_macro": 0.5, "val_auc": val_auc, "val_balanced_accuracy": 0.5, "val_accuracy": 0.5}
+            (folder / "metrics.json").write_text(json.dumps(values))
+            metrics.append(str(folder / "metrics.json"))
+    return metrics
+
+
+def table_of(tmp_path: Path, rows, reference: dict, **kwargs) -> pd.DataFrame:
+    out = {ext: str(tmp_path / f"t.{ext}") for ext in ("csv", "md", "tex", "html")}
+    metrics = write_runs(tmp_path, rows)
+    return tables.run_table(
+        metrics=metrics, title="t", label="t", classes=BINARY, reference=reference, **out, **kwargs
+    )
+
+
+def test_thirty_large_effects_stay_significant_after_holm_with_1000_resamples(tmp_path):
+    """29 test conditions of the same models, each with a large loss of AUC, against clean: Holm multiplies
+    the smallest p by 29, and a p read off 1000 resamples could not go below 2/1001 (29 x 2/1001 = 0.058)."""
+    rng = np.random.default_rng(30)
+    y, groups = grouped_data(rng, 300)
+    noise = rng.normal(size=len(y))
+    rows = [({"eval_variant": "clean"}, [binary_frame(y, 2.0 * y + noise, groups)], 0.9)]
+    rows += [
+        (
+            {"eval_variant": f"v{k:02d}"},
+            [binary_frame(y, 0.3 * y + noise + rng.normal(size=len(y)), groups)],
+            0.9,
+        )
+        for k in range(29)
+    ]
+    table = table_of(tmp_path, rows, {"eval_variant": "clean"}, n_bootstrap=1000)
+    others = table.iloc[1:]
+    assert (others["delta_auc"] < -0.2).all()
+    assert (others["delta_auc_p_holm"] < 0.05).all() and (
+        others["delta_balanced_accuracy_p_holm"] < 0.05
+    ).all()
+    assert (others["family_size"] == 29).all()
+
+
+def test_each_row_is_compared_with_its_own_models_reference(tmp_path):
+    """Three models at two resolutions, reference {res: 64}: every row's Δ is against its own model's 64 px row,
+    never another model's."""
+    rng = np.random.default_rng(31)
+    y, groups = grouped_data(rng, 200)
+    rows = []
+    for model, skill in (("a", 2.0), ("b", 1.0), ("c", 0.5)):
+        for res, loss in ((64, 0.0), (32, 0.3)):
+            frames = [binary_frame(y, (skill - loss) * y + rng.normal(size=len(y)), groups) for _ in range(2)]
+            rows.append(({"model": model, "res": res}, frames, 0.8))
+    table = table_of(tmp_path, rows, {"res": 64}, n_bootstrap=200)
+    for _, row in table.iterrows():
+        own = table[(table["model"] == row["model"]) & (table["res"] == 64)].iloc[0]
+        assert row["compared_with"] == f"{row['model']}, 64"
+        assert row["delta_auc"] == pytest.approx(row["auc_mean"] - own["auc_mean"], abs=1e-12)
+        assert row["reference"] == (row["res"] == 64)
+    # A family per model: each 32 px row is tested alone (m = 1), a recipe contrast with 2 vs 2 seeds.
+    assert table.loc[table["res"] == 32, "family_size"].tolist() == [1, 1, 1]
+    assert set(table.loc[table["res"] == 32, "contrast"]) == {RECIPE}
+    assert set(table.loc[table["res"] == 32, "seeds"]) == {"2 vs 2"}
+    # Declared otherwise, the whole table is one family: Holm's m is 3.
+    whole = table_of(tmp_path / "whole", rows, {"res": 64}, family="table", n_bootstrap=200)
+    assert whole.loc[whole["res"] == 32, "family_size"].tolist() == [3, 3, 3]
+    # A cross-model contrast when the reference names a model.
+    cross = table_of(tmp_path / "cross", rows, {"model": "a", "res": 64}, n_bootstrap=200)
+    assert set(cross.loc[cross["model"] != "a", "compared_with"]) == {"a, 64"}
+
+
+def test_rows_validation_did_not_select_carry_no_p(tmp_path):
+    """An lr sweep at two resolutions: the val-selected lr of each resolution is the reference (64 px) or is
+    tested against it (32 px); the other lrs show their Δ and interval but no p, and say why."""
+    rng = np.random.default_rng(32)
+    y, groups = grouped_data(rng, 200)
+    rows = []
+    for res in (64, 32):
+        for lr, val_auc in (("0.01", 0.7), ("0.001", 0.9), ("0.0001", 0.8)):
+            frames = [binary_frame(y, rng.uniform(0.5, 2) * y + rng.normal(size=len(y)), groups)]
+            rows.append(({"res": res, "lr": lr}, frames, val_auc))
+    table = table_of(tmp_path, rows, {"res": 64}, n_bootstrap=200)
+    selected = table[table[aggregate.SELECTED]]
+    assert list(selected[["res", "lr"]].itertuples(index=False, name=None)) == [(64, "0.001"), (32, "0.001")]
+    assert table.loc[table["reference"], "lr"].tolist() == ["0.001"] and table["reference"].sum() == 1
+    unselected = table[~table[aggregate.SELECTED]]
+    assert unselected["delta_auc"].notna().all() and unselected["delta_auc_low"].notna().all()
+    for column in ("delta_auc_p", "delta_auc_p_holm", "delta_balanced_accuracy_p_holm", "obuchowski_p_holm"):
+        assert unselected[column].isna().all(), column
+    assert set(unselected["untested"]) == {"not selected by validation"}
+    tested = table[table[aggregate.SELECTED] & ~table["reference"]]
+    assert (
+        len(tested) == 1 and tested["delta_auc_p_holm"].notna().all() and (tested["family_size"] == 1).all()
+    )
+    md = Path(tmp_path / "t.md").read_text()
+    assert "— (not selected by validation)" in md and "(m=1)" in md
+
+
+def test_a_table_names_the_test_of_each_comparison_column(tmp_path):
+    rng = np.random.default_rng(33)
+    y, groups = grouped_data(rng, 120)
+    rows = [
+        ({"eval_variant": v}, [binary_frame(y, s * y + rng.normal(size=len(y)), groups)], 0.8)
+        for v, s in (("clean", 1.5), ("jpeg", 1.0))
+    ]
+    table_of(tmp_path, rows, {"eval_variant": "clean"}, n_bootstrap=100)
+    md = (tmp_path / "t.md").read_text()
+    for words in (
+        "p Δ AUC, bootstrap (Holm, m)",
+        "p Δ AUC, Obuchowski (Holm, m)",
+        "Contrast",
+        "Compared with",
+    ):
+        assert words in md, words
+    assert "same models, 1 vs 1 seeds" in md and "Welch" in md and "Obuchowski 1997" in md
+    csv = pd.read_csv(tmp_path / "t.csv")
+    assert csv.loc[1, "test"] == "paired group bootstrap, models fixed (z)"

@@ -26,6 +26,7 @@ def test_config_and_demo_overlay_are_valid():
     for key, value in load("config.demo.yaml").items():
         merged[key] = {**merged[key], **value} if isinstance(value, dict) else value
     validate(merged, str(SCHEMA))
+    dc_config.check(merged)  # the demo's references too
 
 
 def _walk(schema: dict, path: str):
@@ -130,3 +131,52 @@ def test_variant_settings_carry_only_what_the_variant_uses():
     assert clean == {"name": "clean", "fractions": {"jpeg": 0.0, "blur": 0.0, "quantize": 0.0}}
     assert degraded["jpeg_quality"] == 75 and degraded["splits"] == ["train"]
     assert degraded["fractions"] == {"jpeg": 0.2, "blur": 0.2, "quantize": 0.2}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            lambda e: e["robustness"].pop("reference"),
+            r"'experiments.robustness.reference': missing: name the grid values",
+        ),
+        (
+            lambda e: e["resolution_sweep"].update(reference={"res": 32}),
+            r"'experiments.resolution_sweep.reference.res': 32 is not among the grid's \['112', '224', '56'\]",
+        ),
+        (
+            lambda e: e["dinov2_lr_sweep"].update(
+                models=["dinov2_b14", "vit_b16"],
+                resolutions=[224, 112],
+                reference={"res": 112, "model": "vit_b16"},
+            ),
+            None,
+        ),
+    ],
+)
+def test_every_experiment_names_a_reference_in_its_grid(change, message):
+    """No reference, or one the grid does not take, is a one-line error naming the key; a reference that names
+    a model is a cross-model contrast asked for by name."""
+    config = load("config.yaml")
+    change(config["experiments"])
+    if message is None:
+        dc_config.check(config)
+        return
+    with pytest.raises(dc_config.ConfigError, match=message):
+        dc_config.check(config)
+
+
+def test_a_reference_some_model_never_takes_is_an_error():
+    """Rows are compared within their own model: a reference every model must have somewhere in its grid."""
+    config = load("config.yaml")
+    sweep = config["experiments"]["compression_sweep"]
+    dc_config.check(config)
+    sweep["reference"] = {
+        "train_variant": "jpeg_q30",
+        "eval_variant": "clean",
+    }  # the arm is evaluated on its own
+    with pytest.raises(
+        dc_config.ConfigError,
+        match=r"'experiments.compression_sweep.reference': no evaluation of \['dinov2_b14', 'vit_b16'\] has all",
+    ):
+        dc_config.check(config)

@@ -130,6 +130,28 @@ def test_edit_to_experiment_grid_code_reruns_only_the_study(finished_study):
     assert tables(jobs) == {"base", "other"}
 
 
+def test_new_statistics_rerun_only_tables_and_figures(finished_study, tmp_path):
+    """A change like the one that made the comparisons valid: every study module edited and one added (the
+    tables' code), each experiment's reference and Holm family changed (the tables' params). Only aggregation
+    reruns: no data stage, training, evaluation or probe, whose code lives in data/ and learn/."""
+    workdir = tmp_path / "study"
+    shutil.copytree(finished_study, workdir, symlinks=True)
+    study = workdir / "src/dermcompress/study"
+    for module in study.glob("*.py"):
+        module.write_text(module.read_text() + "\n# an edit\n")
+    (study / "new_test.py").write_text('"""A new test."""\n')
+    compare = study / "compare.py"
+    compare.write_text(compare.read_text() + "from . import new_test  # noqa: F401, E402\n")
+    change = {
+        "experiments": {name: {"reference": {"res": 16}, "family": "table"} for name in ("base", "other")}
+    }
+    jobs = dry_run(workdir, change)
+    aggregation = {"all", "table", "runs_index", "data_summary", "bytes_summary"}
+    assert rules_of(jobs) - aggregation and all(r.startswith("figure_") for r in rules_of(jobs) - aggregation)
+    assert tables(jobs) == {"base", "other"}
+    assert not rules_of(jobs) & (DATA_RULES | {"train", "evaluate", "features", "linear", "evaluate_probe"})
+
+
 def test_edit_to_training_code_retrains_from_step_zero(finished_study, tmp_path):
     """A finished run rerun because its training code changed trains again, from step 0: no checkpoint of the
     old code is left to stand in for the training (results/checkpoints/ held finished runs before)."""

@@ -27,6 +27,7 @@ GRID = {
     "modes": ["finetune"],
     "lr": [1.0e-3],
     "seeds": [0],
+    "reference": {"res": 16},
 }
 BASE = {
     "resize": {"resolutions": [16]},

@@ -49,6 +49,7 @@ GRID = {
     "schedules": ["cosine"],
     "epochs": [4],
     "seeds": [0],
+    "reference": {"res": 64},
 }
 EXPERIMENTS = {"single": "tiny_single", "preempted": "tiny_preempted", "ddp": "tiny_ddp"}
 PREEMPTED = ("preempted", "ddp")  # stopped once mid-training, then resumed by Snakemake's retry

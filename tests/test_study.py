@@ -30,6 +30,7 @@ GRID = {
     "modes": ["finetune"],
     "lr": [1.0e-3],
     "seeds": [0],
+    "reference": {"res": 32},
 }
 OVERLAY = {
     "data": {"synthetic": {"n": 400, "seed": 1}},
@@ -50,13 +51,20 @@ OVERLAY = {
             **GRID,
             "modes": ["linear", "knn", "finetune"],
             "lr": {"finetune": [1.0e-3]},
+            "reference": {"mode": "finetune"},
         },
-        "labels": {**GRID, "modes": ["knn"], "label_fractions": [0.25, 1.0]},
+        "labels": {
+            **GRID,
+            "modes": ["knn"],
+            "label_fractions": [0.25, 1.0],
+            "reference": {"label_fraction": 1.0},
+        },
         "robust": {
             **GRID,
             "resolutions": [16],
             "train_variants": ["clean"],
             "eval_variants": ["clean", "jpeg_only"],
+            "reference": {"eval_variant": "clean"},
         },
     },
     # Named: Snakemake merges overlays into config.yaml, whose own study experiments stay defined.
@@ -166,6 +174,32 @@ def test_tables_carry_the_bytes_of_the_test_images_each_row_scores(study):
         assert row.codec == {"clean": "png", "jpeg_only": "jpeg"}[row.eval_variant]
     # Every table row has its reference row's paired difference (the reference row's own: 0).
     assert robust["delta_auc"].iloc[0] == 0
+
+
+def test_tables_compare_each_row_within_its_model_and_name_family_and_test(study):
+    """Every table row is compared with the reference row of its own model, by the test its contrast calls for
+    (the sweep's resolutions: other trainings, 2 vs 2 seeds, Welch t; robust's jpeg_only: the same models), and
+    every p stands beside its Holm family's size; the Markdown says which test each column is."""
+    expected = {
+        "sweep": ("recipe", "2 vs 2", "group bootstrap + seed variance (Welch t)"),
+        "modes": ("recipe", "1 vs 1", "group bootstrap, 1 seed: seed variance not covered (z)"),
+        "labels": ("recipe", "1 vs 1", "group bootstrap, 1 seed: seed variance not covered (z)"),
+        "robust": ("same models", "1 vs 1", "paired group bootstrap, models fixed (z)"),
+    }
+    for name, (kind, seeds, test) in expected.items():
+        table = pd.read_csv(study / f"results/tables/{name}.csv", keep_default_na=False)
+        compared = table[~table["reference"]]
+        assert len(compared) >= 1 and table["reference"].sum() == 1, name
+        assert set(compared["contrast"]) == {kind} and set(compared["seeds"]) == {seeds}, name
+        assert set(compared["test"]) == {test}, name
+        reference = table[table["reference"]].iloc[0]
+        for _, row in compared.iterrows():
+            assert row["compared_with"].startswith(f"{row['model']}, ") and row["model"] == reference["model"]
+            assert float(row["delta_auc"]) == pytest.approx(row["auc_mean"] - reference["auc_mean"], abs=1e-9)
+            assert row["family_size"] == len(compared) and 0 <= float(row["delta_auc_p_holm"]) <= 1
+        md = (study / f"results/tables/{name}.md").read_text()
+        assert "p Δ AUC, bootstrap (Holm, m)" in md and f"(m={len(compared)})" in md, name
+        assert "Welch-Satterthwaite" in md and "Obuchowski 1997" in md and "Holm: adjusted within" in md
 
 
 def test_label_fraction_trains_on_a_grouped_subset(study):

@@ -57,6 +57,7 @@ def grid(models: list[str], modes: list[str]) -> dict:
         "modes": modes,
         "lr": [1.0e-3],
         "seeds": [0],
+        "reference": {"res": 32},
     }
 
 

@@ -87,6 +87,7 @@ rule table:
         title=get_title,
         classes=config["data"]["classes"],
         reference=get_reference,
+        family=get_family,
         n_bootstrap=config["training"]["n_bootstrap"],
         runs=get_experiment_runs,
         code=get_code("study.tables"),

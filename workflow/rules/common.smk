@@ -241,8 +241,14 @@ def get_experiment_predictions(wildcards):
 
 
 def get_reference(wildcards):
-    """The grid values of the row the experiment's table compares every row with (None: the default)."""
-    return config["experiments"][wildcards.experiment].get("reference")
+    """The grid values of the rows the experiment's table compares the other rows with (each within its own
+    model unless they name one)."""
+    return config["experiments"][wildcards.experiment]["reference"]
+
+
+def get_family(wildcards):
+    """The experiment's Holm families: the rows sharing a reference (default) or the whole table."""
+    return config["experiments"][wildcards.experiment].get("family", "reference")
 
 
 def get_experiment_caches(wildcards):

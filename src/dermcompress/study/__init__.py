@@ -2,7 +2,8 @@
 
 experiments         the grids of config.yaml's `experiments:`, expanded to runs and evaluations
 aggregate, tables   per-experiment tables (val-selected settings, costs, bytes), the runs index, data summary
-compare             paired bootstrap differences against a reference row
+compare, contrasts  paired differences, each row against its own reference row, by tests valid for the contrast
+clustered_roc       Obuchowski's clustered ROC test (DeLong's with one image per lesion)
 figures, rate_figures  training curves, cost, robustness, label efficiency; rate-accuracy and forest plots
 bytes_summary       kB per image and bits per pixel of every cache
 plan                jobs, GPU hours and cluster submissions before anything runs

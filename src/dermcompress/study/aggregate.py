@@ -10,10 +10,12 @@ a family, and the row with the best mean validation AUC over seeds (ties: valida
 marked `selected_by_val`: the setting a study would report, chosen without looking at the test split.
 
 What the images cost: each row carries the mean kB per test image and bits per pixel of the data it was
-evaluated on (bytes_summary.py), beside its metrics. And whether a loss is real: every row is compared with
-the experiment's reference row (`reference:`, default the highest resolution on clean) on the shared test
-images, Δ AUC and Δ balanced accuracy with a paired lesion-group bootstrap interval and p-value, Holm-adjusted
-within the table, and DeLong's test as the familiar second opinion (compare.py).
+evaluated on (bytes_summary.py), beside its metrics. And whether a loss is real: every row is compared with its
+own reference row (reference_rows: the experiment's `reference:` values within the row's model, unless they
+name a model) on the shared test images, Δ AUC and Δ balanced accuracy with a test valid for the contrast (the
+same trained models on another test condition, or another recipe whose seed variance counts), Holm-adjusted
+within the rows sharing a reference, and Obuchowski's clustered ROC test as the analytic second opinion
+(compare.py). Rows validation did not select carry no p.
 """
 
 from __future__ import annotations
@@ -70,7 +72,6 @@ COSTS = {
 # Bytes per image of the data a row is evaluated on (its test split), from the bytes summary.
 BYTES = {"kb_per_image": "kB/image", "bpp": "bpp"}
 CODEC_COLUMNS = ("codec", "codec_quality")
-REFERENCE_DEFAULT = {"eval_variant": "clean"}  # and the highest resolution
 # Under the tables and in the cost figure, where the runs measured no GPU memory (NaN).
 CPU_NOTE = "Peak GPU memory is not measured on a CPU (n/a)."
 
@@ -161,45 +162,92 @@ def select_by_val(table: pd.DataFrame, dims: list[str]) -> pd.Series:
     return selected
 
 
-def reference_row(table: pd.DataFrame, runs: pd.DataFrame, reference: dict | None) -> int:
-    """The position of the row the others are compared with: the one whose evaluations have the grid values
-    of `reference` (default: the highest resolution, evaluated on clean, or the highest resolution alone
-    without a clean evaluation); among several, the val-selected one, else the best mean validation AUC
-    (ties: validation balanced accuracy), else the first."""
-    wanted = reference or {"res": int(runs["res"].max()), **REFERENCE_DEFAULT}
-    match = pd.Series(True, index=runs.index)
-    for field, value in wanted.items():
-        match &= runs[field].map(spelt) == spelt(value)
-    if reference is None and not match.any():
-        match = runs["res"].astype(int) == int(runs["res"].max())
-    if not match.any():
-        raise ValueError(f"no evaluation of the experiment has the reference grid values {wanted}")
-    chosen = set(runs.loc[match, "run"])
-    rows = table[[bool(chosen & set(cell.split(RUNS_SEPARATOR))) for cell in table[RUNS_COLUMN]]]
-    rows = rows[rows[SELECTED]] if rows[SELECTED].any() else rows
-    best = rows[list(SELECT_BY)].fillna(-np.inf).sort_values(list(SELECT_BY), ascending=False, kind="stable")
-    return table.index.get_loc(best.index[0])
+def reference_rows(table: pd.DataFrame, reference: dict) -> list[int | None]:
+    """Per row, the position of the row it is compared with: the row with the values `reference` names on
+    those dimensions and the row's own values on every other varying dimension but the tuned ones (TUNED), so
+    a row is compared within its own model unless `reference` names a model; among several, the val-selected
+    one, else the best mean validation AUC (ties: validation balanced accuracy), else the first. None where
+    the grid has no such row."""
+    dims = [d for d in DIMS if d in table.columns]
+    spelling = {d: table[d].map(spelt) for d in dims}
+    wanted = {d: spelt(v) for d, v in reference.items() if d in dims}
+    found: list[int | None] = []
+    for k in range(len(table)):
+        match = pd.Series(True, index=table.index)
+        for d in dims:
+            if d in wanted:
+                match &= spelling[d] == wanted[d]
+            elif d not in TUNED:
+                match &= spelling[d] == spelling[d].iloc[k]
+        rows = table[match.to_numpy()]
+        if rows.empty:
+            found.append(None)
+            continue
+        rows = rows[rows[SELECTED]] if rows[SELECTED].any() else rows
+        best = (
+            rows[list(SELECT_BY)].fillna(-np.inf).sort_values(list(SELECT_BY), ascending=False, kind="stable")
+        )
+        found.append(table.index.get_loc(best.index[0]))
+    return found
+
+
+def tested_rows(table: pd.DataFrame) -> list[bool]:
+    """Per row, whether it is a setting a study reports: the val-selected row of its tuned family (rows that
+    differ only in TUNED), and every row of a family of one."""
+    dims = [d for d in DIMS if d in table.columns]
+    tuned = [d for d in dims if d in TUNED]
+    if not tuned:
+        return [True] * len(table)
+    others = [d for d in dims if d not in TUNED]
+    sizes = table.groupby(others, sort=False)[others[0]].transform("size") if others else len(table)
+    return list((np.asarray(sizes) == 1) | table[SELECTED].to_numpy(bool))
+
+
+def row_label(table: pd.DataFrame, k: int) -> str:
+    """Row k in words: its values of the varying dimensions (a probe's empty lr and the like left out)."""
+    row = table.iloc[k]
+    return ", ".join(str(row[d]) for d in DIMS if d in table.columns and str(row[d]) not in ("", "0"))
 
 
 def add_comparisons(
     table: pd.DataFrame,
-    runs: pd.DataFrame,
     classes: list[str],
     *,
-    reference: int,
+    reference: dict,
+    family: str = "reference",
     n_bootstrap: int,
     seed: int,
 ) -> pd.DataFrame:
-    """The table with compare.paired_comparison's columns: every row against row `reference`, on each row's
-    runs' test-split predictions."""
-    frames = []
+    """The table with compare.paired_comparison's columns, every row against its own reference row
+    (reference_rows), on each row's runs' test-split predictions; `compared_with` names that row in words.
+    Holm's families: the rows sharing a reference (`family: reference`) or the whole table (`table`)."""
+    frames, recipes = [], []
     for cell in table[RUNS_COLUMN]:
-        paths = [Path(run) / "predictions.parquet" for run in cell.split(RUNS_SEPARATOR)]
-        frames.append([_test_rows(path) for path in paths])
-    deltas = compare.paired_comparison(frames, reference, classes, n_bootstrap=n_bootstrap, seed=seed)
+        by_training = sorted(cell.split(RUNS_SEPARATOR), key=lambda run: (_training(run), run))
+        frames.append([_test_rows(Path(run) / "predictions.parquet") for run in by_training])
+        recipes.append(RUNS_SEPARATOR.join(sorted({_training(run) for run in by_training})))
+    references = reference_rows(table, reference)
+    families = references if family == "reference" else [0] * len(table)
+    deltas = compare.paired_comparison(
+        frames,
+        references,
+        classes,
+        recipes=recipes,
+        tested=tested_rows(table),
+        families=families,
+        n_bootstrap=n_bootstrap,
+        seed=seed,
+    )
+    deltas.insert(2, "compared_with_row", deltas["compared_with"])  # its position, for figures
+    deltas["compared_with"] = [row_label(table, j) if j >= 0 else "" for j in deltas["compared_with"]]
     runs_column = table[RUNS_COLUMN]
     out = pd.concat([table.drop(columns=RUNS_COLUMN), deltas.set_axis(table.index)], axis=1)
     return out.assign(**{RUNS_COLUMN: runs_column})
+
+
+def _training(eval_dir: str) -> str:
+    """The run folder an evaluation folder (<run>/eval/<variant>) belongs to."""
+    return str(Path(eval_dir).parent.parent)
 
 
 def _test_rows(path: Path) -> pd.DataFrame:

@@ -1,93 +1,215 @@
-"""Paired comparisons of a table's rows against a reference row: Δ AUC and Δ balanced accuracy, with intervals
-and p-values, for runs of one study (resolutions, codecs) scored on the same test images.
+"""Paired comparisons of a table's rows, each with its own reference row: Δ AUC and Δ balanced accuracy on the
+shared test images, with a standard error, a 95% interval and a p-value from a test that is valid for the kind of
+difference (contrasts.py), Holm-adjusted within declared families of rows.
 
-The runs are paired: every row scores the same images, so much of the sampling noise (which lesions happen to
-be in the test split, how hard they are) is shared, and cancels in a difference. Comparing two independent
-intervals ignores that and is too conservative. Here one matrix of lesion-group resamples (bootstrap.py)
-serves every row and seed: each resample's Δ is taken between rows scored on the very same resampled groups,
-so the interval of Δ is narrower than the two rows' intervals would suggest, and still honest about lesion
-clustering. Several seeds of one row are averaged (the row's metric is its mean over seeds) before the Δ.
+The rows are paired: every row scores the same test images, so much of the sampling noise (which lesions happen
+to be in the test split, how hard they are) is shared and cancels in a difference. One matrix of lesion-group
+resamples (learn.bootstrap) serves every row and seed, so each resample's Δ compares rows on the very same
+resampled groups.
 
-DeLong's test for correlated ROC AUCs (binary tasks only) is given alongside, as the classic analytic check.
-It treats images as independent and so ignores lesion clustering, unlike the group bootstrap: with several
-images per lesion its p-values are too small. Holm's step-down correction adjusts each p column within the
-table, over the rows tested against the reference.
+- A row with the reference's trained models (another evaluation variant) is a *same models* contrast: per seed on
+  the same images, models held fixed, uncertainty from resampling lesion groups.
+- A row trained otherwise (resolution, training data, learning rate, mode, model, label fraction) is a *recipe*
+  contrast: the seed-to-seed variance of both recipes is added (Welch t). With one seed it is not covered, and
+  the `test` column says so.
+- Obuchowski's clustered ROC test (clustered_roc.py; DeLong's when every lesion has one image) is the analytic
+  second opinion for Δ AUC in binary tasks, with the same seed variance added for a recipe contrast.
+
+Which rows are tested: a row that validation did not select within its tuned family (it differs from the chosen
+row only in lr, schedule or epochs) is shown with its Δ and interval but no p, and says why; so is a row with no
+reference row. Families (Holm's m) are the tested rows sharing a reference unless the caller declares others;
+`family_size` stands beside every adjusted p.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 
 import numpy as np
 import pandas as pd
-from scipy.stats import norm, rankdata
-from sklearn.metrics import balanced_accuracy_score
 
 from dermcompress.learn import bootstrap
-from dermcompress.learn.metrics import auc_score, class_indices, prob_columns
+from dermcompress.learn.metrics import class_indices, prob_columns
+
+from .clustered_roc import auc_difference
+from .contrasts import Contrast, RowScores, contrast, difference, holm
 
 METRICS = ("auc", "balanced_accuracy")
-# Placement values lie in [0, 1]; a variance of their difference below this is rounding, i.e. zero.
-_ZERO_VARIANCE = 1e-20
+P_COLUMNS = ("delta_auc_p", "delta_balanced_accuracy_p", "obuchowski_p")
+NOT_SELECTED = "not selected by validation"
+NO_REFERENCE = "no reference row"
 
 
-def holm(pvalues: np.ndarray) -> np.ndarray:
-    """Holm's step-down adjusted p-values (family-wise error control, any dependence between the tests):
-    the i-th smallest of m is multiplied by m - i + 1, then made monotone and capped at 1. NaNs stay NaN and
-    do not count towards m."""
-    p = np.asarray(pvalues, dtype=float)
-    adjusted = np.full_like(p, np.nan)
-    finite = np.flatnonzero(~np.isnan(p))
-    order = finite[np.argsort(p[finite], kind="stable")]
-    m = len(order)
-    steps = np.maximum.accumulate((m - np.arange(m)) * p[order])
-    adjusted[order] = np.minimum(steps, 1.0)
-    return adjusted
+class Scored:
+    """The rows of a comparison scored once: every frame aligned on the first row's first frame, the labels, the
+    lesion groups and the shared group-resample weights."""
+
+    def __init__(
+        self,
+        rows: Sequence[Sequence[pd.DataFrame]],
+        recipes: Sequence[str],
+        classes: list[str],
+        *,
+        n_bootstrap: int,
+        seed: int,
+    ):
+        if len(recipes) != len(rows):
+            raise ValueError(f"{len(recipes)} recipes for {len(rows)} rows")
+        if empty := [k for k, frames in enumerate(rows) if len(frames) == 0]:
+            raise ValueError(f"rows {empty} have no prediction frames")
+        columns = ["image_id", "group_id", "label", "pred", *prob_columns(classes)]
+        first = rows[0][0]
+        image_ids = pd.Index(first["image_id"].astype(str))
+        first = _align(first, image_ids, 0, columns)  # checks the first frame itself for duplicates
+        self.classes, self.recipes = classes, list(recipes)
+        self.y_true = class_indices(first["label"], classes, "label")
+        self.groups = first["group_id"].astype(str).to_numpy()
+        self.frames = [[_align(f, image_ids, k, columns) for f in frames] for k, frames in enumerate(rows)]
+        labels = first["label"].astype(str).to_numpy()
+        for k, frames in enumerate(self.frames):
+            if any((f["label"].astype(str).to_numpy() != labels).any() for f in frames):
+                raise ValueError(f"row {k} gives some images other labels than the first row")
+        self.weights = bootstrap.group_weights(self.groups, n_bootstrap, seed)
+
+    def row(self, k: int, images: np.ndarray | None = None) -> dict[str, RowScores]:
+        """Row k's RowScores per metric, on the images where the boolean mask `images` is True (default all)."""
+        mask = np.ones(len(self.y_true), dtype=bool) if images is None else np.asarray(images, dtype=bool)
+        probs = [f[prob_columns(self.classes)].to_numpy(dtype=np.float64)[mask] for f in self.frames[k]]
+        preds = [class_indices(f["pred"], self.classes, "pred")[mask] for f in self.frames[k]]
+        return row_scores(self.y_true[mask], probs, preds, self.weights[:, mask], self.recipes[k])
+
+    def positive_scores(self, k: int) -> np.ndarray:
+        """(n_seeds, N) probabilities of the second class (binary tasks), for the analytic ROC test."""
+        return np.stack([f[f"prob_{self.classes[1]}"].to_numpy(float) for f in self.frames[k]])
 
 
-def _placements(positive: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Seed-averaged structural components of the AUC from midranks (Sun & Xu 2014): V10 (m,) per positive,
-    the fraction of negatives it outscores (ties count half), and V01 (n,) per negative, the fraction of
-    positives that outscore it."""
-    x, y = scores[:, positive], scores[:, ~positive]
-    m, n = x.shape[1], y.shape[1]
-    ranks = rankdata(np.concatenate([x, y], axis=1), axis=1)
-    v10 = (ranks[:, :m] - rankdata(x, axis=1)) / n
-    v01 = 1.0 - (ranks[:, m:] - rankdata(y, axis=1)) / m
-    return v10.mean(axis=0), v01.mean(axis=0)
+def row_scores(
+    y_true: np.ndarray, probs: list[np.ndarray], preds: list[np.ndarray], weights: np.ndarray, recipe: str
+) -> dict[str, RowScores]:
+    """A row's RowScores per metric from its seeds' class probabilities (N, C) and predicted class indices
+    (N,), on the whole test split (scikit-learn) and on every row of the group-resample `weights` (B, N)."""
+    # The whole split is the resample in which every image counts once: the same code as the resamples, and
+    # equal to scikit-learn's roc_auc_score and balanced_accuracy_score (tests/test_compare.py).
+    whole = np.ones((1, len(y_true)))
+    auc = [bootstrap.weighted_auc(y_true, p, np.vstack([whole, weights])) for p in probs]
+    accuracy = [bootstrap.weighted_balanced_accuracy(y_true, p, np.vstack([whole, weights])) for p in preds]
+    values = {
+        "auc": (np.array([a[0] for a in auc]), np.stack([a[1:] for a in auc])),
+        "balanced_accuracy": (np.array([a[0] for a in accuracy]), np.stack([a[1:] for a in accuracy])),
+    }
+    return {metric: RowScores(point, resampled, recipe) for metric, (point, resampled) in values.items()}
 
 
-def delong_test(y_true: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray) -> tuple[float, float]:
-    """(AUC_a - AUC_b, two-sided p) by DeLong's test for two correlated AUCs on the same images, with the
-    fast midrank algorithm of Sun & Xu (2014, IEEE SPL, "Fast implementation of DeLong's algorithm").
+def paired_comparison(
+    rows: Sequence[Sequence[pd.DataFrame]],
+    references: Sequence[int | None],
+    classes: list[str],
+    *,
+    recipes: Sequence[str],
+    tested: Sequence[bool] | None = None,
+    families: Sequence[Hashable] | None = None,
+    n_bootstrap: int,
+    seed: int,
+) -> pd.DataFrame:
+    """Each row against its reference row: Δ, standard error, degrees of freedom, 95% interval, p and Holm p
+    per metric, Obuchowski's p for Δ AUC (binary tasks; NaN otherwise), the contrast's kind and test.
 
-    `y_true` is binary (bool or 0/1). Scores are (N,) or (n_seeds, N); the seed counts of a and b may differ.
-    With several seeds the AUC averaged over seeds is itself a two-sample U-statistic whose structural
-    components (placement values V10, V01) are the seed-averages of each seed's, so each seed's placements
-    are averaged over seeds and DeLong's variance is applied to the averaged components. A zero variance of
-    the difference (identical scores) gives p = 1 when Δ = 0 (and p = 0 in the degenerate case Δ ≠ 0).
-    Images are taken as independent: lesion clustering is ignored. NaN p with fewer than two of a class.
+    `rows[k]` holds the test-split prediction frames (metrics.py format) behind table row k, one per seed, in
+    the order of its trained models; `recipes[k]` names those models (equal for rows of the same trained
+    models). `references[k]` is the position of row k's reference row: k itself for a reference, None where
+    it has none. `tested[k]` False: shown without a p (not selected by validation). `families[k]`: Holm's
+    family (default: the reference row). Every frame must score the same images.
     """
-    y = np.asarray(y_true)
-    if not np.isin(y, [0, 1]).all():
-        raise ValueError("DeLong's test needs binary labels (bool or 0/1)")
-    positive = y.astype(bool)
-    a, b = np.atleast_2d(np.asarray(scores_a, float)), np.atleast_2d(np.asarray(scores_b, float))
-    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != len(y) or b.shape[1] != len(y):
-        raise ValueError(f"scores {a.shape} and {b.shape} do not match {len(y)} labels")
-    m, n = int(positive.sum()), int((~positive).sum())
-    if m == 0 or n == 0:
-        return float("nan"), float("nan")
-    a10, a01 = _placements(positive, a)
-    b10, b01 = _placements(positive, b)
-    d10, d01 = a10 - b10, a01 - b01
-    delta = float(d10.mean())
-    if m < 2 or n < 2:
-        return delta, float("nan")
-    variance = d10.var(ddof=1) / m + d01.var(ddof=1) / n
-    if variance < _ZERO_VARIANCE:
-        return delta, 1.0 if abs(delta) < 1e-12 else 0.0
-    return delta, float(2.0 * norm.sf(abs(delta) / np.sqrt(variance)))
+    if len(references) != len(rows):
+        raise ValueError(f"{len(references)} references for {len(rows)} rows")
+    if bad := [r for r in references if r is not None and not 0 <= r < len(rows)]:
+        raise ValueError(f"references {bad} are not row positions of {len(rows)} rows")
+    tested = [True] * len(rows) if tested is None else list(tested)
+    families = list(references) if families is None else list(families)
+    scored = Scored(rows, recipes, classes, n_bootstrap=n_bootstrap, seed=seed)
+    per_row = [scored.row(k) for k in range(len(rows))]
+    out = [_compare(scored, per_row, k, ref, tested[k]) for k, ref in enumerate(references)]
+    table = pd.DataFrame(out)
+    table["family_size"] = 0
+    for family in dict.fromkeys(f for f in families if f is not None):
+        members = [k for k, f in enumerate(families) if f == family and _tested(table.loc[k])]
+        for column in P_COLUMNS:
+            table.loc[members, f"{column}_holm"] = holm(table.loc[members, column].to_numpy(float))
+        table.loc[members, "family_size"] = len(members)
+    return table
+
+
+def _tested(row: pd.Series) -> bool:
+    """Whether a row carries a p: compared with a reference row other than itself, and selected."""
+    return not row["reference"] and row["compared_with"] >= 0 and row["untested"] == ""
+
+
+def _compare(
+    scored: Scored, per_row: list[dict[str, RowScores]], k: int, ref: int | None, tested: bool
+) -> dict:
+    """Table row k's columns against row `ref`."""
+    record: dict = {"reference": ref == k, "compared_with": -1 if ref is None else ref}
+    if ref is None or ref == k:
+        record |= {"contrast": "", "seeds": "", "test": "", "untested": "" if ref == k else NO_REFERENCE}
+        for metric in METRICS:
+            zero = 0.0 if ref == k else np.nan
+            record |= _columns(metric, (zero, np.nan, np.nan, zero, zero, np.nan))
+        return record | {"obuchowski_p": np.nan, "obuchowski_p_holm": np.nan}
+    results = {m: difference(per_row[k][m], per_row[ref][m]) for m in METRICS}
+    first = results["auc"]
+    record |= {
+        "contrast": first.kind,
+        "seeds": " vs ".join(map(str, (per_row[k]["auc"].n_seeds, per_row[ref]["auc"].n_seeds))),
+        "test": first.test,
+        "untested": "" if tested else NOT_SELECTED,
+    }
+    for metric, result in results.items():
+        p = result.p if tested else np.nan
+        record |= _columns(metric, (result.delta, result.se, result.df, result.low, result.high, p))
+    record["obuchowski_p"] = _obuchowski_p(scored, per_row, k, ref) if tested else np.nan
+    return record | {"obuchowski_p_holm": np.nan}
+
+
+def _columns(metric: str, values: tuple) -> dict:
+    names = ("", "_se", "_df", "_low", "_high", "_p")
+    return {f"delta_{metric}{s}": float(v) for s, v in zip(names, values, strict=True)} | {
+        f"delta_{metric}_p_holm": np.nan
+    }
+
+
+def _obuchowski_p(scored: Scored, per_row: list[dict[str, RowScores]], k: int, ref: int) -> float:
+    """The p of Δ AUC of row k against `ref` with Obuchowski's clustered variance plus, for a recipe contrast,
+    the seed variance; NaN but in binary tasks."""
+    if len(scored.classes) != 2:
+        return np.nan
+    _, variance = auc_difference(
+        scored.y_true == 1, scored.positive_scores(k), scored.positive_scores(ref), scored.groups
+    )
+    return difference(per_row[k]["auc"], per_row[ref]["auc"], sampling_variance=variance).p
+
+
+def interaction_comparison(
+    rows: Sequence[Sequence[pd.DataFrame]],
+    recipes: Sequence[str],
+    classes: list[str],
+    *,
+    images: Sequence[np.ndarray | None] | None = None,
+    n_bootstrap: int,
+    seed: int,
+) -> dict[str, Contrast]:
+    """A difference of two contrasts, (rows[0] - rows[1]) - (rows[2] - rows[3]), per metric: e.g. a codec's
+    cost to model A beyond its cost to model B. `images[k]` (boolean masks over the first frame's images, in
+    its order) restricts row k to a subset: the same rows on subgroup S and on the rest ask whether the cost
+    differs between subgroups. Shared group resamples keep the covariances between the four parts."""
+    if len(rows) != 4:
+        raise ValueError(
+            f"an interaction takes four rows (a, a's reference, b, b's reference), not {len(rows)}"
+        )
+    scored = Scored(rows, recipes, classes, n_bootstrap=n_bootstrap, seed=seed)
+    masks = list(images) if images is not None else [None] * 4
+    parts = [scored.row(k, masks[k]) for k in range(4)]
+    coefficients = (1.0, -1.0, -1.0, 1.0)
+    return {m: contrast([(c, part[m]) for c, part in zip(coefficients, parts, strict=True)]) for m in METRICS}
 
 
 def _align(frame: pd.DataFrame, image_ids: pd.Index, row: int, columns: list[str]) -> pd.DataFrame:
@@ -100,89 +222,7 @@ def _align(frame: pd.DataFrame, image_ids: pd.Index, row: int, columns: list[str
     if len(ids) != len(image_ids) or not ids.isin(image_ids).all():
         absent, extra = sorted(set(image_ids) - set(ids)), sorted(set(ids) - set(image_ids))
         raise ValueError(
-            f"row {row} scores other images than the reference: missing {absent[:5]} ({len(absent)}),"
+            f"row {row} scores other images than the first row: missing {absent[:5]} ({len(absent)}),"
             f" extra {extra[:5]} ({len(extra)})"
         )
     return frame.iloc[ids.get_indexer(image_ids)].reset_index(drop=True)
-
-
-def _bootstrap_p(deltas: np.ndarray) -> float:
-    """Two-sided bootstrap p of Δ = 0 over the finite resamples, with the +1 correction (never 0)."""
-    d = deltas[np.isfinite(deltas)]
-    if len(d) == 0:
-        return float("nan")
-    below, above = np.count_nonzero(d <= 0) + 1, np.count_nonzero(d >= 0) + 1
-    return min(1.0, 2.0 * min(below, above) / (len(d) + 1))
-
-
-def paired_comparison(
-    rows: Sequence[Sequence[pd.DataFrame]], reference: int, classes: list[str], *, n_bootstrap: int, seed: int
-) -> pd.DataFrame:
-    """Each row's Δ AUC and Δ balanced accuracy against row `reference`: point value, 95% paired group-bootstrap
-    interval, two-sided bootstrap p and its Holm adjustment, plus DeLong's p for Δ AUC (binary tasks only;
-    NaN for more classes).
-
-    `rows[k]` holds the test-split prediction frames (metrics.py format), one per seed, behind table row k.
-    Every frame must score the same images; all are aligned on the reference's first frame, whose `group_id`
-    gives the lesion groups. One `bootstrap.group_weights` matrix serves every row and seed, so each
-    resample's Δ (mean over the row's seeds minus mean over the reference's) compares like with like. Point
-    values are unweighted (scikit-learn) means over seeds. The reference row has Δ 0 and NaN p values.
-    """
-    if not 0 <= reference < len(rows):
-        raise ValueError(f"reference {reference} is not a row index of {len(rows)} rows")
-    if empty := [k for k, frames in enumerate(rows) if len(frames) == 0]:
-        raise ValueError(f"rows {empty} have no prediction frames")
-    columns = ["image_id", "group_id", "label", "pred", *prob_columns(classes)]
-    first = rows[reference][0]
-    image_ids = pd.Index(first["image_id"].astype(str))
-    first = _align(first, image_ids, reference, columns)  # checks the reference itself for duplicates
-    y_true = class_indices(first["label"], classes, "label")
-    aligned = [[_align(f, image_ids, k, columns) for f in frames] for k, frames in enumerate(rows)]
-    labels = first["label"].astype(str).to_numpy()
-    for k, frames in enumerate(aligned):
-        if any((f["label"].astype(str).to_numpy() != labels).any() for f in frames):
-            raise ValueError(f"row {k} gives some images other labels than the reference")
-    weights = bootstrap.group_weights(first["group_id"].astype(str).to_numpy(), n_bootstrap, seed)
-
-    def scores(frames: list[pd.DataFrame]) -> dict[str, tuple[float, np.ndarray]]:
-        """Per metric: the point value and the (B,) resampled values, both means over the seeds."""
-        probs = [f[prob_columns(classes)].to_numpy(dtype=np.float64) for f in frames]
-        preds = [class_indices(f["pred"], classes, "pred") for f in frames]
-        auc = [auc_score(y_true, p) for p in probs]
-        return {
-            "auc": (
-                float(np.mean([np.nan if a is None else a for a in auc])),
-                np.mean([bootstrap.weighted_auc(y_true, p, weights) for p in probs], axis=0),
-            ),
-            "balanced_accuracy": (
-                float(np.mean([balanced_accuracy_score(y_true, p) for p in preds])),
-                np.mean([bootstrap.weighted_balanced_accuracy(y_true, p, weights) for p in preds], axis=0),
-            ),
-        }
-
-    per_row = [scores(frames) for frames in aligned]
-    ref = per_row[reference]
-    binary = len(classes) == 2
-    positive_scores = [
-        np.stack([f[f"prob_{classes[1]}"].to_numpy(float) for f in frames]) for frames in aligned
-    ]
-    out = []
-    for k, row in enumerate(per_row):
-        record: dict[str, float | bool] = {"reference": k == reference}
-        for metric in METRICS:
-            if k == reference:
-                values = (0.0, 0.0, 0.0, np.nan)
-            else:
-                deltas = row[metric][1] - ref[metric][1]
-                ci = bootstrap.percentile_ci(deltas) or [np.nan, np.nan]
-                values = (row[metric][0] - ref[metric][0], *ci, _bootstrap_p(deltas))
-            for suffix, value in zip(("", "_low", "_high", "_p"), values, strict=True):
-                record[f"delta_{metric}{suffix}"] = value
-        delong = binary and k != reference
-        p = delong_test(y_true == 1, positive_scores[k], positive_scores[reference])[1] if delong else np.nan
-        record["delong_p"] = p
-        out.append(record)
-    table = pd.DataFrame(out)
-    for column in ("delta_auc_p", "delta_balanced_accuracy_p", "delong_p"):
-        table.insert(table.columns.get_loc(column) + 1, f"{column}_holm", holm(table[column].to_numpy()))
-    return table

@@ -8,7 +8,8 @@ trains once and is evaluated once per variant.
 
 `matched_variants` adds a second arm to the grid: for each variant named, runs trained on it and evaluated on
 it alone (an archive stored compressed), over the grid's other dimensions; the main arm stays train_variants x
-eval_variants. `reference` names the grid values of the row its table compares every row with (aggregate.py).
+eval_variants. `reference` names the grid values of the rows its table compares the others with, each row within its own
+model unless the reference names one (aggregate.py).
 
 The grid keys `schedules`, `epochs` and `label_fractions` may be left out: they then hold the one value the
 training section (or the experiment's `training:` overrides) gives, and 1 (all labels). The probe modes (linear,
@@ -204,7 +205,7 @@ def figure_kinds(evaluations: list[Evaluation]) -> list[str]:
     """The figures an experiment's evaluations call for: training curves always; the cost trade-off when
     resolution varies; a robustness heat map when the evaluation data vary; learning curves when the label
     fraction does; accuracy against bytes per image when the images evaluated on differ (resolution or
-    variant); the paired differences against the reference row when the table has more than one row."""
+    variant); the paired differences against each row's reference row when the table has more than one row."""
     vary = set(varying_fields(evaluations))
     wanted = {"cost": "res", "robustness": "eval_variant", "label_efficiency": "label_fraction"}
     kinds = ["curves", *(kind for kind, field in wanted.items() if field in vary)]
@@ -271,10 +272,12 @@ def _check_lr(name: str, grid: dict[str, Any], registry: dict[str, Any]) -> list
 
 
 def _check_reference(config: dict[str, Any], name: str) -> list[str]:
-    """A `reference` names grid fields, each with a value the experiment's evaluations take."""
+    """A `reference` names grid fields, each with a value the experiment's evaluations take, and together with
+    the values every model has somewhere in the grid (a row is compared within its own model unless the
+    reference names one), so no table row lacks a reference for want of a config value."""
     reference = config["experiments"][name].get("reference") or {}
-    if not reference:  # nothing to check: do not expand the grid at start-up for it
-        return []
+    if not reference:
+        return [f"experiments.{name}.reference: missing: name the grid values every row is compared with"]
     points = [e.point() for e in expand_one(config, name)]
     problems = []
     for field, value in reference.items():
@@ -287,6 +290,15 @@ def _check_reference(config: dict[str, Any], name: str) -> list[str]:
             problems.append(
                 f"experiments.{name}.reference.{field}: {value!r} is not among the grid's {taken}"
             )
+    if problems or "model" in reference:
+        return problems
+    wanted = {field: spelt(value) for field, value in reference.items()}
+    has = {p["model"] for p in points if all(spelt(p[f]) == v for f, v in wanted.items())}
+    if lacking := sorted({p["model"] for p in points} - has):
+        problems.append(
+            f"experiments.{name}.reference: no evaluation of {lacking} has all of {reference} (each model is"
+            " compared with its own reference row)"
+        )
     return problems
 
 

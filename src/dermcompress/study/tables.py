@@ -4,7 +4,7 @@ One table per experiment: a row per setting of the grid dimensions that vary in 
 mean and sample standard deviation over its seeds, and `n`, the number of runs behind the mean (aggregate.py).
 So the resolution sweep gives Table 1 (model x resolution), the learning-rate sweeps Tables 2 and 3, and so on,
 without a table definition per experiment; beside the metrics, the val-selected row of each sweep, the bytes per
-image of each row's data and its paired differences from the reference row.
+image of each row's data and its paired differences from its own reference row (compare.py).
 
 Every table is written as CSV (numbers, for analysis), Markdown and LaTeX (formatted, mean ± std) and HTML (for
 the report). The CSV's `runs` column lists, separated by ';', the run folders (relative to the workflow
@@ -31,7 +31,6 @@ from .aggregate import (
     add_bytes,
     add_comparisons,
     load_runs,
-    reference_row,
     summarize,
     varying_dims,
 )
@@ -50,13 +49,30 @@ SHOWN = {
     "peak_train_mem_mb": "Peak GPU mem. (MB)",
 }
 REFERENCE = "reference"
-# Paired differences against the reference row: what the Markdown / LaTeX / HTML tables show of them.
+# Paired differences against each row's reference row: what the Markdown / LaTeX / HTML tables show of them.
 DELTAS = {"delta_auc": "Δ AUC [95% CI]", "delta_balanced_accuracy": "Δ bal. acc. [95% CI]"}
 P_SHOWN = {
-    "delta_auc_p_holm": "p Δ AUC (Holm)",
-    "delta_balanced_accuracy_p_holm": "p Δ bal. acc. (Holm)",
-    "delong_p_holm": "DeLong p (Holm)",
+    "delta_auc_p_holm": "p Δ AUC, bootstrap (Holm, m)",
+    "delta_balanced_accuracy_p_holm": "p Δ bal. acc., bootstrap (Holm, m)",
+    "obuchowski_p_holm": "p Δ AUC, Obuchowski (Holm, m)",
 }
+# What the comparison columns are, for a reader of the table (README "Statistics" says more).
+COMPARISON_NOTES = [
+    "Δ: the row minus the row it is compared with (its reference: the experiment's `reference` values, within "
+    "the row's own model unless the reference names one), on the same test images, per seed on the same "
+    "lesion-group resamples, averaged over seeds; 95% interval = Δ ± quantile x standard error.",
+    "Contrast 'same models': the reference's trained models on another test condition; the models are held "
+    "fixed and the standard error is the paired lesion-group bootstrap's (normal, z). Contrast 'recipe': other "
+    "trainings (resolution, training data, lr, mode, model, labels); the seed-to-seed variance of both rows is "
+    "added and p comes from Student's t with Welch-Satterthwaite df; with 1 seed a row's seed variance cannot "
+    "be estimated and is not covered.",
+    "p Δ AUC, Obuchowski: the clustered ROC test (Obuchowski 1997; DeLong's when every lesion has one image), "
+    "binary tasks only, with the same seed variance for a recipe contrast.",
+    "Holm: adjusted within the row's family (the rows sharing its reference, or the whole table where the "
+    "experiment declares `family: table`; m = the family's tested rows). "
+    "A row validation did not select (it differs from the chosen row only in lr/schedule/epochs) is shown "
+    "without a p.",
+]
 SELECTED_MARK = "✓"
 NOT_MEASURED = "n/a"
 NOT_APPLICABLE = "—"
@@ -80,6 +96,22 @@ def _delta(value: float, low: float, high: float, reference: bool) -> str:
 
 def _p(value: float) -> str:
     return "" if np.isnan(value) else "<0.001" if value < 0.001 else f"{value:.3f}"
+
+
+def _p_in_family(value: float, size: int, untested: str) -> str:
+    """An adjusted p with its family size, or why the row carries none."""
+    if untested:
+        return f"— ({untested})"
+    return "" if np.isnan(value) else f"{_p(value)} (m={size})"
+
+
+def _contrast(kind: str, seeds: str, covered: bool) -> str:
+    """The kind of contrast and the seeds behind it, as the table shows it."""
+    if not kind:
+        return ""
+    if kind == "recipe" and not covered:
+        return f"{kind}, {seeds} seeds: seed variance not covered"
+    return f"{kind}, {seeds} seeds"
 
 
 def _mean_std(mean: float, std: float, n: int) -> str:
@@ -124,11 +156,22 @@ def display_table(table: pd.DataFrame) -> pd.DataFrame:
         ]
         out[BYTES["bpp"]] = [f"{v:.3g}" if pd.notna(v) else NOT_MEASURED for v in table["bpp"]]
     if REFERENCE in table.columns:
+        out["Compared with"] = [
+            REFERENCE if is_reference else other
+            for is_reference, other in zip(table[REFERENCE], table["compared_with"].fillna(""), strict=True)
+        ]
+        covered = ~table["test"].fillna("").str.contains("not covered")
+        out["Contrast"] = [
+            _contrast(*v)
+            for v in zip(table["contrast"].fillna(""), table["seeds"].fillna(""), covered, strict=True)
+        ]
+        untested = table["untested"].fillna("")
         for column, header in DELTAS.items():
             parts = (table[column], table[f"{column}_low"], table[f"{column}_high"], table[REFERENCE])
             out[header] = [_delta(*v) for v in zip(*parts, strict=True)]
         for column, header in P_SHOWN.items():
-            out[header] = [_p(v) for v in table[column]]
+            parts = (table[column], table["family_size"], untested)
+            out[header] = [_p_in_family(*v) for v in zip(*parts, strict=True)]
     return out
 
 
@@ -151,12 +194,7 @@ def table_notes(table: pd.DataFrame) -> list[str]:
             "lossless PNG's), from the caches' _info.json; results/data/bytes.csv lists every cache."
         )
     if REFERENCE in table.columns:
-        notes.append(
-            "Δ: each row minus the reference row, on the same test images: per seed on the same lesion-group "
-            "resample, averaged over seeds, with a 95% paired group-bootstrap interval and two-sided p-value, "
-            "Holm-adjusted within the table. DeLong p: DeLong's test of the two AUCs, image-level (it ignores "
-            "that images of one lesion are correlated, so its p-values run small), Holm-adjusted."
-        )
+        notes += COMPARISON_NOTES
     return notes
 
 
@@ -192,19 +230,24 @@ def run_table(
     caches: list[str] | None = None,
     classes: list[str] | None = None,
     reference: dict | None = None,
+    family: str = "reference",
     n_bootstrap: int = 1000,
     seed: int = 0,
 ) -> pd.DataFrame:
     """The table of one experiment from its runs' metrics.json files; with `caches` (those its evaluations
-    score), each row's bytes per image; with `classes`, each row compared with the reference row (from the
-    runs' predictions.parquet)."""
+    score), each row's bytes per image; with `classes` and `reference` (the grid values of the rows compared
+    with), each row compared with its own reference row (from the runs' predictions.parquet), Holm-adjusted
+    per `family` (aggregate.add_comparisons)."""
     runs = load_runs([str(Path(m).parent) for m in metrics])
     if caches is not None:
         runs = add_bytes(runs, caches)
     table = summarize(runs)
     if classes is not None:
-        row = reference_row(table, runs, reference)
-        table = add_comparisons(table, runs, classes, reference=row, n_bootstrap=n_bootstrap, seed=seed)
+        if not reference:
+            raise ValueError(f"{csv}: no reference grid values to compare the rows with")
+        table = add_comparisons(
+            table, classes, reference=reference, family=family, n_bootstrap=n_bootstrap, seed=seed
+        )
     write_table(table, title=title, csv=csv, md=md, tex=tex, html=html, label=label)
     log.info("%s: %d rows from %d runs, by %s", csv, len(table), len(runs), varying_dims(runs))
     return table
