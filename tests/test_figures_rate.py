@@ -300,3 +300,36 @@ def test_run_table_figure_writes_a_png_from_the_table_csv(tmp_path, kind, caplog
     assert f"{kind} figure of 17 table rows" in caplog.text
     assert_png(out)
     assert set(plt.get_fignums()) == open_before  # closed
+
+
+def test_each_model_panel_and_forest_row_uses_its_own_reference(tmp_path):
+    """A reference per model (compared_with_row): every rate panel stars and levels its own model's reference;
+    the forest stars both, says which rows carry no p, and its legend names the test."""
+    table = rate_table()
+    table["reference"] = (table["res"] == 224) & (table["eval_variant"] == "png")
+    refs = {
+        model: int(table.index[table["reference"] & (table["model"] == model)][0]) for model in ("m", "n")
+    }
+    table["compared_with_row"] = table["model"].map(refs)
+    table["untested"] = ""
+    table.loc[5, "untested"] = "not selected by validation"
+    fig = rate_figures.plot_rate_accuracy(table, "codecs")
+    axes = np.array(fig.axes).reshape(2, -1)
+    for col, model in enumerate(("m", "n")):
+        for row, metric in enumerate(("auc", "balanced_accuracy")):
+            ax = axes[row, col]
+            (star,) = [s for s in ax.collections if s.get_gid() == "reference"]
+            ref = table.loc[refs[model]]
+            np.testing.assert_allclose(star.get_offsets(), [[100.0, ref[f"{metric}_mean"]]])
+            levels = [line for line in ax.lines if line.get_linestyle() == ":"]
+            assert [line.get_ydata()[0] for line in levels] == [ref[f"{metric}_mean"]]
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert "reference: each panel's own (224 px PNG)" in labels
+    forest = rate_figures.plot_forest(table, "Δ")
+    ticks = [t.get_text() for t in forest.axes[0].get_yticklabels()]
+    assert sum(label.startswith("reference") for label in ticks) == 2
+    assert ticks[5].endswith("(no p: not selected by validation)")
+    title = forest.legends[0].get_title().get_text()
+    assert title == rate_figures.FOREST_TEST and "Welch t" in title and "models fixed" in title
+    plt.close(fig)
+    plt.close(forest)

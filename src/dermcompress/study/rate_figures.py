@@ -4,8 +4,9 @@ instead of its runs, one PNG per figure.
     rate_accuracy     test AUC and balanced accuracy against kB per image (log scale), one line per resolution x
                       codec, points labelled by codec quality; the Pareto frontier of each panel (dashed step,
                       ringed points) and the reference row (star, dotted level): what each byte budget keeps.
-    forest            Δ AUC and Δ balanced accuracy against the reference row with their 95% paired lesion-group
-                      bootstrap intervals, one line per table row; filled where the Holm-adjusted p < 0.05.
+    forest            Δ AUC and Δ balanced accuracy against each row's reference row with their 95% intervals,
+                      one line per table row; filled where the Holm-adjusted bootstrap p of the contrast's test
+                      (compare.py) is < 0.05; rows without a p (not val-selected) say why.
 
 Which figures an experiment gets follows from its grid (experiments.figure_kinds); the labels, colours and
 titles are figures.py's, so both kinds of figure read alike.
@@ -45,6 +46,12 @@ RATE_LINE_DIMS = ("res", "eval_variant")
 FRONTIER = "Pareto frontier (ringed)"
 FRONTIER_COLOR = "0.45"
 SIGNIFICANT = 0.05
+# The forest figure's test, in its legend (compare.py, contrasts.py).
+FOREST_TEST = (
+    "Δ vs the row's reference (its own model's unless the experiment names one); 95% interval and p from the "
+    "lesion-group bootstrap:\nsame models: paired, models fixed (z); other recipes: + seed-to-seed variance "
+    "(Welch t); Holm within the rows sharing a reference"
+)
 
 
 def pareto_front(kb: np.ndarray, score: np.ndarray) -> np.ndarray:
@@ -102,9 +109,16 @@ def _line_colors(keys: list[tuple]) -> dict[tuple, tuple]:
     return colors
 
 
-def _reference(table: pd.DataFrame) -> pd.Series | None:
+def _reference(table: pd.DataFrame, panel: pd.DataFrame | None = None) -> pd.Series | None:
+    """The row `panel`'s rows are compared with (the most common `compared_with_row` among them: each model
+    has its own), else the table's first reference row; None without one."""
     if "reference" not in table.columns:
         return None
+    if panel is not None and "compared_with_row" in panel.columns:
+        compared = panel["compared_with_row"].dropna().astype(int)
+        compared = compared[compared >= 0]
+        if len(compared):
+            return table.loc[compared.mode().iloc[0]]
     rows = table[table["reference"].fillna(False).astype(bool)]
     return rows.iloc[0] if len(rows) else None
 
@@ -191,7 +205,6 @@ def plot_rate_accuracy(table: pd.DataFrame, title: str) -> Figure:
     """Test AUC (top) and balanced accuracy (bottom), mean ± std over seeds, against kB per image (log scale);
     a column per setting of the varying dimensions other than resolution and eval variant (the model; a
     training arm); a line per resolution x codec within. Rows without a kB per image are left out."""
-    reference = _reference(table)
     missing = table[KB].isna() | (table[KB] <= 0)
     if missing.any():
         log.warning(
@@ -210,10 +223,10 @@ def plot_rate_accuracy(table: pd.DataFrame, title: str) -> Figure:
         sharey="row",
         layout="constrained",
     )
-    if reference is not None and reference.name in drawn.index:
-        reference = drawn.loc[reference.name]
+    references = {}  # per panel: the row its rows are compared with
     for col, (panel_label, panel) in enumerate(panel_groups):
         axes[0, col].set_title(panel_label or describe(["model"], (table["model"].iloc[0],)), fontsize=10)
+        reference = references[col] = _reference(table, panel)
         for row, (metric, name) in enumerate(RATE_METRICS):
             ax = axes[row, col]
             _rate_panel(ax, panel, metric, colors, reference)
@@ -228,10 +241,15 @@ def plot_rate_accuracy(table: pd.DataFrame, title: str) -> Figure:
     order = [_line_label(key) for key in _line_keys(drawn)]
     legend = {label: found[label] for label in order if label in found}
     legend |= {label: handle for label, handle in found.items() if label not in order}
-    if reference is not None and "reference" in legend:  # say which row it is
+    distinct = {r.name: r for r in references.values() if r is not None}
+    if len(distinct) == 1 and "reference" in legend:  # say which row it is
+        (reference,) = distinct.values()
         words = [describe(panels, tuple(reference[d] for d in panels)) if panels else str(reference["model"])]
         words += [_line_label(_line_key(reference)), _kb_text(float(reference[KB]))]
         legend[f"reference: {', '.join(w for w in words if w)}"] = legend.pop("reference")
+    elif len(distinct) > 1 and "reference" in legend:  # one per model: say what they share
+        kinds = sorted({_line_label(_line_key(r)) for r in distinct.values()})
+        legend[f"reference: each panel's own ({', '.join(kinds)})"] = legend.pop("reference")
     width = fig.get_figwidth()
     fig.legend(
         legend.values(),
@@ -247,9 +265,10 @@ def plot_rate_accuracy(table: pd.DataFrame, title: str) -> Figure:
 
 
 def plot_forest(table: pd.DataFrame, title: str) -> Figure:
-    """Δ test AUC and Δ test balanced accuracy against the reference row, with 95% paired lesion-group
-    bootstrap intervals, a line per table row (top to bottom in table order); filled and bold where the
-    Holm-adjusted bootstrap p < 0.05, hollow otherwise; the reference at 0, marked."""
+    """Δ test AUC and Δ test balanced accuracy against each row's reference row, with 95% intervals, a line per
+    table row (top to bottom in table order); filled and bold where the Holm-adjusted bootstrap p of the row's
+    contrast < 0.05, hollow otherwise (and for rows without a p, whose label says why); the references at 0,
+    marked. The legend names the test."""
     dims = _table_dims(table) or ["model"]
     reference = table["reference"].fillna(False).astype(bool).to_numpy() if "reference" in table else None
     if reference is None:
@@ -262,6 +281,8 @@ def plot_forest(table: pd.DataFrame, title: str) -> Figure:
         if KB in row.index and pd.notna(row[KB]):
             words.append(f"{_kb_text(float(row[KB]))}/image")
         label = ", ".join(w for w in words if w)
+        if str(row.get("untested", "") or "") not in ("", "nan"):
+            label += f" (no p: {row['untested']})"
         labels.append(f"reference: {label}" if is_reference else label)
     n = len(table)
     y = np.arange(n)
@@ -273,7 +294,7 @@ def plot_forest(table: pd.DataFrame, title: str) -> Figure:
         delta = table[f"delta_{metric}"].to_numpy(float)
         low = table[f"delta_{metric}_low"].to_numpy(float)
         high = table[f"delta_{metric}_high"].to_numpy(float)
-        p = table[f"delta_{metric}_p_holm"].to_numpy(float)
+        p = table[f"delta_{metric}_p_holm"].to_numpy(float)  # the bootstrap test valid for the row's contrast
         for i, (_, row) in enumerate(table.iterrows()):
             if reference[i]:
                 ax.plot([0], [i], marker="*", ms=13, color="gold", mec="black", mew=0.8, ls="", zorder=4)
@@ -304,7 +325,9 @@ def plot_forest(table: pd.DataFrame, title: str) -> Figure:
     axes[0].set_ylim(n - 0.5, -0.5)  # table order, top to bottom
     proxies = [
         plt.Line2D([], [], marker="o", color="0.3", mfc="0.3", lw=2.2, label="Holm-adjusted p < 0.05"),
-        plt.Line2D([], [], marker="o", color="0.3", mfc="white", lw=1.0, label="Holm-adjusted p ≥ 0.05"),
+        plt.Line2D(
+            [], [], marker="o", color="0.3", mfc="white", lw=1.0, label="Holm-adjusted p ≥ 0.05, or no p"
+        ),
         plt.Line2D([], [], marker="*", ms=11, color="gold", mec="black", ls="", label="reference (Δ = 0)"),
     ]
     fig.legend(
@@ -312,7 +335,7 @@ def plot_forest(table: pd.DataFrame, title: str) -> Figure:
         loc="outside lower center",
         ncols=3,
         fontsize=8,
-        title="Δ vs the reference row; 95% paired lesion-group bootstrap interval",
+        title=FOREST_TEST,
         title_fontsize=8,
     )
     _title(fig, title, width=110)
