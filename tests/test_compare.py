@@ -478,3 +478,22 @@ def test_a_table_names_the_test_of_each_comparison_column(tmp_path):
     assert "same models, 1 vs 1 seeds" in md and "Welch" in md and "Obuchowski 1997" in md
     csv = pd.read_csv(tmp_path / "t.csv")
     assert csv.loc[1, "test"] == "paired group bootstrap, models fixed (z)"
+
+
+def test_the_error_rate_benchmark_runs_every_scenario_and_test(capsys):
+    """benchmarks/stats.py on a handful of data sets: every scenario, every test, and the verdict (the real run,
+    2,000 nulls a scenario, is the benchmark's; its output is quoted in the README's Statistics section)."""
+    import importlib.util
+    import sys
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("stats_benchmark", REPO / "benchmarks/stats.py")
+    stats = sys.modules["stats_benchmark"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stats)
+    code = stats.main(["--sims", "3", "--power-sims", "2", "--bootstrap", "20", "--workers", "1"])
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith(("same models", "recipe"))]
+    assert len(lines) == (len(stats.NULLS) + len(stats.POWER)) * (len(stats.OFFERED) + len(stats.BEFORE))
+    assert out.count(" ok") + out.count(" FAILS") == len(stats.NULLS) * len(stats.OFFERED)
+    assert code == (1 if " FAILS" in out else 0)

@@ -90,9 +90,9 @@ def row_scores(
     (N,), on the whole test split (scikit-learn) and on every row of the group-resample `weights` (B, N)."""
     # The whole split is the resample in which every image counts once: the same code as the resamples, and
     # equal to scikit-learn's roc_auc_score and balanced_accuracy_score (tests/test_compare.py).
-    whole = np.ones((1, len(y_true)))
-    auc = [bootstrap.weighted_auc(y_true, p, np.vstack([whole, weights])) for p in probs]
-    accuracy = [bootstrap.weighted_balanced_accuracy(y_true, p, np.vstack([whole, weights])) for p in preds]
+    weights = np.vstack([np.ones((1, len(y_true))), weights])
+    auc = [bootstrap.weighted_auc(y_true, p, weights) for p in probs]
+    accuracy = [bootstrap.weighted_balanced_accuracy(y_true, p, weights) for p in preds]
     values = {
         "auc": (np.array([a[0] for a in auc]), np.stack([a[1:] for a in auc])),
         "balanced_accuracy": (np.array([a[0] for a in accuracy]), np.stack([a[1:] for a in accuracy])),
@@ -150,7 +150,8 @@ def _compare(
     """Table row k's columns against row `ref`."""
     record: dict = {"reference": ref == k, "compared_with": -1 if ref is None else ref}
     if ref is None or ref == k:
-        record |= {"contrast": "", "seeds": "", "test": "", "untested": "" if ref == k else NO_REFERENCE}
+        record |= {"contrast": "", "seeds": "", "seed_variance": True, "test": ""}
+        record["untested"] = "" if ref == k else NO_REFERENCE
         for metric in METRICS:
             zero = 0.0 if ref == k else np.nan
             record |= _columns(metric, (zero, np.nan, np.nan, zero, zero, np.nan))
@@ -160,6 +161,7 @@ def _compare(
     record |= {
         "contrast": first.kind,
         "seeds": " vs ".join(map(str, (per_row[k]["auc"].n_seeds, per_row[ref]["auc"].n_seeds))),
+        "seed_variance": first.seed_variance,
         "test": first.test,
         "untested": "" if tested else NOT_SELECTED,
     }

@@ -109,7 +109,7 @@ def _contrast(kind: str, seeds: str, covered: bool) -> str:
     """The kind of contrast and the seeds behind it, as the table shows it."""
     if not kind:
         return ""
-    if kind == "recipe" and not covered:
+    if not covered:
         return f"{kind}, {seeds} seeds: seed variance not covered"
     return f"{kind}, {seeds} seeds"
 
@@ -160,11 +160,8 @@ def display_table(table: pd.DataFrame) -> pd.DataFrame:
             REFERENCE if is_reference else other
             for is_reference, other in zip(table[REFERENCE], table["compared_with"].fillna(""), strict=True)
         ]
-        covered = ~table["test"].fillna("").str.contains("not covered")
-        out["Contrast"] = [
-            _contrast(*v)
-            for v in zip(table["contrast"].fillna(""), table["seeds"].fillna(""), covered, strict=True)
-        ]
+        parts = (table["contrast"].fillna(""), table["seeds"].fillna(""), table["seed_variance"])
+        out["Contrast"] = [_contrast(*v) for v in zip(*parts, strict=True)]
         untested = table["untested"].fillna("")
         for column, header in DELTAS.items():
             parts = (table[column], table[f"{column}_low"], table[f"{column}_high"], table[REFERENCE])
