@@ -175,8 +175,13 @@ def test_epochs_schedules_and_label_fractions_are_grid_dimensions_with_defaults(
         "lr": 1e-4,
         "seed": 0,
     }
-    assert experiments.figure_kinds(evaluations["plain"]) == ["curves", "forest"]
-    assert experiments.figure_kinds(evaluations["wide"]) == ["curves", "label_efficiency", "forest"]
+    assert experiments.figure_kinds(evaluations["plain"]) == ["curves", "forest", "reliability"]
+    assert experiments.figure_kinds(evaluations["wide"]) == [
+        "curves",
+        "label_efficiency",
+        "forest",
+        "reliability",
+    ]
 
 
 def test_lr_per_mode_and_model_and_conflicting_overrides_are_reported():

@@ -76,7 +76,21 @@ RECOMPUTE = {
     "balanced_accuracy": lambda y, p, prob: balanced_accuracy_score(y, p),
     "f1_macro": lambda y, p, prob: f1_score(y, p, average="macro"),
     "auc": lambda y, p, prob: roc_auc_score(y == "NV", prob),
+    "brier": lambda y, p, prob: np.mean((prob - (y == "NV")) ** 2),
+    "ece": lambda y, p, prob: ece_by_hand(y == "NV", prob),
 }
+
+
+def ece_by_hand(positive: np.ndarray, prob: np.ndarray, bins: int = 15) -> float:
+    """Top-label ECE of binary predictions, bin by bin: confidence max(p, 1 - p), bins (k/15, (k+1)/15]."""
+    confidence = np.maximum(prob, 1 - prob)
+    correct = (prob > 0.5) == positive
+    total = 0.0
+    for k in range(bins):
+        inside = (confidence > k / bins) & (confidence <= (k + 1) / bins)
+        if inside.any():
+            total += inside.sum() * abs(correct[inside].mean() - confidence[inside].mean())
+    return total / len(prob)
 
 
 @pytest.fixture(scope="module")
@@ -234,6 +248,8 @@ def test_figures_exist_and_the_report_names_every_one(study):
         "robust_rate_accuracy.png",
         # Every table compares its rows with a reference row; its forest plot shows the differences.
         *(f"{name}_forest.png" for name in ("sweep", "modes", "labels", "robust")),
+        # Every experiment: the calibration of its test probabilities.
+        *(f"{name}_reliability.png" for name in ("sweep", "modes", "labels", "robust")),
     }
     on_disk = {p.name for p in (study / "results/figures").glob("*.png")}
     assert on_disk == expected

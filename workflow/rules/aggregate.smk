@@ -221,3 +221,29 @@ use rule figure_rate_accuracy as figure_forest with:
         title=get_title,
         runs=get_experiment_runs,
         code=get_code("study.rate_figures"),
+
+
+# Drawn from the experiment's table (its rows, runs and test ECE) and the runs' test predictions.
+rule figure_reliability:
+    input:
+        table="results/tables/{experiment}.csv",
+        predictions=get_experiment_predictions,
+    output:
+        png=report(
+            "results/figures/{experiment}_reliability.png",
+            caption="../report/figure_reliability.rst",
+            category="figures",
+            subcategory="{experiment}",
+            labels={"experiment": "{experiment}", "figure": "reliability"},
+        ),
+    log:
+        "results/logs/aggregate/figure_{experiment}_reliability.log",
+    conda:
+        "../../envs/report.yaml"
+    params:
+        title=get_title,
+        classes=config["data"]["classes"],
+        runs=get_experiment_runs,
+        code=get_code("study.calibration_figure"),
+    script:
+        "../../scripts/reliability_figure.py"

@@ -31,6 +31,7 @@ from dermcompress.learn.runs import parse_eval_dir
 
 from . import compare
 from .bytes_summary import bytes_table, split_bytes
+from .calibration import calibration_metrics
 from .experiments import spelt
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,8 @@ METRICS = {
     "val_auc": "Val AUC",
     "val_balanced_accuracy": "Val balanced acc.",
 }
+# Calibration of each run's probabilities (calibration.py), from its predictions: test, then validation.
+CALIBRATION = {"ece": "ECE", "brier": "Brier", "val_ece": "Val ECE", "val_brier": "Val Brier"}
 # Hyperparameters a sweep tunes on the validation split; the other dimensions are what a table compares.
 TUNED = ("lr", "schedule", "epochs")
 # The validation score that selects among a sweep's rows, then the tie-break.
@@ -112,6 +115,16 @@ def add_bytes(runs: pd.DataFrame, caches: list[str | Path]) -> pd.DataFrame:
     )
 
 
+def add_calibration(runs: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
+    """Each evaluation's ECE and Brier score on its test and validation rows (CALIBRATION), from its
+    predictions.parquet."""
+    found = [
+        calibration_metrics(pd.read_parquet(Path(run) / "predictions.parquet"), classes)
+        for run in runs["run"]
+    ]
+    return runs.assign(**{column: [f[column] for f in found] for column in CALIBRATION})
+
+
 def varying_dims(runs: pd.DataFrame) -> list[str]:
     """The model, and every other grid dimension with more than one value among the runs."""
     return ["model", *(d for d in DIMS if d != "model" and runs[d].nunique() > 1)]
@@ -123,8 +136,8 @@ def varying_dims(runs: pd.DataFrame) -> list[str]:
 def summarize(runs: pd.DataFrame, dims: list[str] | None = None) -> pd.DataFrame:
     """Mean and std over seeds per setting of `dims` (default: the varying ones), in the runs' (grid) order.
 
-    Columns: the dims, n_runs, <metric>_mean and <metric>_std per metric (test, and val_<metric>), the mean of
-    each cost, `selected_by_val` (select_by_val) and `runs`. The std is the sample standard deviation (NaN with
+    Columns: the dims, n_runs, <metric>_mean and <metric>_std per metric (test, and val_<metric>; calibration
+    too where the runs carry it), the mean of each cost, `selected_by_val` (select_by_val) and `runs`. The std is the sample standard deviation (NaN with
     one seed).
     """
     dims = dims or varying_dims(runs)
@@ -132,6 +145,7 @@ def summarize(runs: pd.DataFrame, dims: list[str] | None = None) -> pd.DataFrame
     table = grouped.agg(
         n_runs=("run", "size"),
         **{f"{m}_{stat}": (m, stat) for m in METRICS for stat in ("mean", "std")},
+        **{f"{m}_{stat}": (m, stat) for m in CALIBRATION if m in runs.columns for stat in ("mean", "std")},
         **{c: (c, "mean") for c in COSTS},
         **{c: (c, "mean") for c in BYTES if c in runs.columns},
         **{c: (c, "first") for c in CODEC_COLUMNS if c in runs.columns},

@@ -205,7 +205,8 @@ def figure_kinds(evaluations: list[Evaluation]) -> list[str]:
     """The figures an experiment's evaluations call for: training curves always; the cost trade-off when
     resolution varies; a robustness heat map when the evaluation data vary; learning curves when the label
     fraction does; accuracy against bytes per image when the images evaluated on differ (resolution or
-    variant); the paired differences against each row's reference row when the table has more than one row."""
+    variant); the paired differences against each row's reference row when the table has more than one row;
+    the reliability diagram (calibration) always."""
     vary = set(varying_fields(evaluations))
     wanted = {"cost": "res", "robustness": "eval_variant", "label_efficiency": "label_fraction"}
     kinds = ["curves", *(kind for kind, field in wanted.items() if field in vary)]
@@ -213,6 +214,7 @@ def figure_kinds(evaluations: list[Evaluation]) -> list[str]:
         kinds.append("rate_accuracy")
     if vary:
         kinds.append("forest")
+    kinds.append("reliability")
     return kinds
 
 

@@ -23,17 +23,20 @@ import pandas as pd
 
 from .aggregate import (
     BYTES,
+    CALIBRATION,
     CPU_NOTE,
     DIMS,
     METRICS,
     SELECTED,
     TUNED,
     add_bytes,
+    add_calibration,
     add_comparisons,
     load_runs,
     summarize,
     varying_dims,
 )
+from .calibration import BINNING
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +153,10 @@ def display_table(table: pd.DataFrame) -> pd.DataFrame:
             out[header] = [_mean_std(*v) for v in zip(means, stds, table["n_runs"], strict=True)]
         else:
             out[header] = [_cost(column, v) for v in table[column]]
+    for column in ("ece", "brier"):
+        if f"{column}_mean" in table.columns:
+            parts = (table[f"{column}_mean"], table[f"{column}_std"], table["n_runs"])
+            out[CALIBRATION[column]] = [_mean_std(*v) for v in zip(*parts, strict=True)]
     if "kb_per_image" in table.columns:
         out[BYTES["kb_per_image"]] = [
             f"{v:.3g}" if pd.notna(v) else NOT_MEASURED for v in table["kb_per_image"]
@@ -185,6 +192,12 @@ def table_notes(table: pd.DataFrame) -> list[str]:
         )
     if table["peak_train_mem_mb"].isna().all():
         notes.append(CPU_NOTE)
+    if "ece_mean" in table.columns:
+        notes.append(
+            f"Calibration of the test probabilities: ECE, the expected calibration error ({BINNING}; Guo et al. "
+            "2017), and the Brier score (of the positive class for two classes, summed over classes for more); "
+            "the CSV has the validation split's too (val_ece, val_brier)."
+        )
     if "kb_per_image" in table.columns:
         notes.append(
             "kB/image and bpp: the mean encoded size of the test images evaluated on (the codec's bytes, else a "
@@ -238,6 +251,8 @@ def run_table(
     runs = load_runs([str(Path(m).parent) for m in metrics])
     if caches is not None:
         runs = add_bytes(runs, caches)
+    if classes is not None:
+        runs = add_calibration(runs, classes)
     table = summarize(runs)
     if classes is not None:
         if not reference:
