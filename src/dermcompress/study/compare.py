@@ -32,7 +32,7 @@ from dermcompress.learn import bootstrap
 from dermcompress.learn.metrics import class_indices, prob_columns
 
 from .clustered_roc import auc_difference
-from .contrasts import Contrast, RowScores, contrast, difference, holm
+from .contrasts import Contrast, RowScores, difference, holm, interaction
 
 METRICS = ("auc", "balanced_accuracy")
 P_COLUMNS = ("delta_auc_p", "delta_balanced_accuracy_p", "obuchowski_p")
@@ -210,8 +210,7 @@ def interaction_comparison(
     scored = Scored(rows, recipes, classes, n_bootstrap=n_bootstrap, seed=seed)
     masks = list(images) if images is not None else [None] * 4
     parts = [scored.row(k, masks[k]) for k in range(4)]
-    coefficients = (1.0, -1.0, -1.0, 1.0)
-    return {m: contrast([(c, part[m]) for c, part in zip(coefficients, parts, strict=True)]) for m in METRICS}
+    return {metric: interaction(*(part[metric] for part in parts)) for metric in METRICS}
 
 
 def _align(frame: pd.DataFrame, image_ids: pd.Index, row: int, columns: list[str]) -> pd.DataFrame:
