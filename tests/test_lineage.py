@@ -338,11 +338,11 @@ def test_report_lists_the_runs_behind_each_table_and_figure(finished_study, tmp_
     shown = list((finished_study / "results/tables").glob("*.html"))
     shown += list((finished_study / "results/figures").glob("*.png"))
     assert (
-        text.count("Runs behind it (1)") == len(shown) == 4
-    )  # a table and a figure per experiment, one run each
+        text.count("Runs behind it (1)") == len(shown) == 6
+    )  # a table and two figures (curves, reliability) per experiment, one run each
     for experiment in ("base", "other"):
         listed = f">{run_dir(finished_study, experiment).relative_to(finished_study)}</tt></li>"
-        assert text.count(listed) == 2  # under the experiment's table and under its figure
+        assert text.count(listed) == 3  # under the experiment's table and under each of its figures
 
 
 @pytest.mark.workflow
