@@ -29,7 +29,6 @@ import pandas as pd
 
 from dermcompress.learn.runs import parse_eval_dir
 
-from . import compare
 from .bytes_summary import bytes_table, split_bytes
 from .calibration import calibration_metrics
 from .experiments import spelt
@@ -235,6 +234,9 @@ def add_comparisons(
     """The table with compare.paired_comparison's columns, every row against its own reference row
     (reference_rows), on each row's runs' test-split predictions; `compared_with` names that row in words.
     Holm's families: the rows sharing a reference (`family: reference`) or the whole table (`table`)."""
+    # Here, not at the top: scikit-learn and scipy serve the table job, not the figures that read DIMS here.
+    from . import compare
+
     frames, recipes = [], []
     for cell in table[RUNS_COLUMN]:
         by_training = sorted(cell.split(RUNS_SEPARATOR), key=lambda run: (_training(run), run))

@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import brier_score_loss
-
-from dermcompress.learn.metrics import class_indices, prob_columns
 
 BINS = 15
 BINNING = f"top-label, {BINS} equal-width confidence bins"
@@ -66,6 +63,10 @@ def reliability(y_true: np.ndarray, probs: np.ndarray, n_bins: int = BINS) -> pd
 
 def brier_score(y_true: np.ndarray, probs: np.ndarray) -> float:
     """scikit-learn's Brier score: of the positive class for two classes, summed over classes for more."""
+    from sklearn.metrics import (
+        brier_score_loss,  # here: the reliability figure's job needs none of it (0.8 s)
+    )
+
     probs = np.asarray(probs, dtype=float)
     if probs.shape[1] == 2:
         return float(brier_score_loss(np.asarray(y_true) == 1, probs[:, 1]))
@@ -75,6 +76,8 @@ def brier_score(y_true: np.ndarray, probs: np.ndarray) -> float:
 def calibration_metrics(predictions: pd.DataFrame, classes: list[str]) -> dict[str, float]:
     """ECE and Brier of each split in `predictions` (metrics.py's format): `ece`, `brier` (test) and `val_ece`,
     `val_brier`; NaN for a split without rows."""
+    from dermcompress.learn.metrics import class_indices, prob_columns  # scikit-learn: only where scored
+
     out = {}
     for split, prefix in SPLITS.items():
         rows = predictions[predictions["split"] == split]

@@ -20,8 +20,6 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from dermcompress.learn.metrics import class_indices, prob_columns
-
 from .aggregate import DIMS, RUNS_SEPARATOR
 from .calibration import BINNING, reliability
 from .figures import DPI, _colors, _title, describe
@@ -33,10 +31,17 @@ MAX_LINES = 6
 
 
 def _pooled_test(runs: str, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(labels, probabilities) of the test rows of every run in a table cell, pooled over seeds."""
+    """(labels as class indices, probabilities) of the test rows of every run in a table cell, pooled over
+    seeds. The columns are metrics.py's (prob_<CLASS>), read here without learn.metrics, whose scikit-learn
+    import would double this drawing job's start-up."""
     frames = [pd.read_parquet(Path(run) / "predictions.parquet") for run in runs.split(RUNS_SEPARATOR)]
     test = pd.concat([f[f["split"] == "test"] for f in frames], ignore_index=True)
-    return class_indices(test["label"], classes, "label"), test[prob_columns(classes)].to_numpy(float)
+    labels = pd.Categorical(test["label"].astype(str), categories=classes)
+    if (labels.codes < 0).any():
+        raise ValueError(
+            f"{runs}: labels {sorted(set(test['label'].astype(str)) - set(classes))} not in {classes}"
+        )
+    return labels.codes.astype(np.int64), test[[f"prob_{c}" for c in classes]].to_numpy(float)
 
 
 def shown_rows(table: pd.DataFrame) -> list[int]:
