@@ -69,7 +69,7 @@ def plot_reliability(table: pd.DataFrame, classes: list[str], title: str) -> Fig
     colors = _colors(list(dict.fromkeys(labels.values())))
     for ax, model in zip(axes[0], models, strict=True):
         rows = [k for k in shown if table.loc[k, "model"] == model]
-        ax.plot([0, 1], [0, 1], ls=":", color="0.4", lw=1, label="perfect calibration")
+        ax.plot([0, 1], [0, 1], ls=":", color="0.4", lw=1, label="perfect calibration", zorder=0)
         for k in rows:
             points = reliability(*_pooled_test(table.loc[k, "runs"], classes))
             prefix = "reference: " if bool(table.loc[k].get("reference", False)) else ""
@@ -86,10 +86,10 @@ def plot_reliability(table: pd.DataFrame, classes: list[str], title: str) -> Fig
         ax.set_title(f"{model}: {len(rows)} of {total} rows", fontsize=10)
         ax.set_xlabel("mean confidence (top class)")
         ax.set_ylabel("accuracy")
-        ax.set_xlim(0, 1.02)
+        ax.set_xlim(1 / len(classes) - 0.02, 1.02)  # a top class has at least 1/C of the probability
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="upper left")
+        ax.legend(fontsize=7, loc="lower right")
     fig.supxlabel(
         f"Test split, seeds pooled; {BINNING}; the reference rows and the least calibrated", fontsize=8
     )
