@@ -175,12 +175,13 @@ def test_epochs_schedules_and_label_fractions_are_grid_dimensions_with_defaults(
         "lr": 1e-4,
         "seed": 0,
     }
-    assert experiments.figure_kinds(evaluations["plain"]) == ["curves", "forest", "reliability"]
+    assert experiments.figure_kinds(evaluations["plain"]) == ["curves", "forest", "reliability", "subgroups"]
     assert experiments.figure_kinds(evaluations["wide"]) == [
         "curves",
         "label_efficiency",
         "forest",
         "reliability",
+        "subgroups",
     ]
 
 

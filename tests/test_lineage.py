@@ -337,12 +337,12 @@ def test_report_lists_the_runs_behind_each_table_and_figure(finished_study, tmp_
     text = report.read_text()
     shown = list((finished_study / "results/tables").glob("*.html"))
     shown += list((finished_study / "results/figures").glob("*.png"))
-    assert (
-        text.count("Runs behind it (1)") == len(shown) == 6
-    )  # a table and two figures (curves, reliability) per experiment, one run each
+    # Per experiment, one run each: its table, its subgroup table and three figures (curves, reliability,
+    # subgroups).
+    assert text.count("Runs behind it (1)") == len(shown) == 10
     for experiment in ("base", "other"):
         listed = f">{run_dir(finished_study, experiment).relative_to(finished_study)}</tt></li>"
-        assert text.count(listed) == 3  # under the experiment's table and under each of its figures
+        assert text.count(listed) == 5  # under each of the experiment's tables and figures
 
 
 @pytest.mark.workflow

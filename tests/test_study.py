@@ -250,6 +250,8 @@ def test_figures_exist_and_the_report_names_every_one(study):
         *(f"{name}_forest.png" for name in ("sweep", "modes", "labels", "robust")),
         # Every experiment: the calibration of its test probabilities.
         *(f"{name}_reliability.png" for name in ("sweep", "modes", "labels", "robust")),
+        # Every experiment: each compared row's Δ AUC by sex, age band and site.
+        *(f"{name}_subgroups.png" for name in ("sweep", "modes", "labels", "robust")),
     }
     on_disk = {p.name for p in (study / "results/figures").glob("*.png")}
     assert on_disk == expected
@@ -259,7 +261,7 @@ def test_figures_exist_and_the_report_names_every_one(study):
     for name in expected:
         assert name in report, name
     for name in OVERLAY["experiments"]:
-        assert f"{name}.html" in report
+        assert f"{name}.html" in report and f"{name}_subgroups.html" in report
     assert "summary.html" in report and "SYNTHETIC" in report
 
 

@@ -8,6 +8,7 @@ validation: a YAML alias bomb would hang it.
 
 from __future__ import annotations
 
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +119,9 @@ def check(config: dict[str, Any], schema: str | Path | dict[str, Any] | None = N
     split = config["split"]
     if split["test_fraction"] + split["val_fraction"] >= 1:
         raise ConfigError("split.val_fraction", "test_fraction + val_fraction must leave images for training")
+    bands = config.get("subgroups", {}).get("age_bands", [])
+    if any(b <= a for a, b in pairwise(bands)):
+        raise ConfigError("subgroups.age_bands", f"ages that cut bands must increase, got {bands}")
     if schema is not None:
         if not isinstance(schema, dict):
             import yaml

@@ -247,3 +247,57 @@ rule figure_reliability:
         code=get_code("study.calibration_figure"),
     script:
         "../../scripts/reliability_figure.py"
+
+
+# Each experiment's table by subgroup (sex, age band, site): its runs' test predictions joined to the manifest.
+rule subgroups:
+    input:
+        table="results/tables/{experiment}.csv",
+        manifest="results/data/manifest.parquet",
+        predictions=get_experiment_predictions,
+    output:
+        csv="results/tables/{experiment}_subgroups.csv",
+        md="results/tables/{experiment}_subgroups.md",
+        html=report(
+            "results/tables/{experiment}_subgroups.html",
+            caption="../report/subgroups.rst",
+            category="tables",
+            labels={"experiment": "{experiment}", "table": "by subgroup"},
+        ),
+    log:
+        "results/logs/aggregate/subgroups_{experiment}.log",
+    conda:
+        "../../envs/report.yaml"
+    params:
+        title=get_title,
+        classes=config["data"]["classes"],
+        min_images=config["subgroups"]["min_images"],
+        age_bands=config["subgroups"]["age_bands"],
+        n_bootstrap=config["training"]["n_bootstrap"],
+        runs=get_experiment_runs,
+        code=get_code("study.subgroups"),
+    script:
+        "../../scripts/subgroups.py"
+
+
+rule figure_subgroups:
+    input:
+        subgroups="results/tables/{experiment}_subgroups.csv",
+    output:
+        png=report(
+            "results/figures/{experiment}_subgroups.png",
+            caption="../report/figure_subgroups.rst",
+            category="figures",
+            subcategory="{experiment}",
+            labels={"experiment": "{experiment}", "figure": "Δ AUC by subgroup"},
+        ),
+    log:
+        "results/logs/aggregate/figure_{experiment}_subgroups.log",
+    conda:
+        "../../envs/report.yaml"
+    params:
+        title=get_title,
+        runs=get_experiment_runs,
+        code=get_code("study.subgroup_figure"),
+    script:
+        "../../scripts/subgroup_figure.py"

@@ -311,7 +311,7 @@ def get_figures():
 
 def get_final_outputs():
     """Data stages (every cache an experiment needs), the data and bytes summaries; with runs selected, the runs, their
-    index, a table per experiment and its figures."""
+    index, a table and a subgroup table per experiment and its figures."""
     outputs = [
         "results/data/split_report.json",
         "results/data/summary.html",
@@ -326,6 +326,11 @@ def get_final_outputs():
                 "results/tables/{experiment}.{ext}",
                 experiment=EXPERIMENTS,
                 ext=["csv", "md", "tex", "html"],
+            ),
+            *expand(
+                "results/tables/{experiment}_subgroups.{ext}",
+                experiment=EXPERIMENTS,
+                ext=["csv", "md", "html"],
             ),
             *get_figures(),
         ]

@@ -237,11 +237,7 @@ def add_comparisons(
     # Here, not at the top: scikit-learn and scipy serve the table job, not the figures that read DIMS here.
     from . import compare
 
-    frames, recipes = [], []
-    for cell in table[RUNS_COLUMN]:
-        by_training = sorted(cell.split(RUNS_SEPARATOR), key=lambda run: (_training(run), run))
-        frames.append([_test_rows(Path(run) / "predictions.parquet") for run in by_training])
-        recipes.append(RUNS_SEPARATOR.join(sorted({_training(run) for run in by_training})))
+    frames, recipes = row_predictions(table)
     references = reference_rows(table, reference)
     families = references if family == "reference" else [0] * len(table)
     deltas = compare.paired_comparison(
@@ -259,6 +255,18 @@ def add_comparisons(
     runs_column = table[RUNS_COLUMN]
     out = pd.concat([table.drop(columns=RUNS_COLUMN), deltas.set_axis(table.index)], axis=1)
     return out.assign(**{RUNS_COLUMN: runs_column})
+
+
+def row_predictions(table: pd.DataFrame) -> tuple[list[list[pd.DataFrame]], list[str]]:
+    """Per table row, the test-split predictions of its runs (one frame per seed, in the order of the trainings
+    they evaluate) and its recipe (those trainings' folders, joined): what compare.Scored scores. Rows of the
+    same trained models on other test conditions get the same recipe, their seeds in the same order."""
+    frames, recipes = [], []
+    for cell in table[RUNS_COLUMN]:
+        by_training = sorted(cell.split(RUNS_SEPARATOR), key=lambda run: (_training(run), run))
+        frames.append([_test_rows(Path(run) / "predictions.parquet") for run in by_training])
+        recipes.append(RUNS_SEPARATOR.join(sorted({_training(run) for run in by_training})))
+    return frames, recipes
 
 
 def _training(eval_dir: str) -> str:

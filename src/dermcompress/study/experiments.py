@@ -206,7 +206,7 @@ def figure_kinds(evaluations: list[Evaluation]) -> list[str]:
     resolution varies; a robustness heat map when the evaluation data vary; learning curves when the label
     fraction does; accuracy against bytes per image when the images evaluated on differ (resolution or
     variant); the paired differences against each row's reference row when the table has more than one row;
-    the reliability diagram (calibration) always."""
+    the reliability diagram (calibration) and the Δ AUC by subgroup (subgroup_figure.py) always."""
     vary = set(varying_fields(evaluations))
     wanted = {"cost": "res", "robustness": "eval_variant", "label_efficiency": "label_fraction"}
     kinds = ["curves", *(kind for kind, field in wanted.items() if field in vary)]
@@ -214,7 +214,7 @@ def figure_kinds(evaluations: list[Evaluation]) -> list[str]:
         kinds.append("rate_accuracy")
     if vary:
         kinds.append("forest")
-    kinds.append("reliability")
+    kinds += ["reliability", "subgroups"]
     return kinds
 
 
