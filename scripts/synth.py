@@ -12,4 +12,5 @@ with job_logging(snakemake) as log:
         n=snakemake.params.n,
         seed=snakemake.params.seed,
         source=snakemake.params.source,
+        planted=snakemake.params.planted,
     )

@@ -13,11 +13,21 @@ FETCH_SOURCES = ("isic2019", "isic2020", "ham10000")
 
 
 def _synth(args: argparse.Namespace) -> int:
+    import yaml
+
     from dermcompress.data.synth import make_synthetic
 
     try:
-        root = make_synthetic(Path(args.out), n=args.n, seed=args.seed, as_zip=args.zip, source=args.source)
-    except (ValueError, FileExistsError) as err:
+        planted = None
+        if args.planted:
+            config = yaml.safe_load(Path(args.planted).read_text()) or {}
+            planted = config.get("data", {}).get("synthetic", {}).get("planted")
+            if planted is None:
+                raise ValueError(f"{args.planted} has no data.synthetic.planted")
+        root = make_synthetic(
+            Path(args.out), n=args.n, seed=args.seed, as_zip=args.zip, source=args.source, planted=planted
+        )
+    except (ValueError, TypeError, FileExistsError, OSError) as err:
         raise SystemExit(f"dermcompress synth: {err}") from None
     print(f"synthetic {args.source} layout written to {root}")
     return 0
@@ -130,6 +140,11 @@ def _add_synth(commands: argparse._SubParsersAction) -> None:
         choices=("isic2019", "isic2020", "ham10000", "isic_archive"),
         default="isic2019",
         help="the layout to write (data.source; default isic2019)",
+    )
+    synth.add_argument(
+        "--planted",
+        metavar="CONFIG",
+        help="plant the effects that CONFIG's data.synthetic.planted describes (e.g. config.yaml; default none)",
     )
     synth.set_defaults(func=_synth)
 

@@ -16,6 +16,7 @@ rule synth:
         source=SOURCE,
         n=config["data"]["synthetic"]["n"],
         seed=config["data"]["synthetic"]["seed"],
+        planted=config["data"]["synthetic"]["planted"],
         code=get_code("data.synth"),
     script:
         "../../scripts/synth.py"

@@ -4,8 +4,9 @@ Used when `data.isic_root` is unset, so the whole workflow runs (and is tested) 
 The layout matches the real files: `ISIC_2019_Training_Input/` (or `.zip`) with the JPEGs plus ATTRIBUTION.txt
 and LICENSE.txt, the one-hot ground-truth CSV and the metadata CSV. Images come in the three real sizes
 (HAM10000 600x450, BCN_20000 1024x1024, MSK assorted, ~10% `_downsampled`), several per lesion, classes in
-the real proportions, each class with a look of its own (synth_draw.py). Same (n, seed) -> byte-identical
-files.
+the real proportions, each class with a look of its own (synth_draw.py), MEL and NV told apart by planted cues
+of known strength when asked (synth_planted.py; ATTRIBUTION.txt says what was planted). Same (n, seed,
+planted) -> byte-identical files.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dermcompress.data.sources import DOC_FILES, GROUND_TRUTH, IMAGES_DIR, IMAGE
 from dermcompress.data.synth_draw import MARKER, ImageWriter, render_images
 from dermcompress.data.synth_layouts import write_layout
 from dermcompress.data.synth_plan import GT_COLUMNS, METADATA_COLUMNS, plan_images
+from dermcompress.data.synth_planted import Planted
 
 log = logging.getLogger(__name__)
 
@@ -64,18 +66,31 @@ def _clear_previous(out: Path) -> None:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
-def make_synthetic(out: Path, *, n: int, seed: int, as_zip: bool = False, source: str = "isic2019") -> Path:
+def make_synthetic(
+    out: Path,
+    *,
+    n: int,
+    seed: int,
+    as_zip: bool = False,
+    source: str = "isic2019",
+    planted: dict | None = None,
+) -> Path:
     """Write a synthetic training set of `n` images into `out` (created) in `source`'s layout; return `out`.
 
     isic2019: ISIC_2019_Training_Input/ (or ISIC_2019_Training_Input.zip), ISIC_2019_Training_GroundTruth.csv,
-    ISIC_2019_Training_Metadata.csv; the other layouts: synth_layouts.py. Deterministic: the same (n, seed,
-    source) gives byte-identical files.
+    ISIC_2019_Training_Metadata.csv; the other layouts: synth_layouts.py. `planted`: config.yaml's
+    `data.synthetic.planted` (synth_planted.py), or None for MEL and NV with looks of their own.
+    Deterministic: the same (n, seed, source, planted) gives byte-identical files.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     plan = plan_images(n, seed)
+    effects = Planted.from_config(planted)
+    planted_text = effects.describe() if effects is not None else ""
+    for line in planted_text.splitlines():
+        log.info("%s", line)
     if source != "isic2019":
-        write_layout(source, out, plan, seed=seed, as_zip=as_zip)
+        write_layout(source, out, plan, seed=seed, as_zip=as_zip, planted=effects)
         return out
     _clear_previous(out)
     gt = pd.DataFrame(plan.gt_rows, columns=GT_COLUMNS).sort_values("image")
@@ -86,9 +101,9 @@ def make_synthetic(out: Path, *, n: int, seed: int, as_zip: bool = False, source
 
     writer = ImageWriter(out / IMAGES_DIR, out / IMAGES_ZIP if as_zip else None, IMAGES_DIR)
     try:
-        writer.write(DOC_FILES[0], ATTRIBUTION.encode())
+        writer.write(DOC_FILES[0], (ATTRIBUTION + (f"\n{planted_text}" if planted_text else "")).encode())
         writer.write(DOC_FILES[1], LICENSE.encode())
-        render_images(plan, seed, lambda _: writer)
+        render_images(plan, seed, lambda _: writer, planted=effects)
     finally:
         writer.close()
 

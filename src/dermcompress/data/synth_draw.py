@@ -1,8 +1,9 @@
 """What a synthetic lesion looks like, and drawing, encoding and writing the images of a synthetic set
 (synth_plan.py plans them, synth.py and synth_layouts.py lay them out per source).
 
-MEL and NV differ visibly even at 32 px: MEL is a large, dark, irregular, multi-coloured blob (blue-grey,
-black, red); NV a small, regular, uniform brown one. Every image has its own generator, seeded from (seed,
+Without planted effects, MEL and NV differ visibly even at 32 px: MEL is a large, dark, irregular,
+multi-coloured blob (blue-grey, black, red); NV a small, regular, uniform brown one. With them
+(synth_planted.py), MEL and NV share one look and two cues of known strength tell them apart. Every image has its own generator, seeded from (seed,
 its slot), so the bytes do not depend on the threads that draw them.
 """
 
@@ -18,6 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from dermcompress.data.synth_plan import Lesion, Plan
+from dermcompress.data.synth_planted import LOOK, Planted, planted_shape, texture
 
 JPEG_QUALITY = 90
 ZIP_TIME = (2019, 7, 1, 0, 0, 0)  # fixed, so the zip is byte-identical between runs
@@ -25,6 +27,7 @@ ZIP_TIME = (2019, 7, 1, 0, 0, 0)  # fixed, so the zip is byte-identical between 
 MARKER = "SYNTHETIC ISIC 2019 STAND-IN"
 # Longest side of the canvas the scene is drawn on before upscaling (fast, and smooth like skin).
 LOW_RES = 128
+PLANTED_CLASSES = ("MEL", "NV")  # the classes planted effects (synth_planted.py) redraw
 
 # Per class: lesion radius range (fraction of half the short side), boundary irregularity, edge softness,
 # opacity, base colour (RGB) and the palette its inner blotches are drawn from.
@@ -142,9 +145,15 @@ def _shape_params(look: dict, rng: np.random.Generator) -> dict:
 
 
 def _draw(
-    look: dict, shape: dict, size: tuple[int, int], source: str, rng: np.random.Generator
+    look: dict,
+    shape: dict,
+    size: tuple[int, int],
+    source: str,
+    rng: np.random.Generator,
+    planted: Planted | None = None,
 ) -> np.ndarray:
-    """One RGB uint8 image of `size` (width, height): skin, lesion, maybe hairs and a dermoscope rim."""
+    """One RGB uint8 image of `size` (width, height): skin, lesion (with `planted`'s fine cue when its shape
+    carries it), maybe hairs and a dermoscope rim."""
     width, height = size
     scale = LOW_RES / max(width, height)
     w0, h0 = max(8, round(width * scale)), max(8, round(height * scale))
@@ -182,6 +191,11 @@ def _draw(
 
     img = np.clip(img, 0, 255).astype(np.uint8)
     big = cv2.resize(img, (width, height), interpolation=cv2.INTER_LINEAR)
+    if shape.get("textured"):  # at full size: the low-resolution canvas could not hold its frequency
+        mask = cv2.resize(alpha.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
+        dots = texture(width, height, planted.cycles, shape["texture_phase"])
+        gain = 1 + planted.contrast * dots * mask
+        big = np.clip(big * gain[..., None], 0, 255).astype(np.uint8)
     if rng.random() < 0.3:  # hairs, independent of the class
         for _ in range(int(rng.integers(1, 7))):
             # A quadratic Bezier curve: hairs bend, they do not zigzag.
@@ -206,17 +220,33 @@ def _workers() -> int:
     )
 
 
-def render_images(plan: Plan, seed: int, writer_of, name_of=lambda image_id: image_id) -> None:
+def look_of(lesion: Lesion, planted: Planted | None) -> dict:
+    """The look a lesion is drawn with: its class's, or with planted effects the one MEL and NV share."""
+    return LOOK if planted is not None and lesion.label in PLANTED_CLASSES else LOOKS[lesion.label]
+
+
+def lesion_shapes(plan: Plan, seed: int, planted: Planted | None = None) -> dict[int, dict]:
+    """Lesion index -> what its images share (_shape_params), moved by its planted cues (synth_planted.py)."""
+    shapes = {}
+    for lesion in plan.lesions:
+        shape = _shape_params(look_of(lesion, planted), np.random.default_rng([seed, 1, lesion.index]))
+        if planted is not None and lesion.label in PLANTED_CLASSES:
+            shape = planted_shape(shape, planted.lesion_cues(lesion, seed))
+        shapes[lesion.index] = shape
+    return shapes
+
+
+def render_images(
+    plan: Plan, seed: int, writer_of, name_of=lambda image_id: image_id, planted: Planted | None = None
+) -> None:
     """Draw and encode every image of `plan` into `writer_of(image_id)` as `<name_of(image_id)>.jpg`."""
-    shapes = {
-        lesion.index: _shape_params(LOOKS[lesion.label], np.random.default_rng([seed, 1, lesion.index]))
-        for lesion in plan.lesions
-    }
+    shapes = lesion_shapes(plan, seed, planted)
 
     def render(item: tuple[str, Lesion, int]) -> tuple[str, bytes]:
         image_id, lesion, slot = item  # each image has its own generator: threads cannot change the bytes
         image_rng = np.random.default_rng([seed, 2, slot])
-        rgb = _draw(LOOKS[lesion.label], shapes[lesion.index], lesion.image_size, lesion.source, image_rng)
+        look = look_of(lesion, planted)
+        rgb = _draw(look, shapes[lesion.index], lesion.image_size, lesion.source, image_rng, planted)
         return image_id, _encode(rgb)
 
     todo = sorted(plan.slots, key=lambda item: item[0])

@@ -29,6 +29,7 @@ import pandas as pd
 from dermcompress.data import datasets
 from dermcompress.data.synth_draw import MARKER, ImageWriter, render_images
 from dermcompress.data.synth_plan import Plan
+from dermcompress.data.synth_planted import Planted
 
 log = logging.getLogger(__name__)
 
@@ -103,18 +104,26 @@ def _clear(out: Path) -> None:
         shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
 
-def write_layout(source: str, out: Path, plan: Plan, *, seed: int, as_zip: bool = False) -> None:
-    """Write `plan`'s images and label files into `out` in `source`'s layout (module docstring)."""
+def write_layout(
+    source: str, out: Path, plan: Plan, *, seed: int, as_zip: bool = False, planted: Planted | None = None
+) -> None:
+    """Write `plan`'s images (with `planted`'s effects) and label files into `out` in `source`'s layout (module
+    docstring); SYNTHETIC.txt says what was planted."""
     if source not in WRITERS:
         raise ValueError(f"no synthetic layout for source {source!r}; one of isic2019, {', '.join(WRITERS)}")
     out.mkdir(parents=True, exist_ok=True)
     _clear(out)
-    (out / README).write_text(f"{MARKER}: a synthetic {source} set written by dermcompress synth.\n")
+    planted_text = f"\n{planted.describe()}" if planted is not None else ""
+    (out / README).write_text(
+        f"{MARKER}: a synthetic {source} set written by dermcompress synth.\n{planted_text}"
+    )
     frame = _frame(plan, seed)
     writers = WRITERS[source](out, frame, as_zip)
     name_of = dict(zip(frame["slot_id"], frame["image"], strict=True))
     try:
-        render_images(plan, seed, lambda image_id: writers[name_of[image_id]], name_of.__getitem__)
+        render_images(
+            plan, seed, lambda image_id: writers[name_of[image_id]], name_of.__getitem__, planted=planted
+        )
     finally:
         for writer in set(writers.values()):
             writer.close()
