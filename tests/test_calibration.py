@@ -1,5 +1,5 @@
 """Calibration: ECE and Brier against hand computations, ECE near 0 for a calibrated simulated model and far from
-it for an overconfident one, and the reliability diagram's points."""
+it for an overconfident one, the reliability diagram's points, and temperature scaling fitted on val only."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ from dermcompress.study.calibration import (
     brier_score,
     calibration_metrics,
     expected_calibration_error,
+    fit_temperature,
     reliability,
+    temperature_scaled,
 )
 
 
@@ -113,3 +115,45 @@ def test_reliability_figure_draws_each_models_reference_and_least_calibrated_row
     out = tmp_path / "r.png"
     calibration_figure.run_reliability_figure(table_csv=str(csv), classes=BINARY, title="t", out=str(out))
     assert out.read_bytes()[:4] == b"\x89PNG"
+
+
+def _overconfident(n: int, seed: int, temperature: float) -> tuple[np.ndarray, np.ndarray]:
+    """Labels drawn from calibrated logits, and probabilities at those logits x `temperature` (too sharp)."""
+    rng = np.random.default_rng(seed)
+    logit = rng.normal(0, 2, n)
+    y = (rng.random(n) < 1 / (1 + np.exp(-logit))).astype(int)
+    sharp = 1 / (1 + np.exp(-temperature * logit))
+    return y, np.stack([1 - sharp, sharp], axis=1)
+
+
+def test_temperature_scaling_recovers_the_temperature_and_repairs_ece():
+    y, probs = _overconfident(20_000, 3, temperature=3.0)
+    t = fit_temperature(y, probs)
+    assert t == pytest.approx(3.0, rel=0.05)
+    assert temperature_scaled(probs, 1.0) == pytest.approx(probs)
+    repaired = expected_calibration_error(y, temperature_scaled(probs, t))
+    assert expected_calibration_error(y, probs) > 0.1 and repaired < 0.015
+    # Scaling keeps the ranking: the positive class's probability is a monotone function of the original.
+    order = np.argsort(probs[:, 1], kind="stable")
+    assert np.all(np.diff(temperature_scaled(probs, t)[order, 1]) >= 0)
+
+
+def test_temperature_is_fitted_on_val_and_never_on_test():
+    y_val, p_val = _overconfident(4000, 4, temperature=3.0)
+    y_test, p_test = _overconfident(4000, 5, temperature=3.0)
+    ids = [f"ISIC_{i:07d}" for i in range(8000)]
+    classes = ["MEL", "NV"]
+
+    def metrics(test_probs: np.ndarray) -> dict:
+        val = predictions_frame(ids[:4000], y_val, p_val, classes, group_ids=ids[:4000], split="val")
+        test = predictions_frame(ids[4000:], y_test, test_probs, classes, group_ids=ids[4000:], split="test")
+        return calibration_metrics(pd.concat([val, test]), classes)
+
+    got = metrics(p_test)
+    assert got["temperature"] == pytest.approx(fit_temperature(y_val, p_val))
+    assert got["ece_ts"] == pytest.approx(
+        expected_calibration_error(y_test, temperature_scaled(p_test, got["temperature"]))
+    )
+    assert got["ece_ts"] < 0.03 < got["ece"]
+    # Other test probabilities move ece_ts but not the temperature: test is never looked at to fit.
+    assert metrics(p_test[::-1].copy())["temperature"] == got["temperature"]

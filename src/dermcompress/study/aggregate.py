@@ -59,7 +59,14 @@ METRICS = {
     "val_balanced_accuracy": "Val balanced acc.",
 }
 # Calibration of each run's probabilities (calibration.py), from its predictions: test, then validation.
-CALIBRATION = {"ece": "ECE", "brier": "Brier", "val_ece": "Val ECE", "val_brier": "Val Brier"}
+CALIBRATION = {
+    "ece": "ECE",
+    "brier": "Brier",
+    "val_ece": "Val ECE",
+    "val_brier": "Val Brier",
+    "temperature": "Temperature (fitted on val)",
+    "ece_ts": "ECE after temperature scaling",
+}
 # Hyperparameters a sweep tunes on the validation split; the other dimensions are what a table compares.
 TUNED = ("lr", "schedule", "epochs")
 # The validation score that selects among a sweep's rows, then the tie-break.

@@ -196,7 +196,8 @@ def table_notes(table: pd.DataFrame) -> list[str]:
         notes.append(
             f"Calibration of the test probabilities: ECE, the expected calibration error ({BINNING}; Guo et al. "
             "2017), and the Brier score (of the positive class for two classes, summed over classes for more); "
-            "the CSV has the validation split's too (val_ece, val_brier)."
+            "the CSV has the validation split's too (val_ece, val_brier), and the test ECE after temperature "
+            "scaling fitted on the validation split (ece_ts, with its temperature)."
         )
     if "kb_per_image" in table.columns:
         notes.append(
