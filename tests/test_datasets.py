@@ -210,3 +210,44 @@ def test_ingest_in_parts_then_gathered_writes_the_one_job_files(tmp_path, parts)
     pd.testing.assert_frame_equal(gathered, whole)
     assert (tmp_path / "m.parquet").read_bytes() == (tmp_path / "one/manifest.parquet").read_bytes()
     assert (tmp_path / "q.csv").read_bytes() == (tmp_path / "one/quarantine.csv").read_bytes()
+
+
+def _planned_subgroups(edges: list[int]) -> pd.DataFrame:
+    """What the synthetic plan gives each image (its id as every layout writes it): sex, age band, site."""
+    from dermcompress.data.synth_plan import plan_images
+    from dermcompress.study.subgroups import UNKNOWN, bin_ages
+
+    meta = pd.DataFrame(plan_images(N, SEED).meta_rows)
+    meta["image_id"] = meta["image"].str.removesuffix("_downsampled")
+    return pd.DataFrame(
+        {
+            "sex": meta["sex"].fillna(UNKNOWN).to_numpy(),
+            "age_band": bin_ages(meta["age_approx"], edges).to_numpy(),
+            "site": meta["anatom_site_general"].fillna(UNKNOWN).to_numpy(),
+        },
+        index=meta["image_id"],
+    )
+
+
+def _assert_subgroups_are_the_plans(manifest: pd.DataFrame) -> None:
+    from dermcompress.study.subgroups import assign_subgroups
+
+    edges = [40, 60]
+    got = assign_subgroups(manifest, edges)
+    want = _planned_subgroups(edges)
+    ids = manifest["image_id"].str.removesuffix("_downsampled")
+    assert set(ids) == set(want.index)
+    got.index = got.index.str.removesuffix("_downsampled")
+    assert got.loc[want.index].to_dict("index") == want.to_dict("index")
+    assert (got["sex"] == "female").any() and (got["site"] != "unknown").any()
+
+
+def test_each_layouts_metadata_reaches_the_subgroup_analysis(layout):
+    """Sex, age and site, each spelt as the source spells them (HAM10000's 'unknown', the Archive's blanks),
+    arrive in the manifest and give every image the subgroups its synthetic plan drew."""
+    _assert_subgroups_are_the_plans(layout[2])
+
+
+def test_isic2019_metadata_reaches_the_subgroup_analysis(tmp_path):
+    root = make_synthetic(tmp_path / "raw", n=N, seed=SEED)
+    _assert_subgroups_are_the_plans(ingest("isic2019", root, tmp_path))
