@@ -194,3 +194,34 @@ def test_new_package_version_reruns_only_the_rules_that_import_it(finished_study
         return
     assert not rules_of(jobs) & DATA_RULES
     assert rules_of(jobs) & {"train", "evaluate", "features"} == reruns
+
+
+def test_planted_effects_and_subgroups_rerun_only_aggregation_on_real_data(planted_study, tmp_path):
+    """With a user's own data (data.isic_root; the planted study reads its data so), a change like the one that
+    planted effects in the generator and added subgroup and calibration analysis reruns tables, figures and
+    the report only: every study module and every synthetic-data module edited, the generator's config and the
+    subgroup settings changed. No data stage, training or evaluation: their code is in data/ and learn/ outside
+    the generator, and the synthetic settings do not reach them when the data are real."""
+    workdir = tmp_path / "study"
+    shutil.copytree(planted_study, workdir, symlinks=True)
+    src = workdir / "src/dermcompress"
+    for module in [*(src / "study").glob("*.py"), *(src / "data").glob("synth*.py")]:
+        if module.name != "__init__.py":
+            module.write_text(module.read_text() + "\n# an edit\n")
+    config = yaml.safe_load((workdir / "planted.yaml").read_text())
+    merge(
+        config,
+        {
+            "data": {
+                "synthetic": {"n": 99, "planted": {"coarse": 0.1, "fine": 0.9, "cycles": 7, "contrast": 0.2}}
+            },
+            "subgroups": {"min_images": 10, "age_bands": [50]},
+        },
+    )
+    write_config(workdir / "changed.yaml", config)
+    proc = snakemake(workdir, "--dry-run", "--configfile", "changed.yaml")
+    jobs = planned_jobs(proc.stdout + proc.stderr)
+    assert {"table", "subgroups", "figure_subgroups", "figure_reliability"} <= rules_of(jobs)
+    aggregation = {"all", "table", "subgroups", "runs_index", "data_summary", "bytes_summary"}
+    assert all(rule.startswith("figure_") for rule in rules_of(jobs) - aggregation), rules_of(jobs)
+    assert not rules_of(jobs) & (DATA_RULES | {"train", "evaluate", "features", "linear", "evaluate_probe"})
