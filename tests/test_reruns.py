@@ -146,7 +146,7 @@ def test_new_statistics_rerun_only_tables_and_figures(finished_study, tmp_path):
         "experiments": {name: {"reference": {"res": 16}, "family": "table"} for name in ("base", "other")}
     }
     jobs = dry_run(workdir, change)
-    aggregation = {"all", "table", "runs_index", "data_summary", "bytes_summary"}
+    aggregation = {"all", "table", "subgroups", "runs_index", "data_summary", "bytes_summary"}
     assert rules_of(jobs) - aggregation and all(r.startswith("figure_") for r in rules_of(jobs) - aggregation)
     assert tables(jobs) == {"base", "other"}
     assert not rules_of(jobs) & (DATA_RULES | {"train", "evaluate", "features", "linear", "evaluate_probe"})

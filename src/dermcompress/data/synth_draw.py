@@ -3,8 +3,8 @@
 
 Without planted effects, MEL and NV differ visibly even at 32 px: MEL is a large, dark, irregular,
 multi-coloured blob (blue-grey, black, red); NV a small, regular, uniform brown one. With them
-(synth_planted.py), MEL and NV share one look and two cues of known strength tell them apart. Every image has its own generator, seeded from (seed,
-its slot), so the bytes do not depend on the threads that draw them.
+(synth_planted.py), MEL and NV share one look and two signs of known share tell them apart. Every image has
+its own generator, seeded from (seed, its slot), so the bytes do not depend on the threads that draw them.
 """
 
 from __future__ import annotations
@@ -152,7 +152,7 @@ def _draw(
     rng: np.random.Generator,
     planted: Planted | None = None,
 ) -> np.ndarray:
-    """One RGB uint8 image of `size` (width, height): skin, lesion (with `planted`'s fine cue when its shape
+    """One RGB uint8 image of `size` (width, height): skin, lesion (with `planted`'s fine sign when its shape
     carries it), maybe hairs and a dermoscope rim."""
     width, height = size
     scale = LOW_RES / max(width, height)
@@ -226,7 +226,7 @@ def look_of(lesion: Lesion, planted: Planted | None) -> dict:
 
 
 def lesion_shapes(plan: Plan, seed: int, planted: Planted | None = None) -> dict[int, dict]:
-    """Lesion index -> what its images share (_shape_params), moved by its planted cues (synth_planted.py)."""
+    """Lesion index -> what its images share (_shape_params), with its planted signs (synth_planted.py)."""
     shapes = {}
     for lesion in plan.lesions:
         shape = _shape_params(look_of(lesion, planted), np.random.default_rng([seed, 1, lesion.index]))

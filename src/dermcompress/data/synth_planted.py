@@ -1,5 +1,5 @@
 """Effects of known size planted in the synthetic set, so that a run of the whole pipeline can be checked against
-the answer (issue 21): what resolution and compression cost a model, and whom they cost more.
+the answer: what resolution and compression cost a model, and whom they cost more.
 
 MEL and NV share one melanocytic look. Two melanoma-specific signs, each on its own share of MEL lesions (drawn
 independently) and on no NV lesion, tell them apart:
@@ -80,19 +80,16 @@ class Planted:
         return made
 
     def cues(self, lesion) -> Cues:
-        """The cues of a lesion: its subgroup's, or everyone else's."""
+        """The shares that hold for a lesion: its subgroup's, or everyone else's."""
         if self.in_subgroup(lesion):
             return Cues(self.subgroup.get("coarse", self.coarse), self.subgroup.get("fine", self.fine))
         return Cues(self.coarse, self.fine)
 
     def in_subgroup(self, lesion) -> bool:
+        """Whether a lesion (synth_plan.Lesion) has the subgroup's value of its column."""
         if self.subgroup is None:
             return False
         return getattr(lesion, SUBGROUP_COLUMNS[self.subgroup["column"]]) == self.subgroup["value"]
-
-    def visible_at(self, resolution: int) -> bool:
-        """Whether an image resized to `resolution` px can still show the fine cue (below Nyquist)."""
-        return self.cycles < resolution / 2
 
     def lesion_cues(self, lesion, seed: int) -> dict:
         """Whether a MEL or NV lesion carries the coarse sign (`veiled`) and the fine one (`textured`), and the
