@@ -7,6 +7,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -23,6 +24,7 @@ from dermcompress.data.synth_layouts import README
 from dermcompress.data.synth_plan import plan_images
 from dermcompress.data.synth_planted import Cues, Planted, texture
 
+REPO = Path(__file__).resolve().parents[1]
 PLANTED = {
     "coarse": 0.4,
     "fine": 0.6,
@@ -152,3 +154,20 @@ def test_cli_plants_what_a_config_file_describes(tmp_path):
         [*cli, str(tmp_path / "no"), "--planted", str(config)], capture_output=True, text=True
     )
     assert refused.returncode != 0 and "has no data.synthetic.planted" in refused.stderr
+
+
+@pytest.mark.parametrize("planted", [PLANTED, None])
+def test_report_front_page_says_what_was_planted(planted):
+    """workflow.rst (Snakemake renders it with Jinja2): the planted shares and subgroup, only when planted."""
+    import jinja2
+
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    config["data"]["synthetic"]["planted"] = planted
+    template = jinja2.Template((REPO / "workflow/report/workflow.rst").read_text())
+    text = " ".join(template.render(snakemake=SimpleNamespace(config=config)).split())
+    assert "SYNTHETIC DATA" in text
+    if planted is None:
+        assert "Planted effects" not in text
+        return
+    assert "marks 40% of MEL lesions" in text and "texture of 10 periods" in text and "20 px or fewer" in text
+    assert "Lesions with ``sex = female`` carry the veil on 10% and the texture on 90%" in text
