@@ -26,7 +26,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from functools import cache, partial
-from html import escape
 from itertools import pairwise
 from pathlib import Path
 
@@ -38,7 +37,7 @@ from dermcompress.learn.bootstrap import percentile_ci
 from .aggregate import DIMS, row_label, row_predictions
 from .compare import METRICS, Scored
 from .contrasts import Contrast, RowScores, difference, holm, interaction
-from .tables import NOT_MEASURED, TABLE_CSS, _p
+from .tables import NOT_MEASURED, _p, html_page
 
 log = logging.getLogger(__name__)
 
@@ -313,13 +312,7 @@ def write_subgroups(
     frame.to_csv(csv, index=False)
     shown = display_subgroups(frame)
     Path(md).write_text(f"**{title}**\n\n{shown.to_markdown(index=False)}\n\n" + "\n\n".join(notes) + "\n")
-    styled = shown.style.hide(axis="index").set_caption(title).set_table_styles(TABLE_CSS)
-    Path(html).write_text(
-        f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{escape(title)}</title></head><body>\n"
-        + styled.to_html()
-        + "".join(f"<p>{escape(note)}</p>\n" for note in notes)
-        + "</body></html>\n"
-    )
+    Path(html).write_text(html_page(shown, title, notes))
 
 
 def read_table(table_csv: str) -> pd.DataFrame:

@@ -220,8 +220,13 @@ def write_table(
     Path(tex).write_text(
         shown.to_latex(index=False, caption=f"{title}. {' '.join(notes)}", label=f"tab:{label}", escape=True)
     )
+    Path(html).write_text(html_page(shown, title, notes))
+
+
+def html_page(shown: pd.DataFrame, title: str, notes: list[str]) -> str:
+    """A formatted table (its title as caption) and the notes under it, as a self-contained HTML page."""
     styled = shown.style.hide(axis="index").set_caption(title).set_table_styles(TABLE_CSS)
-    Path(html).write_text(
+    return (
         f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{escape(title)}</title></head><body>\n"
         + styled.to_html()
         + "".join(f"<p>{escape(note)}</p>\n" for note in notes)
