@@ -1,21 +1,26 @@
-"""Snakemake adapter: a trained run's weights + one eval variant's cache -> predictions.parquet and metrics.json
-(val and test) in the run's eval/<variant>/ folder."""
+"""Snakemake adapter: a trained run's weights + each of its eval variants' caches -> predictions.parquet and
+metrics.json (val and test) in the run's eval/<variant>/ folders, the model loaded once."""
 
 from pathlib import Path
 
-from dermcompress.learn.evaluate import run_evaluation
+from dermcompress.learn.evaluate import run_evaluations
+from dermcompress.learn.runs import parse_run_dir
 from dermcompress.provenance.logs import exit_now, job_logging
 
+inputs, outputs = snakemake.input, snakemake.output
+run = parse_run_dir(f"results/runs/{snakemake.wildcards.run}")
 with job_logging(snakemake):
-    run_evaluation(
-        model_name=snakemake.wildcards.model,
+    run_evaluations(
+        model_name=run.model,
         model_entry=snakemake.params.model,
-        weights=snakemake.input.weights,
-        train_summary=snakemake.input.summary,
-        eval_cache=snakemake.input.cache,
-        out_dir=str(Path(snakemake.output.metrics).parent),
+        weights=inputs.weights,
+        train_summary=inputs.summary,
+        evaluations={
+            v: (inputs[f"cache_{v}"], str(Path(outputs[f"metrics_{v}"]).parent))
+            for v in snakemake.params.variants
+        },
         settings=snakemake.params.settings,
-        resolution=int(snakemake.wildcards.res),
-        splits=snakemake.input.splits,
+        resolution=run.res,
+        splits=inputs.splits,
     )
 exit_now()  # the outputs are written: skip the interpreter's slow teardown after torch

@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 from conftest import snakemake
 from snakemake.iocontainers import InputFiles, Log, OutputFiles, Params, ResourceList, Snakemake, Wildcards
+from test_workflow import kind
 
 from dermcompress.data.cache import load_info, read_split, verify_cache
 from dermcompress.provenance import fingerprint, lineage
@@ -216,8 +217,8 @@ def test_table_row_names_the_raw_image_hashes_of_its_test_split(finished_study):
     # The run's weights, temporary, are gone: removed after use, their hash on record, not a broken link.
     (removed,) = report["removed"]
     assert removed["path"].endswith("weights.safetensors") and not Path(removed["path"]).exists()
-    stages = {s["rule"]: s for s in report["stages"]}
-    eval_cache = next(e["path"] for e in stages["evaluate"]["inputs"] if e["name"] == "cache")
+    stages = {kind(s["rule"]): s for s in report["stages"]}
+    eval_cache = next(e["path"] for e in stages["evaluate"]["inputs"] if e["name"] == "cache_clean")
     test_ids = read_split(finished_study / eval_cache, "test").image_ids
     manifest = pd.read_parquet(finished_study / "results/data/manifest.parquet").set_index("image_id")
     named = {r["image_id"]: r["sha256"] for r in report["images"]["by_split"]["test"]}
@@ -256,11 +257,11 @@ def test_table_row_names_the_raw_image_hashes_of_its_test_split(finished_study):
 @pytest.mark.workflow
 def test_a_row_follows_only_its_own_runs(finished_study):
     report = lineage.trace(finished_study / "results/runs/index.csv", verify=False)
-    rules = [s["rule"] for s in report["stages"]]
+    rules = [kind(s["rule"]) for s in report["stages"]]
     assert rules.count("train") == rules.count("linear") == 1  # base's finetune, other's linear probe
     table = finished_study / "results/tables/other.csv"
     report = lineage.trace(table, row=0, verify=False)
-    rules = [s["rule"] for s in report["stages"]]
+    rules = [kind(s["rule"]) for s in report["stages"]]
     assert "linear" in rules and "features" in rules and "train" not in rules
     with pytest.raises(lineage.LineageError, match=r"rows 0\.\.0"):
         lineage.trace(table, row=5)
@@ -271,7 +272,7 @@ def test_run_folder_and_cache_shard_walk_back_to_the_raw_images(finished_study):
     run = run_dir(finished_study)
     report = lineage.trace(run)
     assert report["broken"] == []
-    assert [s["rule"] for s in report["stages"][:2]] == ["evaluate", "train"]
+    assert [kind(s["rule"]) for s in report["stages"][:2]] == ["evaluate", "train"]
     splits = pd.read_parquet(finished_study / "results/data/splits.parquet")
     by_split = {s: {r["image_id"] for r in rows} for s, rows in report["images"]["by_split"].items()}
     assert by_split == {s: set(ids) for s, ids in splits.groupby("split")["image_id"]}
@@ -282,6 +283,26 @@ def test_run_folder_and_cache_shard_walk_back_to_the_raw_images(finished_study):
     shard_ids = set(pd.read_parquet(shard, columns=["image_id"])["image_id"])
     assert {r["image_id"] for r in report["images"]["by_split"]["train"]} == shard_ids
     assert set(report["images"]["by_split"]) == {"train"}
+
+
+@pytest.mark.workflow
+def test_each_evaluation_of_a_job_that_scored_several_traces_to_its_own_cache(planted_study):
+    """One job scored a run on clean, JPEG q75 and q30 (planted_codecs): the lineage of each evaluation is its
+    own, the cache and test images it was scored on, not the job's other variants'."""
+    (run,) = (planted_study / "results/runs/tiny/32px/clean/finetune").glob("*/labels1/seed0")
+    for variant in ("clean", "jpeg_q30"):
+        report = lineage.trace(run / "eval" / variant, verify=False)
+        evaluate = report["stages"][0]
+        assert kind(evaluate["rule"]) == "evaluate" and evaluate["rule"] != "evaluate"
+        read = {e["name"] for e in evaluate["inputs"]}
+        assert {name for name in read if name.startswith("cache_")} == {f"cache_{variant}"}
+        assert {e["name"] for e in evaluate["outputs"]} >= {f"metrics_{variant}", f"predictions_{variant}"}
+        scored = pd.read_parquet(run / "eval" / variant / "predictions.parquet")
+        by_split = {s: {r["image_id"] for r in rows} for s, rows in report["images"]["by_split"].items()}
+        assert by_split["test"] == set(scored.loc[scored["split"] == "test", "image_id"])
+        # Upstream: the degrade job of this variant's cache only (clean is resize's, read by every degrade).
+        degraded = {s["wildcards"]["variant"] for s in report["stages"] if s["rule"] == "degrade"}
+        assert degraded == ({variant} - {"clean"})
 
 
 @pytest.mark.workflow
@@ -309,7 +330,7 @@ def test_tampered_cache_shard_is_a_broken_link(study_copy):
     assert broken[shard]["recorded"][0]["sha256"] != sha256(shard)
     cache = broken[study_copy / "results/cache/16px/clean"]
     # Written by resize, read by the evaluation and by the degrade job that made the run's training cache.
-    assert {r["by"].split("[")[0] for r in cache["recorded"]} == {"evaluate", "resize", "degrade"}
+    assert {kind(r["by"].split("[")[0]) for r in cache["recorded"]} == {"evaluate", "resize", "degrade"}
     text = cli(study_copy, str(shard.relative_to(study_copy))).stdout
     assert "BROKEN LINKS" in text and str(shard.relative_to(study_copy)) in text
 

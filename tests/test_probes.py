@@ -36,20 +36,33 @@ def features(tmp_path_factory) -> dict[str, Path]:
     """test_vit features (random init, seed 0) of the train, val and test splits of a learnable cache."""
     root = tmp_path_factory.mktemp("probe_cache")
     cache, _ = learnable_cache(root, res=RES, seed=2)
-    out = {}
-    for split in ("train", "val", "test"):
-        out[split] = root / f"{split}.parquet"
-        run_features(
-            model_name=MODEL,
-            model_entry=ENTRY,
-            cache_dir=str(cache),
-            split=split,
-            out=str(out[split]),
-            settings=SETTINGS,
-            resolution=RES,
-            seed=0,
-        )
+    out = {split: root / f"{split}.parquet" for split in ("train", "val", "test")}
+    extract_features(cache, out, seed=0)
     return out
+
+
+def extract_features(cache: Path, outputs: dict[str, Path], seed: int) -> dict[str, dict]:
+    """One features job: the splits of `outputs` ({split: parquet}) through the test_vit built from `seed`."""
+    return run_features(
+        model_name=MODEL,
+        model_entry=ENTRY,
+        cache_dir=str(cache),
+        outputs={split: str(path) for split, path in outputs.items()},
+        settings=SETTINGS,
+        resolution=RES,
+        seed=seed,
+    )
+
+
+def test_one_features_job_writes_each_split_as_a_job_of_its_own_would(features, tmp_path):
+    """The backbone built once for all splits gives each split the features a job for that split alone gives."""
+    cache = features["train"].parent / "cache"
+    for split in ("val", "train"):
+        alone = tmp_path / f"{split}.parquet"
+        meta = extract_features(cache, {split: alone}, seed=0)[split]
+        ours, theirs = read_features(features[split]), read_features(alone)
+        assert ours.image_ids == theirs.image_ids and meta["split"] == split == ours.meta["split"]
+        assert torch.equal(ours.features, theirs.features) and torch.equal(ours.labels, theirs.labels)
 
 
 def splits_of(features: dict[str, Path]) -> str:
@@ -123,18 +136,50 @@ def test_linear_probe_keeps_the_head_best_on_validation(linear_run, features):
     assert history["eval_accuracy"].iloc[-1] == pytest.approx(chosen["val_accuracy"])
 
 
-def evaluate_probe(features, out: Path, mode: str, run: Path | None = None, **extra) -> dict:
-    return probes.run_probe_evaluation(
+def evaluate_probe(
+    features, out: Path, mode: str, run: Path | None = None, variants: dict | None = None, **extra
+) -> dict:
+    """A probe evaluation job on the val and test features of each variant ({name: (features, out folder)};
+    default: `features` into `out`): the metrics by variant, or of the default's alone."""
+    payloads = probes.run_probe_evaluations(
         mode=mode,
-        eval_features={"val": str(features["val"]), "test": str(features["test"])},
+        evaluations={
+            name: ({"val": str(f["val"]), "test": str(f["test"])}, str(folder))
+            for name, (f, folder) in (variants or {"clean": (features, out)}).items()
+        },
         splits=splits_of(features),
         settings={**SETTINGS, "mode": mode, **extra},
-        out_dir=str(out),
         head=str(run / "head.safetensors") if run else None,
         train_summary=str(run / "train.json") if run else None,
         bank_features=str(features["train"]),
         choose_features=str(features["val"]),
     )
+    return payloads if variants else payloads["clean"]
+
+
+@pytest.mark.parametrize("mode", ["knn", "linear"])
+def test_one_probe_job_scores_each_variant_as_its_own_job_would(features, linear_run, tmp_path, mode):
+    """A probe's head or bank, loaded once, scores each eval variant exactly as a job of its own would."""
+    cache = features["train"].parent / "cache"
+    other = {split: tmp_path / f"other_{split}.parquet" for split in ("val", "test")}
+    extract_features(cache, other, seed=1)  # another backbone's draw: other features of the same images
+    variants = {
+        "clean": (features, tmp_path / "together" / "clean"),
+        "other": (other, tmp_path / "together" / "other"),
+    }
+    run = linear_run if mode == "linear" else None
+    evaluate_probe(features, tmp_path, mode, run=run, variants=variants)
+    written = {name: (folder / "predictions.parquet").read_bytes() for name, (_, folder) in variants.items()}
+    assert written["clean"] != written["other"]
+    for name, (f, _) in variants.items():
+        evaluate_probe(
+            features,
+            tmp_path / "alone" / name,
+            mode,
+            run=run,
+            variants={name: (f, tmp_path / "alone" / name)},
+        )
+        assert (tmp_path / "alone" / name / "predictions.parquet").read_bytes() == written[name]
 
 
 def check_evaluation(out: Path, mode: str, features: dict[str, Path]) -> dict:

@@ -30,6 +30,7 @@ import pandas as pd
 import pytest
 import yaml
 from conftest import REPO, copy_workflow, write_config
+from test_workflow import kind
 
 pytestmark = [pytest.mark.workflow, pytest.mark.slurm]
 
@@ -263,15 +264,18 @@ def test_demo_runs_end_to_end_through_slurm(finished):
         "split",
         "resize",
         "degrade",
-        "group_run_64px_evaluate_train",
     } <= rules, rules
-    assert not rules & {"train", "evaluate"}, rules
+    # (a group's submission is named by its group and its rules: train and the run's one evaluation rule)
+    assert any(r.startswith("group_run_64px_") and "evaluate__clean__jpeg_only" in r for r in rules), rules
+    assert not {kind(r) for r in rules} & {"train", "evaluate"}, rules
     assert all(log.is_file() for _, _, log in jobs), "SLURM writes each job's log"
-    # One submission for the training and both its evaluations, asking SLURM for one H100 on the GPU partition.
+    # One submission for the training and its evaluation job (both eval variants), asking SLURM for one H100 on
+    # the GPU partition.
     ((job, log),) = run_jobs(runs["single"], "single")
     text = log.read_text()
     # (the job step's Snakemake runs each as a local rule)
-    assert text.count("localrule train:") == 1 and text.count("localrule evaluate:") == 2, text[-3000:]
+    assert text.count("localrule train:") == 1, text[-3000:]
+    assert text.count("localrule evaluate__clean__jpeg_only:") == 1, text[-3000:]
     shown = runs["single"].shown[job]
     assert "TresPerJob=gres:gpu:h100:1" in shown and "Partition=gpu" in shown, shown
     for job, _ in run_jobs(runs["ddp"], "ddp"):
@@ -300,15 +304,15 @@ def test_demo_runs_end_to_end_through_slurm(finished):
 
 
 def test_feature_extractions_share_one_submission_and_one_gpu(finished):
-    """The probe's three feature extractions (train, val, test of its variant) are one submission (the
-    profile packs them, group-components), run one after another and asking SLURM for one H100, not three; the
-    probe read what they wrote."""
+    """The probe's feature extractions (train, val, test of its variant) are one job, the backbone built once,
+    in one submission of the profile's features group (group-components), asking SLURM for one H100; the probe
+    read what it wrote."""
     workdir, runs, _ = finished
     run = runs["probe"]
     rules = [rule for _, rule, _ in run.submissions()]
-    assert "features" not in rules and rules.count("group_features_features") == 1, rules
-    ((job, log),) = [(j, log) for j, rule, log in run.submissions() if rule == "group_features_features"]
-    assert log.read_text().count("localrule features:") == 3
+    assert "features" not in {kind(r) for r in rules}, rules
+    ((job, log),) = [(j, log) for j, rule, log in run.submissions() if rule.startswith("group_features_")]
+    assert log.read_text().count("localrule features__train__val__test:") == 1
     shown = run.shown[job]
     assert "TresPerJob=gres:gpu:h100:1" in shown and "Partition=gpu" in shown, shown
     features = sorted(p.name for p in (workdir / "results/features" / PROBE).rglob("*.parquet"))
@@ -331,7 +335,8 @@ def test_short_runs_pack_into_one_submission_on_one_gpu(finished, request):
     )
     ((job, log),) = [(j, log) for j, rule, log in run.submissions() if rule.startswith("group_run_")]
     text = log.read_text()
-    assert text.count("localrule train:") == 2 and text.count("localrule evaluate:") == 2, text[-3000:]
+    assert text.count("localrule train:") == 2, text[-3000:]
+    assert len(re.findall(r"localrule evaluate__\w+:", text)) == 2, text[-3000:]
     shown = run.shown[job]
     # runtime: 30 + 30 minutes of training, then the evaluations side by side (30)
     assert "TresPerJob=gres:gpu:h100:1" in shown and "TimeLimit=01:30:00" in shown, shown
@@ -388,7 +393,7 @@ def test_h100_profile_maps_rules_to_partitions_and_gpus(tmp_path):
     )
     by_rule: dict[str, list[tuple[str, str]]] = {}
     for rule, wildcards, resources in jobs:
-        by_rule.setdefault(rule, []).append((wildcards, resources))
+        by_rule.setdefault(kind(rule), []).append((wildcards, resources))
     for rule in ("degrade", "resize", "linear", "evaluate_probe"):
         assert all("slurm_partition=cpu" in r and "gpu=" not in r for _, r in by_rule[rule]), rule
     for rule in ("train", "features"):

@@ -222,7 +222,7 @@ def test_label_fraction_trains_on_a_grouped_subset(study):
     (evaluation,) = [e for e in expand(merged_config(study))[1]["labels"] if e.run.label_fraction == "0.25"]
     run = evaluation.run
     metrics = json.loads((study / evaluation.eval_dir / "metrics.json").read_text())
-    log = study / "results/logs/runs" / run.run_dir.removeprefix("results/runs/") / "evaluate_clean.log"
+    log = study / "results/logs/runs" / run.run_dir.removeprefix("results/runs/") / "evaluate.log"
     used, total = map(
         int, re.search(r"label fraction 0.25 \(seed 0\): (\d+) of (\d+)", log.read_text()).groups()
     )

@@ -23,7 +23,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 from dermcompress.data.loader import make_loader
 from dermcompress.learn import models
 from dermcompress.learn.checkpoints import CHECKPOINT
-from dermcompress.learn.evaluate import run_evaluation
+from dermcompress.learn.evaluate import run_evaluations
 from dermcompress.learn.inference import predict
 from dermcompress.learn.metrics import EXTRA_KEYS, METRIC_KEYS, VAL_PREFIX, compute_run_metrics
 from dermcompress.learn.runs import HISTORY_COLUMNS
@@ -79,19 +79,23 @@ def train(caches: Path, out: Path, **kwargs) -> dict:
     return run_training(**run_args(caches, out, **kwargs))
 
 
-def evaluate(caches: Path, out: Path, *, model=MODEL, entry=ENTRY, **overrides) -> dict:
-    """run_evaluation of the run in `out` on the cache's val and test splits, into out/run/eval/clean."""
-    return run_evaluation(
+def evaluate(caches: Path, out: Path, *, model=MODEL, entry=ENTRY, variants=None, **overrides) -> dict:
+    """run_evaluations of the run in `out` on the val and test splits of each variant's cache ({name: cache},
+    default {"clean": caches}), into out/run/eval/<name>; the metrics by variant (of clean alone: its own)."""
+    payloads = run_evaluations(
         model_name=model,
         model_entry=entry,
         weights=str(out / "run" / "weights.safetensors"),
         train_summary=str(out / "run" / "train.json"),
-        eval_cache=str(caches),
-        out_dir=str(out / "run" / "eval" / "clean"),
+        evaluations={
+            name: (str(cache), str(out / "run" / "eval" / name))
+            for name, cache in (variants or {"clean": caches}).items()
+        },
         settings={**SETTINGS, **overrides},
         resolution=RES,
         splits=str(caches.parent / "splits.parquet"),
     )
+    return payloads if variants else payloads["clean"]
 
 
 def initial_state(model=MODEL, entry=ENTRY, seed=0) -> dict[str, torch.Tensor]:
@@ -146,6 +150,34 @@ def train_and_evaluate(caches: Path, out: Path, *, model=MODEL, entry=ENTRY, **o
 @pytest.fixture(scope="module")
 def finetuned(caches, tmp_path_factory) -> Path:
     return train_and_evaluate(caches, tmp_path_factory.mktemp("finetune"))
+
+
+def test_one_job_scores_each_variant_as_its_own_job_would(caches, finetuned, tmp_path):
+    """An evaluation job scores a run on all its eval variants with one load of the model: each variant's
+    predictions are byte for byte those of a job of its own (what one job per variant wrote), and its metrics
+    the same but for the job's timings."""
+    # A second variant of other pixels (and image order) over the same images and groups.
+    (tmp_path / "other").mkdir()
+    other = learnable_cache(tmp_path / "other", res=RES, seed=1)[0]
+    variants = {"clean": caches, "other": other}
+    alone = {}
+    for name, cache in variants.items():
+        out = tmp_path / f"alone_{name}"
+        shutil.copytree(finetuned / "run", out / "run", ignore=shutil.ignore_patterns("eval"))
+        alone[name] = (out / "run" / "eval" / name, evaluate(caches, out, variants={name: cache})[name])
+    together = evaluate(caches, finetuned, variants=variants)
+    bytes_of = {
+        name: (finetuned / "run" / "eval" / name / "predictions.parquet").read_bytes() for name in variants
+    }
+    assert bytes_of["clean"] != bytes_of["other"]  # two evaluations, not one written twice
+    for name, (folder, metrics) in alone.items():
+        assert bytes_of[name] == (folder / "predictions.parquet").read_bytes()
+        timings = ("wall_seconds", "eval_img_per_s")
+        assert {k: v for k, v in together[name].items() if k not in timings} == {
+            k: v for k, v in metrics.items() if k not in timings
+        }
+        # Each variant's record: the job's shared start-up and set-up, then its own scoring.
+        assert {"start-up", "setup", "evaluate", "total"} <= set(together[name]["wall_seconds"]["evaluate"])
 
 
 def test_finetune_learns_and_writes_everything(finetuned):

@@ -141,10 +141,7 @@ def test_every_mode_writes_contracted_outputs_recomputable_from_predictions(fini
             assert list(history.columns) == list(HISTORY_COLUMNS)
             assert history["eval_accuracy"].notna().any() and history["train_loss"].notna().sum() >= 2
         log = (
-            finished
-            / "results/logs/runs"
-            / training.relative_to(finished / "results/runs")
-            / "evaluate_clean.log"
+            finished / "results/logs/runs" / training.relative_to(finished / "results/runs") / "evaluate.log"
         )
         assert log.stat().st_size > 0
 
@@ -209,24 +206,27 @@ def test_keep_weights_keeps_the_trained_weights(finished):
 
 
 def test_kept_weights_make_a_new_eval_variant_one_evaluation(finished):
-    """With keep_weights a new eval variant costs its evaluations, not a training."""
-    from test_workflow import planned_jobs
+    """With keep_weights a new eval variant costs evaluations, not a training: each run's one evaluation job
+    scores its eval variants again, the new one among them."""
+    from test_workflow import evaluations_of, kind, planned_jobs
 
     config = yaml.safe_load((finished / "test.yaml").read_text())
     config["experiments"]["modes"]["eval_variants"] = ["clean", "jpeg_only"]
     write_config(finished / "more.yaml", config)
     proc = snakemake(finished, "--dry-run", "--configfile", "more.yaml")
     planned = planned_jobs(proc.stdout + proc.stderr)
-    rules = [rule for rule, _ in planned]
+    rules = [kind(rule) for rule, _ in planned]
     assert "train" not in rules and "linear" not in rules
-    assert rules.count("evaluate") == 3  # finetune, freeze_blocks, lora on jpeg_only
-    assert all(
-        "eval_variant=jpeg_only" in wc for rule, wc in planned if rule in ("evaluate", "evaluate_probe")
+    assert rules.count("evaluate") == 3  # finetune, freeze_blocks, lora
+    assert len([rule for rule in rules if rule in ("evaluate", "evaluate_probe")]) == len(MODES)
+    evaluations = evaluations_of(planned) + evaluations_of(planned, "evaluate_probe")
+    assert sorted((e["mode"], e["eval_variant"]) for e in evaluations) == sorted(
+        (mode, variant) for mode in MODES for variant in ("clean", "jpeg_only")
     )
 
 
 def test_replaced_local_weights_rerun_only_the_runs_that_load_them(finished):
-    from test_workflow import planned_jobs
+    from test_workflow import kind, planned_jobs
 
     weights = finished / "models/test_vit.safetensors"
     original = weights.read_bytes()
@@ -240,5 +240,5 @@ def test_replaced_local_weights_rerun_only_the_runs_that_load_them(finished):
     trains = {wc for rule, wc in planned if rule == "train"}
     assert trains and all("model=vit_local" in wc for wc in trains)
     assert len(trains) == len([m for m in MODES if m not in ("linear", "knn")])
-    features = {wc for rule, wc in planned if rule == "features"}
-    assert features and all("model=vit_local" in wc for wc in features)
+    features = {wc for rule, wc in planned if kind(rule) == "features"}
+    assert features and all(wc[0].startswith("features=vit_local/") for wc in features)

@@ -13,6 +13,7 @@ import yaml
 from conftest import copy_workflow, edited, snakemake, write_config
 
 from dermcompress.data.cache import load_info, read_split
+from dermcompress.learn.runs import parse_eval_dir
 
 pytestmark = pytest.mark.workflow
 
@@ -25,23 +26,57 @@ OVERLAY = {
 }
 
 
-def planned_jobs(dry_run_output: str) -> set[tuple[str, tuple[str, ...]]]:
-    """(rule, wildcards) of every job a `snakemake --dry-run` would run."""
-    jobs, rule, wildcards = set(), None, ()
+class PlannedJob(tuple):
+    """(rule, wildcards) of a planned job, compared as such; `outputs` holds the files it would write."""
+
+    outputs: tuple[str, ...] = ()
+
+
+def planned_jobs(dry_run_output: str) -> set[PlannedJob]:
+    """(rule, wildcards) of every job a `snakemake --dry-run` would run, each with its outputs."""
+    jobs, rule, wildcards, outputs = set(), None, (), ()
+
+    def add() -> None:
+        job = PlannedJob((rule, wildcards))
+        job.outputs = outputs
+        jobs.add(job)
+
     for line in dry_run_output.splitlines():
         if match := re.match(r"^(?:local)?rule (\w+):$", line.strip()):
             if rule:
-                jobs.add((rule, wildcards))
-            rule, wildcards = match.group(1), ()
+                add()
+            rule, wildcards, outputs = match.group(1), (), ()
         elif rule and (match := re.match(r"^wildcards: (.*)$", line.strip())):
             wildcards = tuple(sorted(w.strip() for w in match.group(1).split(",")))
+        elif rule and (match := re.match(r"^output: (.*)$", line.strip())):
+            outputs = tuple(o.strip() for o in match.group(1).split(","))
     if rule:
-        jobs.add((rule, wildcards))
+        add()
     return jobs
 
 
+def kind(rule: str) -> str:
+    """A rule's kind: train.smk makes one evaluation or features rule per set of what its jobs write
+    (`evaluate__clean__jpeg_q75`, `features__train__val`), each of kind `evaluate` or `features`."""
+    return rule.split("__")[0]
+
+
 def rules_of(jobs) -> set[str]:
-    return {rule for rule, _ in jobs}
+    """The kinds of rule among planned jobs."""
+    return {kind(rule) for rule, _ in jobs}
+
+
+def evaluations_of(jobs, of: str = "evaluate") -> list[dict[str, str]]:
+    """Each evaluation the jobs of a kind (evaluate, evaluate_probe) would write: the run's RUN_DIR wildcards and
+    the eval variant, one per metrics.json among each job's outputs, sorted."""
+    found = []
+    for job in jobs:
+        if kind(job[0]) == of:
+            for path in (o for o in job.outputs if o.endswith("/metrics.json")):
+                evaluation = parse_eval_dir(Path(path).parent)
+                run = {k: str(v) for k, v in evaluation.run.wildcards().items()}
+                found.append({**run, "eval_variant": evaluation.eval_variant})
+    return sorted(found, key=lambda e: sorted(e.items()))
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,8 @@
 # Helpers shared by every rule: where the raw data are, what the final targets are, code fingerprints.
 # (setup.smk, included by the Snakefile before validation, has made the package importable.)
+import hashlib
 import os
+import re
 from pathlib import Path
 
 from dermcompress import config as dc_config
@@ -33,10 +35,20 @@ DEGRADED_VARIANTS = "|".join(v for v in VARIANTS if v != "clean") or "(?!)"
 EXPERIMENTS = experiments.selected_experiments(config)
 # Every run once (with its settings), and each experiment's evaluations of them (experiments.py).
 RUNS, EVALUATIONS = experiments.expand(config)
-RUN_DIR, EVAL_DIR, FEATURES = runs.RUN_DIR, runs.EVAL_DIR, runs.FEATURES
-CHECKPOINT_DIR = runs.CHECKPOINT_DIR
+RUN_DIR, CHECKPOINT_DIR = runs.RUN_DIR, runs.CHECKPOINT_DIR
 # The run's path below results/runs/, reused for its logs and benchmarks.
 RUN_ID = RUN_DIR.removeprefix("results/runs/")
+# One job per run scores it on all its eval variants, one per backbone input writes every split its probes read
+# (runs.evaluation_jobs, feature_jobs); grouped by what they write, a rule per group (train.smk).
+_ALL_EVALUATIONS = [e for evals in EVALUATIONS.values() for e in evals]
+_EVALUATION_JOBS = runs.evaluation_jobs(_ALL_EVALUATIONS, VARIANTS)
+TRAINED_EVALUATIONS = runs.jobs_by_set(
+    {r: v for r, v in _EVALUATION_JOBS.items() if r.mode in runs.TRAINED_MODES}
+)
+PROBE_EVALUATIONS = runs.jobs_by_set(
+    {r: v for r, v in _EVALUATION_JOBS.items() if r.mode in runs.PROBE_MODES}
+)
+FEATURE_JOBS = runs.jobs_by_set(runs.feature_jobs(_ALL_EVALUATIONS, config["models"]))
 
 
 wildcard_constraints:
@@ -133,9 +145,53 @@ def get_variant(wildcards):
     return dc_config.variant_settings(config, wildcards.variant)
 
 
+def rule_name(kind, written):
+    """The name given to the rules made per set of jobs, from their kind and what each of their jobs writes
+    (`evaluate__clean__jpeg_q75`, `features__val__test`), or, past 60 characters (a name lands in cluster job
+    names and log paths), how many and a hash of which (`evaluate__17_variants_0c1d2e3f`).
+    """
+    name = "__".join([kind, *written])
+    if len(name) <= 60:
+        return name
+    digest = hashlib.sha256("\n".join(written).encode()).hexdigest()[:8]
+    return f"{kind}__{len(written)}_variants_{digest}"
+
+
+def inherit_profile_settings(kind, names):
+    """Give the rules made per set of variants or splits (`evaluate__clean__jpeg_q75`) what a profile's
+    set-resources and set-threads say for their kind (`evaluate`): Snakemake matches those by exact rule name,
+    and a profile cannot know the names a config makes. Called before the rules are defined (Snakemake applies
+    them then); each job step of a cluster job parses the workflow again, and so inherits the same.
+    """
+    settings = workflow.resource_settings
+    for parsed in (
+        settings._parsed_overwrite_resources,
+        settings._parsed_overwrite_threads,
+    ):
+        if kind in parsed:
+            parsed.update({name: parsed[kind] for name in names})
+
+
+def one_of(values):
+    """A wildcard constraint that matches exactly these values."""
+    return "|".join(re.escape(str(v)) for v in values)
+
+
+def run_ids(selected):
+    """The runs' folders below results/runs/: the values of an evaluation rule's {run} wildcard."""
+    return [run.run_dir.removeprefix("results/runs/") for run in selected]
+
+
+def get_model_name(wildcards):
+    """The model a job's wildcards name: its own {model}, or its run's, or its features folder's."""
+    if hasattr(wildcards, "features"):
+        return get_features_key(wildcards)["model"]
+    return get_run(wildcards).model
+
+
 def get_model_entry(wildcards):
     """The registry entry of the run's model (config `models:`)."""
-    return config["models"][wildcards.model]
+    return config["models"][get_model_name(wildcards)]
 
 
 def get_local_weights(wildcards):
@@ -143,14 +199,23 @@ def get_local_weights(wildcards):
 
     A missing one is left to the job, whose error says how to get and convert the weights.
     """
-    source = config["models"][wildcards.model]["source"]
+    source = get_model_entry(wildcards)["source"]
     path = source.removeprefix("local:")
     return [path] if source.startswith("local:") and Path(path).exists() else []
 
 
 def get_run(wildcards):
-    """The run a job's wildcards name (runs.Run)."""
+    """The run a job's wildcards name (runs.Run): RUN_DIR's, or an evaluation's {run} folder."""
+    if hasattr(wildcards, "run"):
+        return runs.parse_run_dir(f"results/runs/{wildcards.run}")
     return runs.Run.from_wildcards(wildcards)
+
+
+def get_resolution(wildcards):
+    """The image size a model job works at: its run's, or its features folder's."""
+    if hasattr(wildcards, "features"):
+        return get_features_key(wildcards)["res"]
+    return get_run(wildcards).res
 
 
 def get_run_settings(wildcards):
@@ -162,10 +227,36 @@ def get_run_settings(wildcards):
 
 
 def get_run_group(wildcards):
-    """One cluster job per training: a run's train job and its evaluations (and the weights between them) are
+    """One cluster job per training: a run's train job and its evaluation job (and the weights between them) are
     one group (named by resolution, as the SLURM logs show it).
     """
-    return f"run_{wildcards.res}px"
+    return f"run_{get_run(wildcards).res}px"
+
+
+def evaluation_outputs(variants):
+    """An evaluation job's outputs: predictions and metrics of each eval variant, in the run's eval/ folder."""
+    outputs = {}
+    for variant in variants:
+        folder = f"results/runs/{{run}}/eval/{variant}"
+        outputs[f"predictions_{variant}"] = f"{folder}/predictions.parquet"
+        outputs[f"metrics_{variant}"] = f"{folder}/metrics.json"
+    return outputs
+
+
+def get_evaluation_inputs(variants):
+    """Input function of an evaluation rule: the run's weights and training summary, and each eval variant's
+    cache at the run's resolution."""
+
+    def inputs(wildcards):
+        run = get_run(wildcards)
+        return {
+            "weights": f"{run.run_dir}/weights.safetensors",
+            "summary": f"{run.run_dir}/train.json",
+            "splits": "results/data/splits.parquet",
+            **{f"cache_{v}": f"results/cache/{run.res}px/{v}" for v in variants},
+        }
+
+    return inputs
 
 
 def get_weights_output(path):
@@ -174,48 +265,62 @@ def get_weights_output(path):
     return path if config["training"].get("keep_weights", False) else temp(path)
 
 
-def get_probe_features(split, variant_wildcard="train_variant"):
-    """Input function: the frozen features of a probe run's backbone on `split` of the run's training variant
-    (or, with variant_wildcard="eval_variant", of the evaluated one)."""
+def get_probe_features(split):
+    """Input function: the frozen features of a probe run's backbone on `split` of the run's training variant."""
 
     def features(wildcards):
-        run = get_run(wildcards)
-        variant = getattr(wildcards, variant_wildcard)
-        return run.features(
-            variant, split, pretrained=runs.is_pretrained(config["models"][run.model])
-        )
+        return probe_features(get_run(wildcards), wildcards.train_variant)[split]
 
     return features
 
 
-def get_probe_inputs(wildcards):
-    """What a probe's evaluation reads: the eval variant's val and test features; a linear probe's head and
-    summary, or kNN's bank (the training variant's train features) and the validation features that choose k.
-    """
-    run = get_run(wildcards)
-    inputs = {
-        "splits": "results/data/splits.parquet",
-        **{
-            f"eval_{split}": get_probe_features(split, "eval_variant")(wildcards)
-            for split in ("val", "test")
-        },
-    }
-    if run.mode == "linear":
-        inputs |= {
-            "head": f"{run.run_dir}/head.safetensors",
-            "summary": f"{run.run_dir}/train.json",
-        }
-    else:
-        inputs |= {
-            "bank": get_probe_features("train")(wildcards),
-            "choose": get_probe_features("val")(wildcards),
-        }
+def probe_features(run, eval_variant):
+    """The features a probe run reads, by role (runs.Run.probe_features)."""
+    pretrained = runs.is_pretrained(config["models"][run.model])
+    return run.probe_features(eval_variant, pretrained=pretrained)
+
+
+def get_probe_inputs(variants):
+    """Input function of a probe evaluation rule: each eval variant's val and test features (eval_val_<variant>,
+    eval_test_<variant>); a linear probe's head and summary, or kNN's bank (the training variant's train
+    features) and the validation features that choose k."""
+
+    def inputs(wildcards):
+        run = get_run(wildcards)
+        found = {"splits": "results/data/splits.parquet"}
+        for variant in variants:
+            features = probe_features(run, variant)
+            found[f"eval_val_{variant}"] = features["eval_val"]
+            found[f"eval_test_{variant}"] = features["eval_test"]
+        if run.mode == "linear":
+            return found | {
+                "head": f"{run.run_dir}/head.safetensors",
+                "summary": f"{run.run_dir}/train.json",
+            }
+        return found | {"bank": features["train"], "choose": features["val"]}
+
     return inputs
+
+
+def feature_outputs(splits):
+    """A features job's outputs: one table per split, in its features folder."""
+    return {split: f"results/features/{{features}}/{split}.parquet" for split in splits}
+
+
+def get_features_key(wildcards):
+    """The model, resolution, variant and init of a features job (runs.FEATURES_DIR)."""
+    return runs.parse_features_dir(f"results/features/{wildcards.features}")
+
+
+def get_features_cache(wildcards):
+    """The cache a features job reads: its variant at its resolution."""
+    key = get_features_key(wildcards)
+    return f"results/cache/{key['res']}px/{key['variant']}"
 
 
 def get_features_seed(wildcards):
     """The seed a features job builds its backbone from (runs.init_seed)."""
-    return runs.init_seed(wildcards.init)
+    return runs.init_seed(get_features_key(wildcards)["init"])
 
 
 def get_all_metrics():

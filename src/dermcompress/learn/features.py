@@ -1,6 +1,7 @@
-"""Frozen features: a backbone's pooled features of one split of one cache variant, computed once.
+"""Frozen features: a backbone's pooled features of the splits of one cache variant, computed once.
 
-Rule `features` runs the backbone once over a split (on the GPU) and writes `results/features/.../<split>.parquet`:
+A features job (rules `features__<splits>`: one per model x resolution x variant x init) builds the backbone
+once, runs it over each split the probes read (on the GPU) and writes `results/features/.../<split>.parquet`:
 `image_id`, `label` (class name) and `features` (float16, the model's pooled feature vector), with the cost of
 computing them in the file's metadata (images/s, peak GPU memory, GMACs). Linear probes and kNN (probes.py) read
 these files, never the backbone, so each (model, resolution, variant, split) is run through the backbone once
@@ -58,13 +59,13 @@ def run_features(
     model_name: str,
     model_entry: dict,
     cache_dir: str,
-    split: str,
-    out: str,
+    outputs: dict[str, str],
     settings: dict,
     resolution: int,
     seed: int,
-) -> dict[str, Any]:
-    """Features of one split of a cache through the (frozen) backbone -> `out` (parquet); returns its metadata."""
+) -> dict[str, dict[str, Any]]:
+    """Features of each split of a cache ({split: out parquet}) through the (frozen) backbone, built once;
+    returns each file's metadata by split."""
     phases = Phases.from_process_start()
     s = resolve_settings(settings)
     device = devices.resolve_device(s["device"])
@@ -76,41 +77,50 @@ def run_features(
         )
         gmacs, params_m = flops.count_gmacs(model, resolution), count_m(model.parameters())
         model = model.to(device)
-        loader = make_loader(
-            cache_dir, split, batch_size=s["micro_batch_size"] or s["batch_size"], shuffle=False, seed=0
+    written = {}
+    for split, out in outputs.items():
+        with phases("load"):  # the split's pixels: work that grows with the data, not a fixed cost
+            loader = make_loader(
+                cache_dir, split, batch_size=s["micro_batch_size"] or s["batch_size"], shuffle=False, seed=0
+            )
+        own = Phases()
+        with phases("extract"), own("extract"):
+            devices.reset_peak(device)
+            devices.sync(device)
+            feats = extract(model, loader, device=device, autocast=devices.autocast_for(device, precision))
+            devices.sync(device)
+        seconds = own.seconds["extract"]
+        meta = {
+            "model": model_name,
+            "resolution": resolution,
+            "cache": str(cache_dir),
+            "split": split,
+            "seed": seed,
+            "classes": classes,
+            "feature_dim": int(feats.shape[1]),
+            "images": len(loader.dataset),
+            "seconds": seconds,
+            "img_per_s": len(loader.dataset) / seconds if seconds > 0 else None,
+            "peak_mem_mb": devices.peak_mb(device),
+            "gmacs": gmacs,
+            "params_m": params_m,
+            "effective_input_px": model.effective_input_px,
+            "device": str(device),
+            "precision": precision,
+        }
+        with phases("writing"):
+            labels = [classes[i] for i in loader.dataset.labels.tolist()]
+            write_features(out, loader.dataset.image_ids, labels, feats.cpu().numpy(), meta)
+        log.info(
+            "%d x %d features of %s/%s at %.1f images/s",
+            *feats.shape,
+            cache_dir,
+            split,
+            meta["img_per_s"] or 0,
         )
-    with phases("extract"):
-        devices.reset_peak(device)
-        devices.sync(device)
-        feats = extract(model, loader, device=device, autocast=devices.autocast_for(device, precision))
-        devices.sync(device)
-    seconds = phases.seconds["extract"]
-    meta = {
-        "model": model_name,
-        "resolution": resolution,
-        "cache": str(cache_dir),
-        "split": split,
-        "seed": seed,
-        "classes": classes,
-        "feature_dim": int(feats.shape[1]),
-        "images": len(loader.dataset),
-        "seconds": seconds,
-        "img_per_s": len(loader.dataset) / seconds if seconds > 0 else None,
-        "peak_mem_mb": devices.peak_mb(device),
-        "gmacs": gmacs,
-        "params_m": params_m,
-        "effective_input_px": model.effective_input_px,
-        "device": str(device),
-        "precision": precision,
-    }
-    with phases("writing"):
-        labels = [classes[i] for i in loader.dataset.labels.tolist()]
-        write_features(out, loader.dataset.image_ids, labels, feats.cpu().numpy(), meta)
-    log.info(
-        "%d x %d features of %s/%s at %.1f images/s", *feats.shape, cache_dir, split, meta["img_per_s"] or 0
-    )
+        written[split] = meta
     phases.log()
-    return meta
+    return written
 
 
 def write_features(

@@ -37,6 +37,13 @@ class Phases:
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
+    def fork(self) -> Phases:
+        """Phases that start from these (their seconds so far, their clock): a job that does several things after
+        one set-up (an evaluation job scoring each eval variant) gives each its own record."""
+        child = Phases()
+        child.seconds, child._started = dict(self.seconds), self._started
+        return child
+
     def summary(self) -> dict[str, float]:
         """Seconds per phase, and `total` (the process's wall time so far)."""
         return {**{k: round(v, 3) for k, v in self.seconds.items()}, "total": round(self.total(), 3)}

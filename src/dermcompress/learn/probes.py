@@ -13,9 +13,9 @@ kNN: L2-normalised features, each query's k nearest training features voting wit
 (knn.py); several k at once (`training.knn.k`), the one scoring best on the training variant's validation split
 kept, by the same rule.
 
-Evaluation (rule `evaluate_probe`, one per run x eval variant): the run's head, or the kNN bank, scores the val
-and test features of the eval variant; predictions.parquet and metrics.json as every evaluation writes them
-(metrics.write_evaluation).
+Evaluation (rules `evaluate_probe__<variants>`, one job per run on all its eval variants): the run's head, or
+the kNN bank, loaded once, scores the val and test features of each eval variant; predictions.parquet and
+metrics.json as every evaluation writes them (metrics.write_evaluation).
 """
 
 from __future__ import annotations
@@ -236,25 +236,23 @@ def knn_probs(bank: Features, query: Features, s: dict, k: int) -> np.ndarray:
     return probs.double().cpu().numpy()
 
 
-def run_probe_evaluation(
+def run_probe_evaluations(
     *,
     mode: str,
-    eval_features: dict[str, str],
+    evaluations: dict[str, tuple[dict[str, str], str]],
     splits: str,
     settings: dict,
-    out_dir: str,
     head: str | None = None,
     train_summary: str | None = None,
     bank_features: str | None = None,
     choose_features: str | None = None,
-) -> dict:
+) -> dict[str, dict]:
     """A linear probe's head (`head`, `train_summary`) or a kNN bank (`bank_features`, k chosen on
-    `choose_features`) scored on `eval_features` ({split: features file}, val and test) -> predictions.parquet
-    and metrics.json in out_dir."""
+    `choose_features`), loaded once, scored on each eval variant's features ({variant: ({split: features file},
+    out_dir)}, val and test) -> predictions.parquet and metrics.json in each out_dir; the metrics by variant."""
     phases = Phases.from_process_start()
     s = resolve_settings(settings)
     with phases("setup"):
-        queries = {split: read_features(path) for split, path in eval_features.items()}
         if mode == "linear":
             tensors = load_file(head)
             classifier = nn.Linear(tensors["weight"].shape[1], tensors["weight"].shape[0])
@@ -264,40 +262,39 @@ def run_probe_evaluation(
             bank = read_features(
                 bank_features, subsample.train_subset(splits, s["label_fraction"], s["seed"])
             )
-    with phases("evaluate"):
-        if mode == "knn":
+    if mode == "knn":
+        with phases("evaluate"):
             k, chosen = _choose_k(bank, read_features(choose_features), s)
-            train = {
-                **_probe_summary(bank, s, seconds=0.0, trainable=0),
-                "knn_k": k,
-                "knn_val_scores": chosen,
-            }
+        train = {**_probe_summary(bank, s, seconds=0.0, trainable=0), "knn_k": k, "knn_val_scores": chosen}
 
-        def probs_of(query: Features) -> np.ndarray:
-            return (
-                head_probs(classifier, query.features) if mode == "linear" else knn_probs(bank, query, s, k)
+    def probs_of(query: Features) -> np.ndarray:
+        return head_probs(classifier, query.features) if mode == "linear" else knn_probs(bank, query, s, k)
+
+    payloads = {}
+    for variant, (eval_features, out_dir) in evaluations.items():
+        own = phases.fork()  # the shared start-up and set-up (and choice of k), then this variant's own work
+        with phases("evaluate"), own("evaluate"):
+            queries = {split: read_features(path) for split, path in eval_features.items()}
+            frames = [_predictions(q, probs_of(q), splits, split) for split, q in queries.items()]
+        test = queries["test"].meta
+        cost = {
+            "peak_eval_mem_mb": test["peak_mem_mb"],
+            "eval_img_per_s": test["img_per_s"],
+            "device": test["device"],
+            "precision": test["precision"],
+        }
+        with phases("writing"), own("writing"):
+            payloads[variant] = metrics.write_evaluation(
+                out_dir,
+                pd.concat(frames, ignore_index=True),
+                queries["test"].classes,
+                s,
+                train=train,
+                cost=cost,
+                phases=own,
             )
-
-        frames = [_predictions(q, probs_of(q), splits, split) for split, q in queries.items()]
-    test = queries["test"].meta
-    cost = {
-        "peak_eval_mem_mb": test["peak_mem_mb"],
-        "eval_img_per_s": test["img_per_s"],
-        "device": test["device"],
-        "precision": test["precision"],
-    }
-    with phases("writing"):
-        payload = metrics.write_evaluation(
-            out_dir,
-            pd.concat(frames, ignore_index=True),
-            queries["test"].classes,
-            s,
-            train=train,
-            cost=cost,
-            phases=phases,
-        )
     phases.log()
-    return payload
+    return payloads
 
 
 def _choose_k(bank: Features, val: Features, s: dict) -> tuple[int, dict[str, list[float]]]:

@@ -19,6 +19,11 @@ identity: an experiment that logs more often shares the run of one that does not
 
 Frozen features are keyed by what they depend on (FEATURES): model, resolution, variant, split and, for a
 backbone that is not pretrained (its random weights depend on the seed), the seed.
+
+Jobs: one process per run evaluates it on all its eval variants (evaluation_jobs), and one per backbone input
+(model, resolution, variant, init: FEATURES_DIR) writes the features of every split the probes read
+(feature_jobs). Their outputs are the per-variant and per-split files above; a Snakemake rule's outputs are
+fixed, so the workflow has one rule per set of variants (or splits), each naming its jobs (jobs_by_set).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +39,8 @@ from typing import Any
 RUN_DIR = "results/runs/{model}/{res}px/{train_variant}/{mode}/{hparams}/labels{label_fraction}/seed{seed}"
 EVAL_DIR = RUN_DIR + "/eval/{eval_variant}"
 CHECKPOINT_DIR = RUN_DIR.replace("results/runs/", "results/checkpoints/", 1)
-FEATURES = "results/features/{model}/{res}px/{variant}/{init}/{split}.parquet"
+FEATURES_DIR = "results/features/{model}/{res}px/{variant}/{init}"
+FEATURES = FEATURES_DIR + "/{split}.parquet"
 PRETRAINED_INIT = "pretrained"
 # The files a run or an evaluation writes (lineage maps them to their folder).
 RUN_FILES = (
@@ -147,8 +154,22 @@ class Run:
 
     def features(self, variant: str, split: str, *, pretrained: bool) -> str:
         """The frozen features of this run's backbone on one split of a variant."""
+        return FEATURES.format(**self.features_key(variant, pretrained=pretrained), split=split)
+
+    def features_key(self, variant: str, *, pretrained: bool) -> dict[str, Any]:
+        """FEATURES_DIR's values for this run's backbone on a variant: what a features job computes."""
         init = PRETRAINED_INIT if pretrained else f"seed{self.seed}"
-        return FEATURES.format(model=self.model, res=self.res, variant=variant, init=init, split=split)
+        return {"model": self.model, "res": self.res, "variant": variant, "init": init}
+
+    def probe_features(self, eval_variant: str, *, pretrained: bool) -> dict[str, str]:
+        """The features a probe run reads, by role: its training variant's train and val splits (a linear head's
+        training and learning-rate choice; kNN's bank and choice of k) and the eval variant's val and test."""
+        own = {
+            split: self.features(self.train_variant, split, pretrained=pretrained)
+            for split in ("train", "val")
+        }
+        scored = {f"eval_{s}": self.features(eval_variant, s, pretrained=pretrained) for s in ("val", "test")}
+        return own | scored
 
 
 def is_pretrained(entry: dict[str, Any]) -> bool:
@@ -179,6 +200,40 @@ class Evaluation:
         return {**asdict(self.run), "eval_variant": self.eval_variant}
 
 
+def evaluation_jobs(evaluations: Iterable[Evaluation], variants: Sequence[str]) -> dict[Run, tuple[str, ...]]:
+    """Each run once, with the eval variants its one evaluation job scores (in `variants`' order: the config's)."""
+    wanted: dict[Run, set[str]] = {}
+    for e in evaluations:
+        wanted.setdefault(e.run, set()).add(e.eval_variant)
+    return {run: tuple(v for v in variants if v in evs) for run, evs in wanted.items()}
+
+
+def feature_jobs(
+    evaluations: Iterable[Evaluation],
+    registry: dict[str, Any],
+    splits: Sequence[str] = ("train", "val", "test"),
+) -> dict[str, tuple[str, ...]]:
+    """Each backbone input (FEATURES_DIR) the probe runs read once, with the splits its one features job writes."""
+    wanted: dict[str, set[str]] = {}
+    for e in evaluations:
+        if e.run.mode not in PROBE_MODES:
+            continue
+        for path in e.run.probe_features(
+            e.eval_variant, pretrained=is_pretrained(registry[e.run.model])
+        ).values():
+            folder, split = path.rsplit("/", 1)
+            wanted.setdefault(folder, set()).add(split.removesuffix(".parquet"))
+    return {folder: tuple(s for s in splits if s in found) for folder, found in wanted.items()}
+
+
+def jobs_by_set(jobs: dict[Any, tuple[str, ...]]) -> dict[tuple[str, ...], list[Any]]:
+    """The jobs of evaluation_jobs or feature_jobs grouped by what they write (a set of variants or splits)."""
+    grouped: dict[tuple[str, ...], list[Any]] = {}
+    for job, written in jobs.items():
+        grouped.setdefault(written, []).append(job)
+    return grouped
+
+
 def _probe(mode: str) -> str:
     """The hparams stem of a probe mode: a linear probe sweeps its learning rates itself."""
     return "probe" if mode == "linear" else mode
@@ -189,7 +244,7 @@ def _pattern(template: str) -> re.Pattern:
     return re.compile(re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^/]+)", re.escape(template)) + "/?$")
 
 
-_RUN_DIR_RE, _EVAL_DIR_RE = _pattern(RUN_DIR), _pattern(EVAL_DIR)
+_RUN_DIR_RE, _EVAL_DIR_RE, _FEATURES_DIR_RE = _pattern(RUN_DIR), _pattern(EVAL_DIR), _pattern(FEATURES_DIR)
 
 
 class _Wildcards:
@@ -212,6 +267,14 @@ def parse_eval_dir(path: str | Path) -> Evaluation:
         raise ValueError(f"{path} is not an evaluation folder ({EVAL_DIR})")
     values = match.groupdict()
     return Evaluation(Run.from_wildcards(_Wildcards(values)), values["eval_variant"])
+
+
+def parse_features_dir(path: str | Path) -> dict[str, Any]:
+    """FEATURES_DIR's values (model, res, variant, init) read from a features folder's path."""
+    match = _FEATURES_DIR_RE.search(Path(path).as_posix())
+    if match is None:
+        raise ValueError(f"{path} is not a features folder ({FEATURES_DIR})")
+    return {**match.groupdict(), "res": int(match["res"])}
 
 
 def identity_tag(settings: dict[str, Any], defaults: dict[str, Any], mode: str) -> str:

@@ -77,6 +77,8 @@ def trace(
     starts, runs, run_dirs = _starts(path, row, workdir)
 
     def follow(node: Node, entry: dict[str, Any]) -> bool:
+        if not node.reads(entry):  # another eval variant's input of a job that scored several
+            return False
         # A table row follows, of the table's inputs, only those of its own runs.
         if row is None or node.file != starts[0] or is_run(node):
             return True

@@ -17,6 +17,12 @@ from .records import LineageError, find_record, is_temporary, output_of, read_re
 
 # ---------------------------------------------------------------------------------------------------- the walk
 
+# An evaluation job that scores a run on several eval variants names its per-variant files by role and variant:
+# outputs predictions_<variant> and metrics_<variant>, inputs cache_<variant> (from pixels) or
+# eval_val_<variant> and eval_test_<variant> (probes, from features).
+PER_VARIANT = "predictions_"
+VARIANT_INPUTS = ("cache_", "eval_val_", "eval_test_")
+
 
 @dataclass
 class Node:
@@ -49,6 +55,33 @@ class Node:
 
     def resolve(self, path: str) -> Path:
         return self.root / path
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """What the node stands for: its job and, for a job that scored a run on several eval variants, the one
+        of its evaluations the record is of (each is a result of its own, with inputs of its own)."""
+        return self.record["job"], self.variant or ""
+
+    @property
+    def variant(self) -> str | None:
+        """The eval variant the record is of, when its job wrote one set of per-variant outputs per variant
+        (`predictions_<variant>`, `metrics_<variant>`); else None."""
+        for entry in self.record["outputs"]:
+            name, path = entry["name"], self.resolve(entry["path"])
+            if name.startswith(PER_VARIANT) and path.parent == self.written.parent.absolute():
+                return name.removeprefix(PER_VARIANT)
+        return None
+
+    def reads(self, entry: dict[str, Any]) -> bool:
+        """Whether the result the record is of read this input: not another eval variant's cache or features
+        (inputs named `<role>_<variant>` in an evaluation job of several variants)."""
+        variant = self.variant
+        if variant is None:
+            return True
+        scored = [
+            entry["name"].removeprefix(role) for role in VARIANT_INPUTS if entry["name"].startswith(role)
+        ]
+        return not scored or variant in scored
 
     @property
     def label(self) -> str:
@@ -88,12 +121,12 @@ def walk(starts: list[Path], follow=lambda node, entry: True, workdir: Path | No
         load(file, "the result asked for")
     while todo:
         node = todo.pop(0)
-        if node.record["job"] in seen_jobs:
+        if node.key in seen_jobs:
             continue
-        seen_jobs.add(node.record["job"])
+        seen_jobs.add(node.key)
         result.nodes.append(node)
         for entry in node.record["inputs"]:
-            if not follow(node, entry):
+            if not node.reads(entry) or not follow(node, entry):
                 continue
             path = node.resolve(entry["path"])
             external = not within(path, workdir)
@@ -172,9 +205,15 @@ def _train_images(node: Node | None, workdir: Path) -> frozenset[str]:
     return frozenset()
 
 
+def _scored(node: Node) -> Path | None:
+    """The predictions of the evaluation a record is of (output `predictions`, or `predictions_<variant>`)."""
+    variant = node.variant
+    return _role(node, "predictions" if variant is None else PER_VARIANT + variant, "outputs")
+
+
 def run_images(node: Node, found: Walk, workdir: Path) -> dict[str, frozenset[str]]:
     """An evaluation's images: those its model trained on, and the val and test images it was scored on."""
-    used = {s: ids for s, ids in ids_by_split(_role(node, "predictions", "outputs"), workdir).items()}
+    used = {s: ids for s, ids in ids_by_split(_scored(node), workdir).items()}
     if (bank := _role(node, "bank")) is not None:  # kNN: the train features are its model
         train = frozenset().union(*ids_by_split(bank, workdir).values())
     else:
@@ -183,8 +222,9 @@ def run_images(node: Node, found: Walk, workdir: Path) -> dict[str, frozenset[st
 
 
 def is_run(node: Node) -> bool:
-    """An evaluation of a run (rules evaluate, evaluate_probe): what a table row and a run folder stand for."""
-    return _role(node, "predictions", "outputs") is not None
+    """An evaluation of a run (rules evaluate__*, evaluate_probe__*): what a table row and a run folder stand
+    for."""
+    return _scored(node) is not None
 
 
 def merge_ids(parts: list[dict[str, frozenset[str]]]) -> dict[str, frozenset[str]]:
