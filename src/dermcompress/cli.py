@@ -219,8 +219,10 @@ def _add_plan(commands: argparse._SubParsersAction) -> None:
         "plan",
         help="what a config costs before it runs: jobs, cluster submissions, image-passes, disk, GPU-hours",
         description="Plan the whole workflow with Snakemake (a dry run with a cluster profile, so jobs are "
-        "grouped as they will be submitted) and count trainings, evaluations, feature extractions, GPU jobs and "
-        "submissions, backbone image-passes, disk for weights, checkpoints and caches, and GPU-hours.",
+        "grouped as they will be submitted) and count trainings, evaluations, feature extractions (as jobs and as "
+        "what they write), GPU jobs and submissions, backbone image-passes, disk for weights, checkpoints and "
+        "caches, and GPU-hours: of compute, and fixed (each GPU job's start-up and set-up, measured per kind of job "
+        "from the `wall time` lines in the folder's results/logs, else assumed), with the share that computes.",
     )
     plan.add_argument(
         "--configfile",
