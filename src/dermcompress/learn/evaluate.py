@@ -71,6 +71,7 @@ def run_evaluations(
     for variant, (eval_cache, out_dir) in evaluations.items():
         # This variant's record: the shared start-up and set-up, then its own scoring and writing.
         own = phases.fork()
+        log.info("eval variant %s: %s", variant, eval_cache)
         with phases("evaluate"), own("evaluate"):
             predictions = _predict_cache(
                 model, eval_cache, classes, s, splits=splits, device=device, autocast=autocast

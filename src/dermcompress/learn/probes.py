@@ -272,7 +272,8 @@ def run_probe_evaluations(
 
     payloads = {}
     for variant, (eval_features, out_dir) in evaluations.items():
-        own = phases.fork()  # the shared start-up and set-up (and choice of k), then this variant's own work
+        own = phases.fork()  # the shared start-up, set-up and choice of k, then this variant's scoring
+        log.info("eval variant %s: %s", variant, ", ".join(eval_features.values()))
         with phases("evaluate"), own("evaluate"):
             queries = {split: read_features(path) for split, path in eval_features.items()}
             frames = [_predictions(q, probs_of(q), splits, split) for split, q in queries.items()]
