@@ -35,12 +35,18 @@ include: "workflow/rules/aggregate.smk"
 localrules:
     all,
     data_summary,
+    bytes_summary,
     runs_index,
     table,
+    subgroups,
     figure_curves,
     figure_cost,
     figure_robustness,
     figure_label_efficiency,
+    figure_forest,
+    figure_rate_accuracy,
+    figure_reliability,
+    figure_subgroups,
 
 
 rule all:

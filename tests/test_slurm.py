@@ -246,6 +246,23 @@ def finished(slurm, request, tmp_path_factory):
     return workdir, runs, signalled | more
 
 
+def rules_in(smk: str) -> set[str]:
+    """The rules a .smk file defines (`rule NAME:` and `use rule ... as NAME with:`)."""
+    text = (REPO / smk).read_text()
+    return set(re.findall(r"(?m)^rule (\w+):", text)) | set(
+        re.findall(r"(?m)^use rule \w+ as (\w+) with:", text)
+    )
+
+
+def local_rules() -> set[str]:
+    """The rules the Snakefile's `localrules:` block names: they run where Snakemake runs, never through sbatch."""
+    block = re.search(r"(?m)^localrules:\n((?:[ \t]+\w+,?\n)+)", (REPO / "Snakefile").read_text())
+    return set(re.findall(r"\w+", block.group(1)))
+
+
+AGGREGATION = rules_in("workflow/rules/aggregate.smk")
+
+
 def evaluation(workdir: Path, experiment: str, variant: str = "clean") -> tuple[Path, dict]:
     (metrics,) = (workdir / "results/runs" / EXPERIMENTS[experiment]).rglob(f"eval/{variant}/metrics.json")
     return metrics.parent, json.loads(metrics.read_text())
@@ -255,7 +272,7 @@ def test_demo_runs_end_to_end_through_slurm(finished):
     workdir, runs, signalled = finished
     jobs = runs["single"].submissions()
     rules = {rule for _, rule, _ in jobs}
-    # Every stage went through sbatch (aggregation too, unless the workflow declares it local); training and
+    # Every data stage went through sbatch, aggregation never (the Snakefile's localrules); training and
     # evaluation only inside groups.
     assert {
         "synth",
@@ -268,6 +285,7 @@ def test_demo_runs_end_to_end_through_slurm(finished):
     # (a group's submission is named by its group and its rules: train and the run's one evaluation rule)
     assert any(r.startswith("group_run_64px_") and "evaluate__clean__jpeg_only" in r for r in rules), rules
     assert not {kind(r) for r in rules} & {"train", "evaluate"}, rules
+    assert not rules & AGGREGATION, rules & AGGREGATION  # on the login node (the Snakefile's localrules)
     assert all(log.is_file() for _, _, log in jobs), "SLURM writes each job's log"
     # One submission for the training and its evaluation job (both eval variants), asking SLURM for one H100 on
     # the GPU partition.
@@ -394,6 +412,9 @@ def test_h100_profile_maps_rules_to_partitions_and_gpus(tmp_path):
     by_rule: dict[str, list[tuple[str, str]]] = {}
     for rule, wildcards, resources in jobs:
         by_rule.setdefault(kind(rule), []).append((wildcards, resources))
+    # Aggregation only reads small run outputs: every rule of aggregate.smk runs on the login node, never as a
+    # cluster job (whose job step would start a Snakemake of its own for a few seconds of work).
+    assert {"table", "subgroups", "figure_subgroups", "bytes_summary"} <= AGGREGATION <= local_rules()
     for rule in ("degrade", "resize", "linear", "evaluate_probe"):
         assert all("slurm_partition=cpu" in r and "gpu=" not in r for _, r in by_rule[rule]), rule
     for rule in ("train", "features"):
