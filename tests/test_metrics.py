@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
 
 from dermcompress.learn import bootstrap
 from dermcompress.learn.metrics import (
@@ -79,6 +79,20 @@ def test_known_confusion_matrix_three_classes():
     # precision A 1, B 1/2, C 1/2 -> F1 A 0.8, B 0.5, C 2/3
     assert m["f1_macro"] == pytest.approx((0.8 + 0.5 + 2 / 3) / 3)
     assert m["f1_weighted"] == pytest.approx((3 * 0.8 + 2 * 0.5 + 1 * 2 / 3) / 6)
+
+
+def test_f1_averages_over_the_classes_present_in_labels_or_predictions():
+    # Three classes, C in neither the labels nor the predictions: true A A A B B, predicted A A B B B.
+    labels, preds = [0, 0, 0, 1, 1], [0, 0, 1, 1, 1]
+    m = compute_metrics(frame(labels, one_hot_probs(preds, 3), THREE), THREE, n_bootstrap=0)
+    # F1 A = 2*2 / (3 + 2) = 0.8, F1 B = 2*2 / (2 + 3) = 0.8; C has none (0/0) and is left out of the means.
+    assert m["f1_macro"] == pytest.approx(0.8)
+    assert m["f1_macro"] == pytest.approx(f1_score(labels, preds, labels=[0, 1], average="macro"))
+    assert m["f1_weighted"] == pytest.approx(f1_score(labels, preds, labels=[0, 1], average="weighted"))
+    # A class only predicted counts (its F1 is 0): true A A B, predicted A C B.
+    m = compute_metrics(frame([0, 0, 1], one_hot_probs([0, 2, 1], 3), THREE), THREE, n_bootstrap=0)
+    assert m["f1_macro"] == pytest.approx((2 / 3 + 1 + 0) / 3)
+    assert m["per_class_recall"] == {"A": 0.5, "B": 1.0, "C": None}
 
 
 def test_known_auc_from_four_points():

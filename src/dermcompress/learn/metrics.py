@@ -11,6 +11,9 @@ when the positive class and its score are swapped together, so the choice is onl
 give the one-vs-rest macro AUC over the classes that are present in the labels. With a single class in the
 labels AUC is undefined and reported as null.
 
+F1 (macro and weighted) averages over the classes present in the labels or the predictions, as scikit-learn
+does when not told the labels: a class absent from both has no F1 and is left out, not counted as 0.
+
 Confidence intervals are 95% percentile bootstraps over lesion groups (bootstrap.py: images of one lesion are
 not independent, so resampling images would give intervals that are too narrow), seeded, so a rerun gives the
 same numbers.
@@ -159,12 +162,15 @@ def compute_metrics(
     y_pred = class_indices(predictions["pred"], classes, "pred")
     probs = predictions[prob_columns(classes)].to_numpy(dtype=np.float64)
     labels = list(range(len(classes)))
+    # F1 averages over the classes present in the labels or the predictions: a class absent from both has no
+    # F1 (0/0), and counting it as 0 would pull the macro mean down for a class the split does not hold.
+    present = np.union1d(y_true, y_pred).tolist()
 
     recall = recall_score(y_true, y_pred, labels=labels, average=None, zero_division=np.nan)
     metrics = {
         "accuracy": float(accuracy_score(y_true, y_pred)),
-        "f1_macro": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
-        "f1_weighted": float(f1_score(y_true, y_pred, labels=labels, average="weighted", zero_division=0)),
+        "f1_macro": float(f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0)),
+        "f1_weighted": float(f1_score(y_true, y_pred, labels=present, average="weighted", zero_division=0)),
         "auc": auc_score(y_true, probs),
         # The ISIC challenge score: mean recall over the classes present in the labels.
         "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
