@@ -1,9 +1,17 @@
 """The parts of the package import downwards only, checked on what decides reruns: each module's code-fingerprint
 closure (its transitive package imports, function-level ones included). data <- learn <- study, with provenance
-beside study; `dermcompress` itself and `dermcompress.errors` are open to all, config and cli to none."""
+beside study; `dermcompress` itself and `dermcompress.errors` are open to all, config and cli to none.
+
+And what a job imports before its work begins (its start-up, paid by every job): a torch job none of the heavy
+packages (scikit-learn, scipy, matplotlib, timm, transformers, ...), which are imported where they are used; a
+data stage only those its work uses."""
 
 from __future__ import annotations
 
+import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -79,3 +87,81 @@ def test_subpackages_say_what_they_may_import():
     for part in MAY_REACH:
         doc = (PACKAGE / part / "__init__.py").read_text()
         assert "May import:" in doc, part
+
+
+# ------------------------------------------------------------------------------------------ start-up imports
+
+SCRIPTS = PACKAGE.parents[1] / "scripts"
+# Imported where a job uses them (a model built from timm or transformers, scores from scikit-learn), never by the
+# imports a job runs before its work: ~1-3 s each, which every job of the study would pay at start-up.
+HEAVY = ("sklearn", "scipy", "matplotlib", "timm", "transformers", "torchvision", "peft", "fvcore")
+# The data stages, and the heavy packages each one's work uses (lesion groups: scipy; the grouped split: sklearn).
+DATA_STAGES = {
+    "ingest": {"scipy"},
+    "ingest_gather": {"scipy"},
+    "task": set(),
+    "split": {"sklearn", "scipy"},
+    "resize": set(),
+    "resize_gather": set(),
+    "degrade": set(),
+    "data_summary": set(),
+    "bytes_summary": set(),
+}
+# Torch scripts whose package modules still import scikit-learn at module level (learn/probes.py: the fix is
+# to import balanced_accuracy_score where the heads are scored); strict, so that the fix flips it.
+NOT_YET = {"evaluate_probe", "linear"}
+
+
+def imported_at_start(script: Path) -> set[str]:
+    """Top-level packages loaded by a fresh interpreter that runs the script's own import statements (its work,
+    which needs Snakemake's `snakemake` object, left out)."""
+    tree = ast.parse(script.read_text())
+    imports = "; ".join(ast.unparse(n) for n in tree.body if isinstance(n, ast.Import | ast.ImportFrom))
+    code = f"{imports}; import sys; print(' '.join(sorted({{m.split('.')[0] for m in sys.modules}})))"
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(PACKAGE.parent), os.environ.get("PYTHONPATH", "")]),
+    }
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return set(done.stdout.split())
+
+
+def torch_scripts() -> list[str]:
+    """The scripts of torch jobs: those whose package modules import torch (read from the source, not run)."""
+    return sorted(
+        {
+            script.stem
+            for script in SCRIPTS.glob("*.py")
+            for node in ast.parse(script.read_text()).body
+            if isinstance(node, ast.ImportFrom)
+            and (node.module or "").startswith("dermcompress.learn")
+            and "torch" in fingerprint.module_packages(node.module)
+        }
+    )
+
+
+def test_torch_scripts_are_found():
+    assert {"train", "evaluate", "features", "linear", "evaluate_probe"} <= set(torch_scripts())
+    assert not set(DATA_STAGES) & set(torch_scripts())
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(n, marks=pytest.mark.xfail(strict=True, reason="probes.py imports sklearn"))
+        if n in NOT_YET
+        else n
+        for n in torch_scripts()
+    ],
+)
+def test_a_torch_job_imports_nothing_heavy_before_its_work(name):
+    loaded = imported_at_start(SCRIPTS / f"{name}.py")
+    assert "torch" in loaded
+    assert sorted(loaded & set(HEAVY)) == []
+
+
+@pytest.mark.parametrize("name", sorted(DATA_STAGES))
+def test_a_data_stage_imports_only_what_its_work_uses(name):
+    loaded = imported_at_start(SCRIPTS / f"{name}.py")
+    assert sorted((loaded & {"torch", *HEAVY}) - DATA_STAGES[name]) == []

@@ -30,14 +30,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import (
-    accuracy_score,
-    balanced_accuracy_score,
-    confusion_matrix,
-    f1_score,
-    recall_score,
-    roc_auc_score,
-)
 
 from . import bootstrap
 
@@ -136,6 +128,8 @@ def auc_score(y_true: np.ndarray, probs: np.ndarray) -> float | None:
     present = np.unique(y_true)
     if len(present) < 2:
         return None
+    from sklearn.metrics import roc_auc_score  # imported where scored (see compute_metrics)
+
     if probs.shape[1] == 2:
         return float(roc_auc_score(y_true == 1, probs[:, 1]))
     # Per class by hand rather than multi_class="ovr": that raises when a class is missing from the labels,
@@ -152,6 +146,16 @@ def compute_metrics(
     class, recall of a class absent from the labels, CIs with n_bootstrap=0) are None. Intervals resample the
     lesion groups of `group_id` (bootstrap.py).
     """
+    # scikit-learn (and scipy under it) imported here, where scored, not with the module: a torch job imports this
+    # module before its first log line, and ~1.5 s of imports there would be paid at every job's start.
+    from sklearn.metrics import (
+        accuracy_score,
+        balanced_accuracy_score,
+        confusion_matrix,
+        f1_score,
+        recall_score,
+    )
+
     n = len(predictions)
     if n == 0:
         raise ValueError("no predictions to score")
