@@ -5,9 +5,12 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from . import lineage
 
@@ -21,7 +24,8 @@ def job_logging(job: Any, name: str = "dermcompress"):
     `job` is the Snakemake script's `snakemake` object (its first log file is used) or a log path (or None).
     Exceptions are logged with their traceback before they propagate, so a failed job's log says why.
     A Snakemake job that succeeds writes a lineage record of each of its outputs (records.py); one that fails
-    leaves none.
+    leaves none. The first line logged says how long the process took to get here (its start-up: interpreter,
+    Snakemake's script preamble, the script's imports), timed from when the operating system created it.
     """
     log_path = job.log[0] if hasattr(job, "log") and job.log else job if isinstance(job, str | Path) else None
     is_job = hasattr(job, "output") and hasattr(job, "rule")
@@ -46,6 +50,7 @@ def job_logging(job: Any, name: str = "dermcompress"):
     level, fmt = (logging.WARNING, f"[rank {rank}] {FORMAT}") if rank else (logging.INFO, FORMAT)
     logging.basicConfig(level=level, format=fmt, handlers=handlers, force=True)
     logger = logging.getLogger(name)
+    logger.info("started %.2f s after the process (interpreter and imports)", process_seconds())
     try:
         yield logger
         if writes_lineage:
@@ -58,6 +63,11 @@ def job_logging(job: Any, name: str = "dermcompress"):
         sys.stderr = stderr
         if log_file:
             log_file.close()
+
+
+def process_seconds() -> float:
+    """Wall seconds since the operating system created this process (its creation time has 10 ms resolution)."""
+    return max(0.0, time.time() - psutil.Process().create_time())
 
 
 def exit_now() -> None:
