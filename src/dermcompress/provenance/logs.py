@@ -5,12 +5,11 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import psutil
+from dermcompress.learn.phases import process_seconds
 
 from . import lineage
 
@@ -63,23 +62,6 @@ def job_logging(job: Any, name: str = "dermcompress"):
         sys.stderr = stderr
         if log_file:
             log_file.close()
-
-
-def process_seconds() -> float:
-    """Wall seconds since this process was created, to 10 ms.
-
-    On Linux from the kernel's own clock since boot (/proc/uptime, and the process's start in /proc/self/stat):
-    psutil's create_time adds that to the boot time, which /proc/stat gives in whole seconds, and the wall clock
-    may have been stepped since boot, so its age can be off by up to a second (0.9 s on the development
-    machine), the size of what is measured. Elsewhere, psutil's."""
-    try:
-        with open("/proc/uptime") as f:
-            uptime = float(f.read().split()[0])
-        with open("/proc/self/stat") as f:
-            started = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: start time, clock ticks
-        return max(0.0, uptime - started / os.sysconf("SC_CLK_TCK"))
-    except (OSError, ValueError, IndexError):
-        return max(0.0, time.time() - psutil.Process().create_time())
 
 
 def exit_now() -> None:
