@@ -3,18 +3,23 @@
 Two measurements, both of the checkout given by `--workflow` (default: this one):
 
 - imports: per script of a torch job or of the data half in scripts/, a fresh interpreter runs the script's own
-  import statements (with the workflow's src/ first on the path, as its jobs have it): median wall seconds of
-  `--repeats`, and the median excess over a bare `import torch` timed alternately with them; and which heavy
-  packages those imports load (scikit-learn, scipy, matplotlib, timm, transformers, pandas, ...). Nothing of the
-  job's work runs: this is what the script costs before its first line.
+  import statements (with the workflow's src/ first on the path, as its jobs have it): median seconds from the
+  interpreter's start to its imports done, and the median excess over a bare `import torch` timed alternately
+  with them; and which heavy packages those imports load (scikit-learn, scipy, matplotlib, timm, transformers,
+  pandas, ...). Nothing of the job's work runs: this is what the script costs before its first line.
 - through Snakemake: a fresh copy of the workflow runs config.demo.yaml's synthetic data set with a few of its
   experiments (`--experiments`; by default frozen_vs_finetuned and robustness: trainings, evaluations, frozen
   features, linear probes, probe evaluations), one job at a time (`--cores 1`), so that a job's start-up is not
   stretched by another job beside it. From each torch job's log: its start-up, from when the operating system
-  created its process to its first log line (the `started N s after the process` line of job_logging, or where a
-  checkout logs none, the `start-up` of its `wall time` line: the same instant, to 0.1 s), its set-up phase
-  (building the model, which imports timm where a model is built from timm, and opening the cache), and its wall
-  time. The bare `import torch` is timed `--repeats` times before the run and as many after it, median.
+  created its process to its first log line (job_logging's `started N s after the process`; a checkout that logs
+  none has the `start-up` of its `wall time` line instead, the same instant to 0.1 s, which psutil measured: less
+  psutil's clock offset, measured here), its set-up phase (building the model, which imports timm where a model
+  is built from timm, and opening the cache), and its wall time. The baseline: a bare `python -c 'import torch'`
+  `--repeats` times before the run and as many after it, median seconds from its process's start to torch
+  imported (its wall time, which adds the interpreter's exit, is shown too: a job skips that, exit_now).
+
+Times from a process's start come from the kernel's clock since boot (/proc/uptime, /proc/self/stat): psutil's
+create_time adds that to a boot time in whole seconds and read 0.9 s too much on the development machine.
 
 Jobs are grouped by kind from the rule that ran them (Snakemake's output names each job's rule and log), by
 the rule name's prefix before `__` (`evaluate__clean__jpeg_q75` is an evaluate job): train, evaluate, features,
@@ -25,7 +30,7 @@ linear, evaluate_probe. Prints, per kind, the jobs' median start-up and its exce
                                            [--keep DIR] [--idle 0.25] [--imports-only]
 
 The machine may be shared: like prep.py, the timed parts wait until other processes use under `--idle` cores,
-and report how many they used meanwhile.
+and the Snakemake run reports how many they used meanwhile. Linux only (/proc).
 """
 
 from __future__ import annotations
@@ -80,10 +85,23 @@ WALL = re.compile(r"wall time (\d+\.\d+) s: (.*)")
 PHASE = re.compile(r"([\w -]+?) (\d+\.\d+) s \(\d+%\)")
 
 
-def wall(cmd: list[str], env: dict) -> float:
-    start = time.perf_counter()
-    subprocess.run(cmd, env=env, check=True, capture_output=True)
-    return time.perf_counter() - start
+AGE = """
+import os
+from pathlib import Path
+uptime = float(Path("/proc/uptime").read_text().split()[0])
+started = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+print(uptime - started / os.sysconf("SC_CLK_TCK"), flush=True)
+os._exit(0)
+"""
+
+
+def imports_seconds(code: str, env: dict | None = None) -> float:
+    """Seconds from a fresh interpreter's start until `code` has run (the interpreter's exit left out: a job
+    skips it, exit_now)."""
+    out = subprocess.run(
+        [sys.executable, "-c", f"{code}\n{AGE}"], env=env, check=True, capture_output=True, text=True
+    ).stdout
+    return float(out)
 
 
 def script_imports(script: Path) -> str:
@@ -94,11 +112,10 @@ def script_imports(script: Path) -> str:
 
 
 def imports_table(workflow: Path, repeats: int, idle: tuple[float, float]) -> None:
-    """Per script: wall seconds of a fresh interpreter running its imports, and their excess over a bare
+    """Per script: seconds from a fresh interpreter's start to its imports done, and their excess over a bare
     `import torch` timed alternately with them (the median of the paired differences: a shared machine's load
     drifts), and the heavy packages they load."""
     env = {**os.environ, "PYTHONPATH": str(workflow / "src")}
-    bare_cmd = [sys.executable, "-c", "import torch"]
     wait_until_idle(*idle)
     print(f"\nimports of each script (fresh interpreter; medians of {repeats}; src: {workflow / 'src'})")
     print(f"  {'script':<22} {'seconds':>8} {'- torch':>8}  heavy packages loaded")
@@ -107,7 +124,7 @@ def imports_table(workflow: Path, repeats: int, idle: tuple[float, float]) -> No
         code = script_imports(script)
         if script.stem not in DATA_SCRIPTS and "dermcompress.learn" not in code:
             continue  # aggregation (tables, figures): local jobs, not the start-up in question
-        pairs = [(wall(bare_cmd, env), wall([sys.executable, "-c", code], env)) for _ in range(repeats)]
+        pairs = [(imports_seconds("import torch", env), imports_seconds(code, env)) for _ in range(repeats)]
         bare_all += [b for b, _ in pairs]
         seconds = statistics.median(s for _, s in pairs)
         excess = statistics.median(s - b for b, s in pairs)
@@ -158,38 +175,64 @@ def kind_of(rule: str | None, log: Path) -> str | None:
     return None
 
 
-def job_figures(log: Path) -> dict | None:
-    """From a torch job's log: start-up, set-up, wall seconds, and seconds to its first log line."""
-    stamps, startup, wall = [], None, None
+def job_figures(log: Path, offset: float) -> dict | None:
+    """From a torch job's log: start-up (process start to its first log line), set-up, wall seconds.
+
+    The `started N s after the process` line of job_logging gives the start-up; a checkout that logs none has
+    only its `wall time` line, whose start-up (and so total) psutil measured, `offset` seconds too long
+    (psutil_offset)."""
+    stamps, started, wall = [], None, None
     for line in log.read_text().splitlines():
         if match := STAMP.match(line):
             stamps.append(datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp())
-        if startup is None and (match := STARTED.search(line)):
-            startup = float(match.group(1))
+        if started is None and (match := STARTED.search(line)):
+            started = float(match.group(1))
         if match := WALL.search(line):
-            wall = (stamps[-1], float(match.group(1)), dict(PHASE.findall(match.group(2))))
+            wall = (float(match.group(1)), dict(PHASE.findall(match.group(2))))
     if wall is None:  # no `wall time` line: not a job with phases (or it failed)
         return None
-    ended, total, phases = wall
+    total, phases = wall
     phases = {name.strip(): float(s) for name, s in phases.items()}
+    late = 0.0 if started is not None else offset  # the `wall time` line's start-up and total, too long
     return {
-        "startup": startup if startup is not None else phases.get("start-up", 0.0),
+        "startup": started if started is not None else phases.get("start-up", 0.0) - late,
         "setup": phases.get("setup", 0.0),
-        "wall": total,
-        "first_line": stamps[0] - (ended - total),
+        "wall": total - late,
+        "started_line": started is not None,
     }
+
+
+def proc_age() -> float:
+    """Seconds since this process was created, from the kernel's clock since boot (Linux)."""
+    uptime = float(Path("/proc/uptime").read_text().split()[0])
+    started = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+    return uptime - started / os.sysconf("SC_CLK_TCK")
+
+
+def psutil_offset() -> float:
+    """How much psutil's create_time makes a process look older than it is (its boot time is in whole seconds,
+    on a wall clock that may have been stepped since): what a checkout's `wall time` start-up has too much."""
+    import psutil
+
+    return (time.time() - psutil.Process().create_time()) - proc_age()
+
+
+def bare_import_torch() -> tuple[float, float]:
+    """A bare `python -c 'import torch'`: seconds from its process's start to torch imported, and the wall time
+    of the command (which adds the interpreter's exit after torch, ~0.3-1 s, that a job skips: exit_now)."""
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import torch"], check=True, capture_output=True)
+    return imports_seconds("import torch"), time.perf_counter() - start
 
 
 def through_snakemake(args: argparse.Namespace, base: Path) -> int:
     workdir = copy_workflow(args.workflow, base / "wf")
     shutil.copy2(args.workflow / "config.demo.yaml", workdir / "config.demo.yaml")
     config = write_config(workdir, args.experiments)
-    env_python = [sys.executable, "-c", "import torch"]
     idle = (args.idle, args.patience)
-    bare = []
+    bare: list[tuple[float, float]] = []
     wait_until_idle(*idle)
-    for _ in range(args.repeats):
-        bare.append(timed(env_python, workdir, workdir / "bare.log").wall)
+    bare += [bare_import_torch() for _ in range(args.repeats)]
     cmd = [
         str(Path(sys.executable).parent / "snakemake"),
         "--cores",
@@ -199,37 +242,43 @@ def through_snakemake(args: argparse.Namespace, base: Path) -> int:
     ]
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # as `make demo` runs it
     run = timed(cmd, workdir, workdir / "snakemake.log", idle)
-    for _ in range(args.repeats):
-        bare.append(timed(env_python, workdir, workdir / "bare.log").wall)
-    bare_s = statistics.median(bare)
+    bare += [bare_import_torch() for _ in range(args.repeats)]
+    bare_s = statistics.median(age for age, _ in bare)
+    offset = psutil_offset()
 
     rules = rules_by_log((workdir / "snakemake.log").read_text())
     kinds: dict[str, list[dict]] = defaultdict(list)
     for log in sorted((workdir / "results/logs").rglob("*.log")):
         rel = log.relative_to(workdir).as_posix()
         kind = kind_of(rules.get(rel), log.relative_to(workdir))
-        if kind and (figures := job_figures(log)):
+        if kind and (figures := job_figures(log, offset)):
             kinds[kind].append(figures)
     print(f"\nthrough Snakemake: {', '.join(args.experiments)} of config.demo.yaml, --cores {args.cores}")
     print(f"  {show('snakemake', run)}")
     print(
-        f"  bare `python -c 'import torch'`: median {bare_s:.2f} s of {len(bare)} "
-        f"(range {min(bare):.2f}-{max(bare):.2f}), half before the run, half after"
+        f"  bare `python -c 'import torch'`, {len(bare)} times, half before the run, half after: medians "
+        f"{bare_s:.2f} s from its process's start to torch imported, {statistics.median(w for _, w in bare):.2f} s "
+        "of wall time with the interpreter's exit (what a job skips: exit_now); the first is the baseline"
     )
+    if not any(j["started_line"] for jobs in kinds.values() for j in jobs):
+        print(
+            f"  (no `started` lines: start-ups from the `wall time` lines, less psutil's clock offset "
+            f"of {offset:.2f} s measured here)"
+        )
     print(
-        f"  {'kind':<15} {'jobs':>4} {'start-up':>9} {'- torch':>8} {'first line':>11} {'set-up':>7} {'wall':>6}"
-        "   (medians, seconds)"
+        f"  {'kind':<15} {'jobs':>4} {'start-up':>9} {'- torch':>8} {'set-up':>7} {'wall':>6}"
+        "   (medians, seconds; start-up: to the job's first log line)"
     )
     checks = {}
     for kind in TORCH_KINDS.values():
         jobs = kinds.get(kind)
         if not jobs:
             continue
-        med = {key: statistics.median(j[key] for j in jobs) for key in jobs[0]}
+        med = {key: statistics.median(j[key] for j in jobs) for key in ("startup", "setup", "wall")}
         excess = med["startup"] - bare_s
         print(
-            f"  {kind:<15} {len(jobs):>4} {med['startup']:>9.2f} {excess:>+8.2f} {med['first_line']:>11.2f} "
-            f"{med['setup']:>7.2f} {med['wall']:>6.2f}"
+            f"  {kind:<15} {len(jobs):>4} {med['startup']:>9.2f} {excess:>+8.2f} {med['setup']:>7.2f} "
+            f"{med['wall']:>6.2f}"
         )
         checks[f"{kind}: start-up {excess:+.2f} s beyond a bare import torch <= {TARGET_S:.0f} s"] = (
             excess <= TARGET_S
