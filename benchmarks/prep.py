@@ -289,10 +289,14 @@ def _stamps(log: Path) -> list[tuple[float, str]]:
     return found
 
 
+STARTED = re.compile(r"started (\d+\.\d+) s after the process")
+
+
 def job_times(workdir: Path) -> list[dict]:
     """Per job: wall seconds (Snakemake's benchmark file, where the rule has one) and, from its log's time
-    stamps, the seconds before its first log line (interpreter, imports: start-up), for its lineage record
-    (the last line), and when it started and ended."""
+    stamps, the seconds before its first log line (interpreter, imports: start-up; the job's own `started N s
+    after the process` line where it logs one), for its lineage record (the last line), and when it started and
+    ended."""
     jobs = []
     for log in sorted((workdir / "results/logs").rglob("*.log")):
         rel = log.relative_to(workdir / "results/logs").with_suffix("")
@@ -305,6 +309,8 @@ def job_times(workdir: Path) -> list[dict]:
         if tsv.is_file():
             with open(tsv) as f:
                 wall = float(next(csv.DictReader(f, delimiter="\t"))["s"])
+        if match := STARTED.search(stamps[0][1]):
+            wall = max(wall, logged + float(match.group(1)))
         lineage = (
             stamps[-1][0] - stamps[-2][0] if len(stamps) > 1 and "lineage recorded" in stamps[-1][1] else 0
         )
