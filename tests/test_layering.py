@@ -107,9 +107,6 @@ DATA_STAGES = {
     "data_summary": set(),
     "bytes_summary": set(),
 }
-# Torch scripts whose package modules still import scikit-learn at module level (learn/probes.py: the fix is
-# to import balanced_accuracy_score where the heads are scored); strict, so that the fix flips it.
-NOT_YET = {"evaluate_probe", "linear"}
 
 
 def imported_at_start(script: Path) -> set[str]:
@@ -146,15 +143,7 @@ def test_torch_scripts_are_found():
     assert not set(DATA_STAGES) & set(torch_scripts())
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(n, marks=pytest.mark.xfail(strict=True, reason="probes.py imports sklearn"))
-        if n in NOT_YET
-        else n
-        for n in torch_scripts()
-    ],
-)
+@pytest.mark.parametrize("name", torch_scripts())
 def test_a_torch_job_imports_nothing_heavy_before_its_work(name):
     loaded = imported_at_start(SCRIPTS / f"{name}.py")
     assert "torch" in loaded

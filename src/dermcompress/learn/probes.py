@@ -32,7 +32,6 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from sklearn.metrics import balanced_accuracy_score
 from torch import nn
 
 from dermcompress.data import subsample
@@ -53,6 +52,8 @@ KNN_CHUNK = 1024
 def selection_score(labels: np.ndarray, probs: np.ndarray) -> tuple[float, float]:
     """What chooses among a probe's heads or k's: (validation AUC, validation balanced accuracy), higher better;
     an undefined AUC counts as -inf."""
+    from sklearn.metrics import balanced_accuracy_score  # where scored: not at every probe job's start-up
+
     auc = metrics.auc_score(labels, probs)
     return (-math.inf if auc is None else auc, float(balanced_accuracy_score(labels, probs.argmax(1))))
 
