@@ -31,12 +31,10 @@ lint: $(STAMP)  ## ruff, snakefmt and snakemake --lint
 	$(BIN)/snakefmt --check Snakefile workflow/rules
 	$(BIN)/snakemake --lint
 
-# Two test processes on a 2-core machine (tests/conftest.py keeps each module, and the modules sharing a finished
-# study, in one process), then the SLURM tests on their own: on a loaded machine the test cluster's controller
-# answers too slowly and the executor plugin takes its jobs for lost.
+# Two test processes on a 2-core machine: the SLURM tests mostly wait on the cluster while the other process
+# computes (tests/conftest.py keeps each module, and the modules sharing a finished study, in one process).
 unit: $(STAMP)  ## the tests alone
-	$(BIN)/python -m pytest -n 2 --dist loadgroup -m "not slurm" --durations=10
-	$(BIN)/python -m pytest -m slurm --durations=5
+	$(BIN)/python -m pytest -n 2 --dist loadgroup --durations=15
 
 test: lint unit  ## lint, then every test, the SLURM ones included (installs first if needed)
 
