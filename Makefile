@@ -31,10 +31,8 @@ lint: $(STAMP)  ## ruff, snakefmt and snakemake --lint
 	$(BIN)/snakefmt --check Snakefile workflow/rules
 	$(BIN)/snakemake --lint
 
-# Two test processes on a 2-core machine: the SLURM tests mostly wait on the cluster while the other process
-# computes (tests/conftest.py keeps each module, and the modules sharing a finished study, in one process).
 unit: $(STAMP)  ## the tests alone
-	$(BIN)/python -m pytest -n 2 --dist loadgroup --durations=15
+	$(BIN)/python -m pytest
 
 test: lint unit  ## lint, then every test, the SLURM ones included (installs first if needed)
 

@@ -57,18 +57,6 @@ def snakemake(
     return proc
 
 
-# `make test` runs the tests in two processes (pytest-xdist: -n 2 --dist loadgroup), one test module to a
-# process, so that each module's fixtures (a whole workflow run, some of them) run once; the modules that read
-# the session's finished studies (finished_study, planted_study) share one process, so those run once too.
-SHARES_STUDIES = ("test_lineage", "test_planted", "test_reruns", "test_runs")
-
-
-def pytest_collection_modifyitems(config, items) -> None:
-    for item in items:
-        module = item.module.__name__
-        item.add_marker(pytest.mark.xdist_group("studies" if module in SHARES_STUDIES else module))
-
-
 @pytest.fixture
 def workflow_dir(tmp_path: Path) -> Path:
     return copy_workflow(tmp_path / "wf")
