@@ -154,3 +154,16 @@ def test_a_torch_job_imports_nothing_heavy_before_its_work(name):
 def test_a_data_stage_imports_only_what_its_work_uses(name):
     loaded = imported_at_start(SCRIPTS / f"{name}.py")
     assert sorted((loaded & {"torch", *HEAVY}) - DATA_STAGES[name]) == []
+
+
+def test_the_statistics_of_tables_import_no_scipy_stats_or_scikit_learn():
+    """Every table and subgroup job runs the paired comparisons: scipy.stats (~1.2 s) and scikit-learn (~2 s)
+    would add their import to each of those jobs, for a normal and a t distribution (scipy.special) and midranks
+    (pandas)."""
+    code = (
+        "import sys, dermcompress.study.compare, dermcompress.study.subgroups, dermcompress.study.tables; "
+        "print(' '.join(m for m in sys.modules if m.startswith(('scipy.stats', 'sklearn'))))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == []
