@@ -5,11 +5,11 @@ The module fixture runs a trimmed demo with three trainings that are the same co
 names (so three runs): `tiny_single` on one fake H100, evaluated on two variants, the training and both
 evaluations one group submission asking for one GPU; `tiny_preempted` likewise but stopped mid-training with
 the signal SLURM sends before a time limit (`scancel --signal=TERM`, what `--signal=TERM@...` delivers), then
-resumed by Snakemake's retry; and, in a second Snakemake run with a per-submission pool of two GPUs,
-`tiny_ddp` on two fake H100s, i.e. two ranks under torchrun, stopped and resumed likewise. The model is a ViT
-without dropout and the micro batch is half the global batch, so all three must end with the very same
-predictions (test_ddp.py explains why exactly). A linear probe (`tiny_probe`, in the first run) reads frozen
-features of three splits, extracted in one submission on one GPU.
+resumed by Snakemake's retry; and `tiny_ddp` on two fake H100s, i.e. two ranks under torchrun, stopped and
+resumed likewise. The model is a ViT without dropout and the micro batch is half the global batch, so all three
+must end with the very same predictions (test_ddp.py explains why exactly). A linear probe (`tiny_probe`) reads
+frozen features of three splits, extracted in one submission on one GPU. All of it is one Snakemake run, as a
+user's would be; the pack test adds a second.
 
 Without root or apt the SLURM tests skip locally, saying why; with DERMCOMPRESS_REQUIRE_SLURM=1 (`make test`,
 `make test-slurm`) or CI set they fail instead.
@@ -54,7 +54,6 @@ GRID = {
 }
 EXPERIMENTS = {"single": "tiny_single", "preempted": "tiny_preempted", "ddp": "tiny_ddp"}
 PREEMPTED = ("preempted", "ddp")  # stopped once mid-training, then resumed by Snakemake's retry
-FIRST = ("single", "preempted", "probe")  # the first Snakemake run; the second (a pool of two GPUs) adds ddp
 PROBE = "tiny_probe"  # a linear probe on frozen features: its three feature extractions share one submission
 METRICS = ("accuracy", "auc", "f1_macro", "balanced_accuracy")
 OVERLAY = {
@@ -230,7 +229,7 @@ def through_slurm(request, workdir: Path, experiments: tuple[str, ...], *args: s
 
 @pytest.fixture(scope="module")
 def finished(slurm, request, tmp_path_factory):
-    """The trimmed demo through SLURM in two Snakemake runs, the runs in PREEMPTED stopped once: (workdir,
+    """The trimmed demo through SLURM in one Snakemake run, the runs in PREEMPTED stopped once: (workdir,
     {experiment: its Snakemake Run}, {experiment: (job id, steps)})."""
     workdir = copy_workflow(tmp_path_factory.mktemp("slurm"))
     config = yaml.safe_load((workdir / "config.yaml").read_text())
@@ -238,12 +237,8 @@ def finished(slurm, request, tmp_path_factory):
         merge = isinstance(value, dict) and key not in ("models", "experiments")
         config[key] = {**config[key], **value} if merge else value
     write_config(workdir / "config.yaml", config)
-    write_config(workdir / "first.yaml", {"run_experiments": list(FIRST)})
-    first, signalled = through_slurm(request, workdir, ("preempted",), "--configfile", "first.yaml")
-    # The second adds the run that trains on both GPUs.
-    second, more = through_slurm(request, workdir, ("ddp",))
-    runs = {name: second if name == "ddp" else first for name in [*EXPERIMENTS, "probe"]}
-    return workdir, runs, signalled | more
+    run, signalled = through_slurm(request, workdir, PREEMPTED)
+    return workdir, {name: run for name in [*EXPERIMENTS, "probe"]}, signalled
 
 
 def rules_in(smk: str) -> set[str]:

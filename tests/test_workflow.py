@@ -79,9 +79,27 @@ def evaluations_of(jobs, of: str = "evaluate") -> list[dict[str, str]]:
     return sorted(found, key=lambda e: sorted(e.items()))
 
 
+# config.yaml's own variants, one of each kind: the mixes, the single operations and one of each codec family; every
+# path of the data half at half the degrade jobs (one per variant and resolution) of all eighteen.
+VARIANTS = (
+    "clean",
+    "degraded",
+    "jpeg_only",
+    "blur_only",
+    "quantize_only",
+    "jpeg_q30",
+    "webp_q60",
+    "avif_q60",
+)
+
+
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory) -> Path:
     workdir = copy_workflow(tmp_path_factory.mktemp("data-run"))
+    # In config.yaml itself: a --configfile merges into config.yaml's variants and cannot drop one.
+    config = yaml.safe_load((workdir / "config.yaml").read_text())
+    config["degrade"]["variants"] = {v: config["degrade"]["variants"][v] for v in VARIANTS}
+    write_config(workdir / "config.yaml", config)
     write_config(workdir / "test.yaml", OVERLAY)
     snakemake(workdir, "--configfile", "test.yaml")
     return workdir
