@@ -124,6 +124,19 @@ def test_archive_diagnoses_map_by_their_longest_known_prefix():
     assert datasets.archive_diagnosis(row) == "Benign:Benign melanocytic proliferations:Nevus"
 
 
+def test_scc_in_situ_is_ak_in_every_source_as_in_isic_2019():
+    """One lesion type, one class: HAM10000's akiec (actinic keratoses and intraepithelial carcinoma / Bowen's
+    disease), which ISIC 2019 labels AK, and the Archive's SCC in situ (Bowen's disease among it) are both AK;
+    only invasive or unspecified SCC is SCC."""
+    in_situ = "Malignant:Malignant epidermal proliferations:Squamous cell carcinoma in situ"
+    assert datasets.DIAGNOSES_HAM["akiec"] == "AK"
+    assert datasets.archive_class(in_situ) == "AK"
+    assert datasets.archive_class(f"{in_situ}:Squamous cell carcinoma in situ, Bowens disease") == "AK"
+    invasive = "Malignant:Malignant epidermal proliferations:Squamous cell carcinoma, Invasive"
+    assert datasets.archive_class(f"{invasive}:Squamous cell carcinoma, Invasive, Verrucous") == "SCC"
+    assert datasets.archive_class("Malignant:Malignant epidermal proliferations:Squamous cell carcinoma, NOS") == "SCC"
+
+
 def test_isic2020_target_that_contradicts_the_diagnosis_is_invalid(tmp_path):
     root = make_synthetic(tmp_path / "raw", n=N, seed=SEED, source="isic2020")
     gt = pd.read_csv(root / datasets.GT_2020_V2)

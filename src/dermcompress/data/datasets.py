@@ -60,6 +60,10 @@ DIAGNOSES_HAM = {
 }
 # The ISIC Archive's hierarchical diagnosis (diagnosis_1:…:diagnosis_5, isic-metadata's DiagnosisEnum) -> the
 # study's classes: the longest prefix here that a diagnosis starts with wins (a melanoma in situ is MEL).
+# SCC in situ (Bowen's disease) is AK, as in ISIC 2019's own ground truth: its AK images from HAM10000 are that
+# set's `akiec`, "actinic keratoses and intraepithelial carcinoma / Bowen's disease" (Tschandl et al. 2018),
+# the ISIC 2018 class "Actinic keratosis / Bowen's disease (intraepithelial carcinoma)"; SCC is invasive (or
+# unspecified) SCC. One lesion type, one class, whatever the source (README, "Other data sources").
 DIAGNOSES_ARCHIVE = {
     "Malignant:Malignant melanocytic proliferations (Melanoma)": "MEL",
     "Benign:Benign melanocytic proliferations:Nevus": "NV",
@@ -70,7 +74,7 @@ DIAGNOSES_ARCHIVE = {
     "Benign:Benign epidermal proliferations:Lichen planus like keratosis": "BKL",
     "Benign:Benign soft tissue proliferations - Fibro-histiocytic:Dermatofibroma": "DF",
     "Benign:Benign soft tissue proliferations - Vascular": "VASC",
-    "Malignant:Malignant epidermal proliferations:Squamous cell carcinoma in situ": "SCC",
+    "Malignant:Malignant epidermal proliferations:Squamous cell carcinoma in situ": "AK",
     "Malignant:Malignant epidermal proliferations:Squamous cell carcinoma, Invasive": "SCC",
     "Malignant:Malignant epidermal proliferations:Squamous cell carcinoma, NOS": "SCC",
 }
