@@ -134,7 +134,56 @@ def test_scc_in_situ_is_ak_in_every_source_as_in_isic_2019():
     assert datasets.archive_class(f"{in_situ}:Squamous cell carcinoma in situ, Bowens disease") == "AK"
     invasive = "Malignant:Malignant epidermal proliferations:Squamous cell carcinoma, Invasive"
     assert datasets.archive_class(f"{invasive}:Squamous cell carcinoma, Invasive, Verrucous") == "SCC"
-    assert datasets.archive_class("Malignant:Malignant epidermal proliferations:Squamous cell carcinoma, NOS") == "SCC"
+    assert (
+        datasets.archive_class("Malignant:Malignant epidermal proliferations:Squamous cell carcinoma, NOS")
+        == "SCC"
+    )
+
+
+def test_archive_images_that_are_not_dermoscopic_are_quarantined_with_their_type(tmp_path):
+    """An unfiltered isic-cli download mixes clinical close-ups and overviews, TBP tiles and RCM images into
+    the dermoscopic ones: each is quarantined as excluded_image_type naming its type (an image without a type
+    too), unless data.image_types accepts it."""
+    root = make_synthetic(tmp_path / "raw", n=N, seed=SEED, source="isic_archive")
+    meta = pd.read_csv(root / datasets.METADATA_ARCHIVE, dtype=str)
+    kinds = ["clinical: close-up", "clinical: overview", "TBP tile: close-up", "RCM: tile", None]
+    changed = dict(zip(meta["isic_id"][:5], kinds, strict=True))
+    meta["image_type"] = meta["isic_id"].map(changed).where(meta["isic_id"].isin(changed), "dermoscopic")
+    meta.to_csv(root / datasets.METADATA_ARCHIVE, index=False)
+    by_id = ingest("isic_archive", root, tmp_path / "out").set_index("image_id")
+    for image, kind in changed.items():
+        assert (
+            by_id.loc[image, "status"] == "quarantined"
+            and by_id.loc[image, "reason"] == "excluded_image_type"
+        )
+        assert (repr(kind) if kind else "no image_type") in by_id.loc[image, "detail"]
+    assert (by_id.loc[~by_id.index.isin(changed), "reason"] != "excluded_image_type").all()
+    assert set(pd.read_csv(tmp_path / "out" / "quarantine.csv").query("reason == 'excluded_image_type'")[
+        "image_id"]) == set(changed)  # fmt: skip
+    wider = ingest(
+        "isic_archive", root, tmp_path / "wider", image_types=["dermoscopic", "clinical: close-up"]
+    ).set_index("image_id")
+    close_up = meta["isic_id"][0]
+    assert wider.loc[close_up, "reason"] != "excluded_image_type"
+    assert wider.loc[close_up, "image_type"] == "clinical: close-up"
+
+
+def test_the_manifest_carries_the_metadata_each_source_gives(tmp_path):
+    """Skin type, image type and how the diagnosis was confirmed (the Archive's; HAM10000's dx_type), beside
+    sex, age and site: what a subgroup analysis needs, in the source's words."""
+    archive = make_synthetic(tmp_path / "archive", n=N, seed=SEED, source="isic_archive")
+    meta = pd.read_csv(archive / datasets.METADATA_ARCHIVE, dtype=str).set_index("isic_id")
+    by_id = ingest("isic_archive", archive, tmp_path / "a").set_index("image_id")
+    for column in ("fitzpatrick_skin_type", "image_type", "dermoscopic_type", "diagnosis_confirm_type"):
+        expected = meta[column].reindex(by_id.index)
+        assert expected.notna().any(), column
+        assert (by_id[column].fillna("-") == expected.fillna("-")).all(), column
+    ham = make_synthetic(tmp_path / "ham", n=N, seed=SEED, source="ham10000")
+    table = pd.read_csv(ham / datasets.METADATA_HAM, dtype=str).set_index("image_id")
+    by_id = ingest("ham10000", ham, tmp_path / "h").set_index("image_id")
+    assert (by_id["diagnosis_confirm_type"] == table["dx_type"].reindex(by_id.index)).all()
+    assert (by_id["anatom_site_general"] == table["localization"].reindex(by_id.index)).all()
+    assert by_id["fitzpatrick_skin_type"].isna().all()  # HAM10000 gives none
 
 
 def test_isic2020_target_that_contradicts_the_diagnosis_is_invalid(tmp_path):

@@ -43,6 +43,7 @@ if INGEST_PARTS == 1:
             source=SOURCE,
             max_pixels=config["data"]["max_pixels"],
             max_file_bytes=config["data"]["max_file_bytes"],
+            image_types=config["data"]["image_types"],
             synthetic=SYNTHETIC,
             code=get_code("data.ingest"),
         script:
@@ -65,6 +66,7 @@ else:
             source=SOURCE,
             max_pixels=config["data"]["max_pixels"],
             max_file_bytes=config["data"]["max_file_bytes"],
+            image_types=config["data"]["image_types"],
             synthetic=SYNTHETIC,
             part=get_part,
             parts=INGEST_PARTS,

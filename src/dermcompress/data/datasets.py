@@ -34,8 +34,35 @@ log = logging.getLogger(__name__)
 
 SOURCES = ("isic2019", "isic2020", "ham10000", "isic_archive")
 LABEL_COLUMNS = (*ISIC_CLASSES, "UNK")
-METADATA_FIELDS = ("lesion_id", "patient_id", "age_approx", "anatom_site_general", "sex")
+# What the manifest keeps of each image's metadata, in the sources' own words: ids, the subgroup fields (ISIC
+# 2020's anatom_site_general_challenge and HAM10000's localization are anatom_site_general, HAM10000's age is
+# age_approx), and what only some sources give: the Archive's fitzpatrick_skin_type, image_type and
+# dermoscopic_type, how the diagnosis was confirmed (the Archive's diagnosis_confirm_type, HAM10000's dx_type:
+# histo, follow_up, consensus, confocal). A field a source lacks is null.
+METADATA_FIELDS = (
+    "lesion_id",
+    "patient_id",
+    "age_approx",
+    "anatom_site_general",
+    "sex",
+    "fitzpatrick_skin_type",
+    "image_type",
+    "dermoscopic_type",
+    "diagnosis_confirm_type",
+)
 ID_FIELDS = ("lesion_id", "patient_id")
+# isic-metadata's ImageTypeEnum; a study of dermoscopy accepts only `dermoscopic` (config data.image_types).
+IMAGE_TYPES = (
+    "dermoscopic",
+    "clinical: overview",
+    "clinical: close-up",
+    "TBP tile: close-up",
+    "TBP tile: overview",
+    "RCM: macroscopic",
+    "RCM: tile",
+    "RCM: mosaic",
+)
+DEFAULT_IMAGE_TYPES = ("dermoscopic",)
 
 # ISIC 2020's `diagnosis` -> the study's classes. ISIC 2019's BKL is "solar lentigo / seborrheic keratosis /
 # lichen planus-like keratosis"; "lentigo NOS" may be a melanocytic lentigo simplex, so it stays unmapped, as do
@@ -270,8 +297,12 @@ def read_ham10000(paths: dict) -> SourceTables:
     _require(table, ["lesion_id", "image_id", "dx"], paths["labels"], "HAM10000 metadata")
     table = drop_blank_ids(table.rename(columns={"image_id": "image"}), paths["labels"])
     labels, problems = _mapped(table["image"], table["dx"], DIAGNOSES_HAM, "dx")
-    meta = _metadata(table, {"age": "age_approx", "localization": "anatom_site_general"})
-    return SourceTables(_one_hot(table["image"], labels), meta, problems)
+    renames = {
+        "age": "age_approx",
+        "localization": "anatom_site_general",
+        "dx_type": "diagnosis_confirm_type",
+    }
+    return SourceTables(_one_hot(table["image"], labels), _metadata(table, renames), problems)
 
 
 def archive_diagnosis(row: pd.Series) -> str | None:
@@ -306,6 +337,29 @@ def read_isic_archive(paths: dict) -> SourceTables:
     labels = diagnoses.map(archive_class)
     problems = _unmapped(table["image"], diagnoses, labels, "diagnosis")
     return SourceTables(_one_hot(table["image"], labels), _metadata(table, {}), problems)
+
+
+def image_type_problems(
+    meta: pd.DataFrame, accepted: tuple[str, ...] | list[str], *, required: bool
+) -> dict[str, tuple[str, str]]:
+    """image -> an `excluded_image_type` problem for every image whose metadata names an image_type
+    (isic-metadata's: `clinical: close-up`, `TBP tile: overview`, `RCM: tile`, ...) outside `accepted`
+    (data.image_types); with `required` (the ISIC Archive, which mixes types) a blank one too. The challenge
+    sets are dermoscopic by construction: their images are excluded only where extra metadata names another type."""
+    if "image_type" not in meta.columns:
+        return {}
+    shown = ", ".join(accepted)
+    problems = {}
+    for image, kind in meta[["image", "image_type"]].itertuples(index=False):
+        if kind is None or (not isinstance(kind, str) and pd.isna(kind)):
+            if required:
+                problems[image] = ("excluded_image_type", f"no image_type in the metadata; accepted: {shown}")
+        elif kind not in accepted:
+            problems[image] = (
+                "excluded_image_type",
+                f"image_type {kind!r} is not in data.image_types ({shown})",
+            )
+    return problems
 
 
 def join_extra(meta: pd.DataFrame, path: str | Path) -> tuple[pd.DataFrame, dict[str, tuple[str, str]]]:

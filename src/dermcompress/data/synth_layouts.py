@@ -10,7 +10,8 @@ three lesions, and each layout gives the ids its real counterpart gives.
 - ham10000: HAM10000_metadata.csv (lesion_id, image_id, dx, dx_type, age, sex, localization, dataset), images
   split between HAM10000_images_part_1/ and _part_2/ (or their zips); no patient ids, as in the real file;
 - isic_archive: flat ISIC_*.jpg, metadata.csv (isic_id, attribution, copyright_license, patient_id and
-  lesion_id for some images only, diagnosis_1..3, age_approx, sex, anatom_site_general, pixels_x, pixels_y),
+  lesion_id for some images only, diagnosis_1..3, age_approx, sex, anatom_site_general, pixels_x, pixels_y,
+  image_type, dermoscopic_type, fitzpatrick_skin_type for half the images, diagnosis_confirm_type),
   attribution.txt and licenses/ (not images).
 
 A class a source does not have is written with a diagnosis that its table (datasets.py) does not map, so the
@@ -49,6 +50,7 @@ ARCHIVE_PATHS = {
 }
 ARCHIVE_KNOWN_PATIENT = 0.7  # share of Archive images whose patient id the metadata gives
 ARCHIVE_KNOWN_LESION = 0.8
+SKIN_TYPES = ("I", "II", "III", "IV", "V", "VI")  # isic-metadata's FitzpatrickSkinType
 
 
 def _patients(plan: Plan, seed: int) -> dict[int, str]:
@@ -203,6 +205,14 @@ def _write_isic_archive(out: Path, frame: pd.DataFrame, as_zip: bool) -> dict[st
             "anatom_site_general": frame["site"],
             "pixels_x": frame["width"],
             "pixels_y": frame["height"],
+            # What real downloads carry too: every image dermoscopic here (a test makes some clinical), a skin
+            # type for some images only (drawn after the ids, which keep their draws).
+            "image_type": "dermoscopic",
+            "dermoscopic_type": "contact polarized",
+            "fitzpatrick_skin_type": pd.Series(rng.choice(SKIN_TYPES, size=n)).where(rng.random(n) < 0.5),
+            "diagnosis_confirm_type": np.where(
+                frame["label"].isin(["MEL", "BCC", "SCC"]), "histopathology", "single image expert consensus"
+            ),
         }
     )
     table.to_csv(out / datasets.METADATA_ARCHIVE, index=False, lineterminator="\n")
