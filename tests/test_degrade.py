@@ -283,6 +283,24 @@ def test_before_resize_degrades_the_raw_images(data, tmp_path):
     assert load_info(tmp_path / "d")["order"] == "before_resize"
 
 
+def test_before_resize_bytes_are_those_of_the_transmitted_size(data, tmp_path):
+    """Degraded before resizing, an image is sent at the cache's size: every row (jpeg-degraded ones too) costs
+    what a PNG of its cached pixels costs, at most 24 bits per pixel plus the format's few bytes; never the
+    full-size JPEG's bytes divided by the small image's pixels."""
+    meta, pixels = degrade(data, tmp_path / "d", "before_resize")
+    jpeg = (meta["degradation"] == "jpeg").to_numpy()
+    assert jpeg.any() and load_info(tmp_path / "d")["order"] == "before_resize"
+    for i in range(len(meta)):
+        assert meta["encoded_bytes"].iat[i] == png_size_by_pillow_round_trip(pixels[i])[0], meta[
+            "image_id"
+        ].iat[i]
+    assert set(meta["codec"]) == {"png"} and meta["codec_quality"].isna().all()
+    bpp = 8 * meta["encoded_bytes"].to_numpy() / RES**2
+    assert bpp.max() <= 24 + 8 * 200 / RES**2  # PNG's signature, chunks and filter bytes: under 200 bytes
+    for stats in load_info(tmp_path / "d")["bytes"].values():
+        assert stats["bpp"] <= 24
+
+
 def test_before_resize_names_every_raw_image_changed_since_ingest(data, tmp_path):
     images = tmp_path / "images"
     import shutil
