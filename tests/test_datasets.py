@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 
 from dermcompress.data import datasets
@@ -15,6 +16,7 @@ from dermcompress.data.manifest import gather_ingest
 from dermcompress.data.sources import DataFileError
 from dermcompress.data.split import run_split
 from dermcompress.data.synth import make_synthetic
+from dermcompress.study.tables import run_data_summary
 
 N, SEED = 60, 2
 BIG = 89_478_485
@@ -184,6 +186,52 @@ def test_the_manifest_carries_the_metadata_each_source_gives(tmp_path):
     assert (by_id["diagnosis_confirm_type"] == table["dx_type"].reindex(by_id.index)).all()
     assert (by_id["anatom_site_general"] == table["localization"].reindex(by_id.index)).all()
     assert by_id["fitzpatrick_skin_type"].isna().all()  # HAM10000 gives none
+
+
+@pytest.mark.parametrize(
+    ("source", "as_zip"), [("isic2019", True), ("isic2020", False), ("isic_archive", False)]
+)
+def test_a_synth_set_pointed_at_by_hand_is_marked_synthetic(tmp_path, source, as_zip):
+    """`dermcompress synth DIR` then data.isic_root: DIR: ingest reads the set's marker file, so the manifest
+    (its synthetic column and metadata) and the data summary, which the report shows, say synthetic; and the
+    marker names the source it stands in for."""
+    root = make_synthetic(tmp_path / "raw", n=N, seed=SEED, source=source, as_zip=as_zip)
+    if source != "isic2019":
+        text = (root / datasets.SYNTHETIC_README).read_text()
+        assert text.startswith(datasets.synthetic_marker(source)) and "ISIC 2019" not in text
+    out = tmp_path / "out"
+    manifest = ingest(source, root, out, synthetic=False)
+    assert manifest["synthetic"].all()
+    about = pq.read_schema(out / "manifest.parquet").metadata
+    assert about[b"synthetic"] == b"True" and about[b"synthetic_marker"]
+    task = manifest[manifest["status"] == "ok"].assign(label_idx=0)
+    task.to_parquet(tmp_path / "task.parquet")
+    run_split(
+        task=tmp_path / "task.parquet", splits_out=tmp_path / "splits.parquet",
+        report_out=tmp_path / "report.json", group_columns=["patient_id", "lesion_id"],
+        test_fraction=0.2, val_fraction=0.1, seed=0,
+    )  # fmt: skip
+    md, html = tmp_path / "summary.md", tmp_path / "summary.html"
+    run_data_summary(
+        manifest=str(out / "manifest.parquet"), split_report=tmp_path / "report.json", md=md, html=html
+    )
+    assert md.read_text().startswith("SYNTHETIC data") and "SYNTHETIC data" in html.read_text()
+
+
+def test_the_official_files_are_not_marked_synthetic(tmp_path):
+    """The marker is the synth's alone: a set whose documentation file is the publisher's is real data."""
+    root = make_synthetic(tmp_path / "raw", n=N, seed=SEED)
+    (root / "ISIC_2019_Training_Input" / "ATTRIBUTION.txt").write_text(
+        "ISIC 2019 Challenge: attribution ...\n"
+    )
+    assert not ingest("isic2019", root, tmp_path / "out", synthetic=False)["synthetic"].any()
+
+
+def test_an_isic2020_folder_read_as_isic2019_suggests_the_source(tmp_path):
+    """The walkthrough's case: the default source, a folder holding only ISIC 2020's zip."""
+    (tmp_path / "ISIC_2020_Training_JPEG.zip").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"ISIC_2019_Training_Input.*set data\.source: isic2020"):
+        datasets.source_paths("isic2019", tmp_path)
 
 
 def test_isic2020_target_that_contradicts_the_diagnosis_is_invalid(tmp_path):

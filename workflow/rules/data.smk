@@ -44,7 +44,7 @@ if INGEST_PARTS == 1:
             max_pixels=config["data"]["max_pixels"],
             max_file_bytes=config["data"]["max_file_bytes"],
             image_types=config["data"]["image_types"],
-            synthetic=SYNTHETIC,
+            synthetic=SYNTHETIC_DATA,
             code=get_code("data.ingest"),
         script:
             "../../scripts/ingest.py"
@@ -67,7 +67,7 @@ else:
             max_pixels=config["data"]["max_pixels"],
             max_file_bytes=config["data"]["max_file_bytes"],
             image_types=config["data"]["image_types"],
-            synthetic=SYNTHETIC,
+            synthetic=SYNTHETIC_DATA,
             part=get_part,
             parts=INGEST_PARTS,
             code=get_code("data.ingest"),
@@ -87,6 +87,8 @@ else:
         conda:
             "../../envs/data.yaml"
         params:
+            # Not read by the gather: recorded in the manifest's lineage, as one job's params are.
+            synthetic=SYNTHETIC_DATA,
             code=get_code("data.ingest"),
         script:
             "../../scripts/ingest_gather.py"

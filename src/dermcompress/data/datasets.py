@@ -22,13 +22,21 @@ image id to any source.
 from __future__ import annotations
 
 import logging
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
 from dermcompress import ISIC_CLASSES
-from dermcompress.data.sources import DataFileError, official_paths
+from dermcompress.data.sources import (
+    DOC_FILES,
+    GROUND_TRUTH,
+    IMAGES_DIR,
+    IMAGES_ZIP,
+    DataFileError,
+    official_paths,
+)
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +123,74 @@ IMAGES_HAM = ("HAM10000_images_part_1", "HAM10000_images_part_2")
 METADATA_ARCHIVE = "metadata.csv"
 
 
+# What each source is called in words (markers, banners, errors).
+SOURCE_NAMES = {
+    "isic2019": "ISIC 2019",
+    "isic2020": "ISIC 2020",
+    "ham10000": "HAM10000",
+    "isic_archive": "ISIC Archive",
+}
+# The file `dermcompress synth` writes in every layout but ISIC 2019's, whose image folder's ATTRIBUTION.txt
+# carries the marker instead (the official zip's own documentation file).
+SYNTHETIC_README = "SYNTHETIC.txt"
+
+
+def synthetic_marker(source: str) -> str:
+    """The first words of every file `dermcompress synth` writes to say a set is synthetic, naming its source."""
+    return f"SYNTHETIC {SOURCE_NAMES[source].upper()} STAND-IN"
+
+
+def is_synthetic_marker(text: str) -> bool:
+    """Whether a file's text starts with a synthetic marker (of any source, older sets' included)."""
+    first = text.lstrip().splitlines()[0] if text.strip() else ""
+    return first.startswith("SYNTHETIC ") and "STAND-IN" in first
+
+
+def find_synthetic_marker(root: str | Path) -> str | None:
+    """Where `root` (a data.isic_root) says it was written by `dermcompress synth`: SYNTHETIC.txt, or the ISIC
+    2019 image folder's (or zip's) ATTRIBUTION.txt, starting with a synthetic marker; None when nothing does
+    (the official files, or a folder that does not exist)."""
+    root = Path(root)
+    for path in (root / SYNTHETIC_README, root / IMAGES_DIR / DOC_FILES[0]):
+        try:
+            if path.is_file() and is_synthetic_marker(path.read_text(errors="replace")[:200]):
+                return str(path)
+        except OSError:
+            continue
+    try:
+        with zipfile.ZipFile(root / IMAGES_ZIP) as archive:
+            text = archive.read(f"{IMAGES_DIR}/{DOC_FILES[0]}")[:200].decode(errors="replace")
+        if is_synthetic_marker(text):
+            return f"{root / IMAGES_ZIP}:{IMAGES_DIR}/{DOC_FILES[0]}"
+    except (OSError, KeyError, zipfile.BadZipFile):
+        pass
+    return None
+
+
+def guess_source(root: str | Path) -> str | None:
+    """The data.source whose characteristic files `root` holds (for an error that suggests it), else None."""
+    root = Path(root)
+    signs = {
+        "isic2019": (GROUND_TRUTH, IMAGES_DIR, IMAGES_ZIP),
+        "isic2020": (GT_2020_V2, GT_2020, IMAGES_2020[1]),
+        "ham10000": (METADATA_HAM, *IMAGES_HAM, *(f"{p}.zip" for p in IMAGES_HAM)),
+    }
+    for source, names in signs.items():
+        if any((root / name).exists() for name in names):
+            return source
+    if (root / METADATA_ARCHIVE).is_file():
+        return "isic_archive"
+    return None
+
+
+def _suggestion(root: Path, source: str) -> str:
+    """' It holds ISIC 2020's files: set data.source: isic2020.' when `root` looks like another source."""
+    other = guess_source(root)
+    if other is None or other == source:
+        return ""
+    return f". It holds {SOURCE_NAMES[other]}'s files: set data.source: {other}."
+
+
 @dataclass
 class SourceTables:
     """What ingest checks, whatever the source: `gt` (image + LABEL_COLUMNS as text, one row per label row),
@@ -168,6 +244,7 @@ def _first_existing(root: Path, names: tuple[str, ...], what: str, source: str) 
             return root / name
     raise FileNotFoundError(
         f"data.isic_root={str(root)!r} holds no {what} of data.source {source!r} (looked for {', '.join(names)})"
+        + _suggestion(root, source)
     )
 
 
@@ -178,7 +255,10 @@ def source_paths(source: str, root: str | Path, *, synthetic: bool = False) -> d
     v2 ground truth and duplicates list); for the ISIC Archive only the folder, which holds metadata.csv."""
     root = Path(root)
     if source == "isic2019":
-        paths = official_paths(root, prefer="folder" if synthetic else None)
+        try:
+            paths = official_paths(root, prefer="folder" if synthetic else None)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"{str(err).rstrip('.')}{_suggestion(root, source)}") from None
         return {"labels": paths["ground_truth"], "metadata": paths["metadata"], "images": paths["images"]}
     if source == "isic2020":
         if synthetic:

@@ -27,6 +27,7 @@ from dermcompress.data.datasets import (
     LABEL_COLUMNS,
     METADATA_FIELDS,
     default_labels,
+    find_synthetic_marker,
     image_type_problems,
     join_extra,
     lesion_conflicts,
@@ -42,6 +43,7 @@ from dermcompress.data.sources import (
     image_id_of,
     image_paths,
     open_images,
+    synthetic_banner,
 )
 
 log = logging.getLogger(__name__)
@@ -231,9 +233,15 @@ def run_ingest(
 
     An input file that cannot be parsed at all (a CSV, the zip) stops the run with a DataFileError naming it.
     """
+    labels = labels or default_labels(source, images)
+    # A set `dermcompress synth` wrote is synthetic wherever it lies: its marker file says so (data.isic_root
+    # pointed at it by hand, where the workflow itself did not generate it).
+    marker = find_synthetic_marker(_data_root(labels, images))
     if synthetic:
         log.warning(SYNTHETIC_BANNER)
-    labels = labels or default_labels(source, images)
+    elif marker is not None:
+        log.warning(synthetic_banner(marker))
+    synthetic = bool(synthetic or marker)
     listed = _read_listing(source, labels, metadata, duplicates, extra_metadata, image_types)
     found = _find_images(images, max_file_bytes=max_file_bytes, max_pixels=max_pixels, part=part, parts=parts)
     ids = set(listed.gt_rows) | set(listed.meta_rows) | set(found.files) | set(found.refused)
@@ -248,6 +256,7 @@ def run_ingest(
         "images": ";".join(image_paths(images)),
         "max_pixels": str(max_pixels),
         "synthetic": str(bool(synthetic)),
+        "synthetic_marker": marker or "",
         "image_types": ";".join(image_types),
     }
     if parts > 1:
@@ -255,6 +264,14 @@ def run_ingest(
     if not rows:
         raise ValueError(f"no image listed in {labels} or {metadata}, and none found in {images}")
     return write_manifest(rows, columns, about, manifest_out=manifest_out, quarantine_out=quarantine_out)
+
+
+def _data_root(labels, images) -> Path:
+    """The data.isic_root a source's files lie in: the label file's folder (the Archive's is its image folder),
+    else the image container's."""
+    if labels is not None:
+        return Path(labels).parent
+    return Path(image_paths(images)[0]).parent
 
 
 def _read_listing(source: str, labels, metadata, duplicates, extra_metadata, image_types) -> _Listed:

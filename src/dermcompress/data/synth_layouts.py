@@ -28,13 +28,15 @@ import numpy as np
 import pandas as pd
 
 from dermcompress.data import datasets
-from dermcompress.data.synth_draw import MARKER, ImageWriter, render_images
+from dermcompress.data.synth_draw import ImageWriter, render_images
 from dermcompress.data.synth_plan import Plan
 from dermcompress.data.synth_planted import Planted
 
 log = logging.getLogger(__name__)
 
-README = "SYNTHETIC.txt"  # marks a folder this module wrote, so that a rerun may replace it
+README = (
+    datasets.SYNTHETIC_README
+)  # marks a folder this module wrote (a rerun may replace it; ingest reads it)
 # The study's classes as each source names them; a class absent from a source gets a name its table lacks.
 DIAGNOSIS_2020 = {"MEL": "melanoma", "NV": "nevus", "BKL": "seborrheic keratosis"}
 DX_HAM = {"MEL": "mel", "NV": "nv", "BCC": "bcc", "AK": "akiec", "BKL": "bkl", "DF": "df", "VASC": "vasc"}
@@ -96,7 +98,7 @@ def _clear(out: Path) -> None:
     """Empty `out` when this module wrote it; refuse a folder with anything else in it."""
     if not any(out.iterdir()):
         return
-    if not (out / README).is_file() or not (out / README).read_text().startswith(MARKER):
+    if not (out / README).is_file() or not datasets.is_synthetic_marker((out / README).read_text()):
         raise FileExistsError(
             f"{out} is not empty and was not written by dermcompress synth; refusing to overwrite it. "
             "Choose an empty folder for the synthetic data set."
@@ -117,7 +119,8 @@ def write_layout(
     _clear(out)
     planted_text = f"\n{planted.describe()}" if planted is not None else ""
     (out / README).write_text(
-        f"{MARKER}: a synthetic {source} set written by dermcompress synth.\n{planted_text}"
+        f"{datasets.synthetic_marker(source)}: a synthetic {source} set written by dermcompress synth; ingest "
+        f"reads this file and marks every image synthetic.\n{planted_text}"
     )
     frame = _frame(plan, seed)
     writers = WRITERS[source](out, frame, as_zip)
@@ -216,7 +219,8 @@ def _write_isic_archive(out: Path, frame: pd.DataFrame, as_zip: bool) -> dict[st
         }
     )
     table.to_csv(out / datasets.METADATA_ARCHIVE, index=False, lineterminator="\n")
-    (out / "attribution.txt").write_text(f"{MARKER}: synthetic images, no attribution needed.\n")
+    marker = datasets.synthetic_marker("isic_archive")
+    (out / "attribution.txt").write_text(f"{marker}: synthetic images, no attribution needed.\n")
     (out / "licenses").mkdir(exist_ok=True)
     (out / "licenses" / "CC-0.txt").write_text("CC0 1.0 Universal (synthetic images)\n")
     writer = ImageWriter(out)
