@@ -3,7 +3,8 @@
 Every cached image without a transmission codec records the bytes of a lossless PNG of its pixels (codec.py),
 and every saving a table or figure shows is a ratio to it: a loose PNG overstates them all. This measures, per
 resolution (224/112/56 px), the mean bytes and the milliseconds per image on one core of OpenCV's PNG at its
-zlib levels and strategies and Pillow's at its levels (and `optimize`), on three kinds of image:
+zlib levels, strategies and row filters (libpng's adaptive choice when none is named; OpenCV 5's default is
+level 1, RLE, the `sub` filter alone) and Pillow's at its levels (and `optimize`), on three kinds of image:
 
 - synthetic: the workflow's own synthetic set (data/synth.py, 60 images of the real sizes), resized as the
   resize stage does (resize.resize_image, squash);
@@ -40,9 +41,11 @@ from dermcompress.data.synth import make_synthetic
 RESOLUTIONS = (224, 112, 56)
 
 
-def cv2_png(level: int, strategy: int):
+def cv2_png(level: int, strategy: int, png_filter: int | None = None):
     def encode(rgb: np.ndarray) -> bytes:
         params = [cv2.IMWRITE_PNG_COMPRESSION, level, cv2.IMWRITE_PNG_STRATEGY, strategy]
+        if png_filter is not None:
+            params += [cv2.IMWRITE_PNG_FILTER, png_filter]
         ok, data = cv2.imencode(".png", np.ascontiguousarray(rgb[..., ::-1]), params)
         assert ok
         return data.tobytes()
@@ -68,6 +71,9 @@ def cv2_default(rgb: np.ndarray) -> bytes:
 ENCODERS = {
     "opencv default": cv2_default,
     "opencv 1 RLE": cv2_png(1, cv2.IMWRITE_PNG_STRATEGY_RLE),
+    "opencv 1 RLE sub": cv2_png(1, cv2.IMWRITE_PNG_STRATEGY_RLE, cv2.IMWRITE_PNG_FILTER_SUB),
+    "opencv 1 RLE avg": cv2_png(1, cv2.IMWRITE_PNG_STRATEGY_RLE, cv2.IMWRITE_PNG_FILTER_AVG),
+    "opencv 1 RLE paeth": cv2_png(1, cv2.IMWRITE_PNG_STRATEGY_RLE, cv2.IMWRITE_PNG_FILTER_PAETH),
     "opencv 1": cv2_png(1, cv2.IMWRITE_PNG_STRATEGY_DEFAULT),
     "opencv 3": cv2_png(3, cv2.IMWRITE_PNG_STRATEGY_DEFAULT),
     "opencv 6": cv2_png(6, cv2.IMWRITE_PNG_STRATEGY_DEFAULT),
