@@ -15,6 +15,7 @@ with job_logging(snakemake):
         quarantine_out=snakemake.output.get("quarantine"),
         max_pixels=snakemake.params.max_pixels,
         max_file_bytes=snakemake.params.max_file_bytes,
+        image_types=snakemake.params.image_types,
         synthetic=snakemake.params.synthetic,
         part=snakemake.params.get("part", 0),
         parts=snakemake.params.get("parts", 1),

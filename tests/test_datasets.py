@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 
 from dermcompress.data import datasets
@@ -15,6 +16,7 @@ from dermcompress.data.manifest import gather_ingest
 from dermcompress.data.sources import DataFileError
 from dermcompress.data.split import run_split
 from dermcompress.data.synth import make_synthetic
+from dermcompress.study.tables import run_data_summary
 
 N, SEED = 60, 2
 BIG = 89_478_485
@@ -122,6 +124,114 @@ def test_archive_diagnoses_map_by_their_longest_known_prefix():
     assert cls("Benign:Not a node of the hierarchy") is None  # not isic-metadata's: never guessed
     row = pd.Series({"diagnosis": "Nevus"})  # an older export: a terminal value, expanded by isic-metadata
     assert datasets.archive_diagnosis(row) == "Benign:Benign melanocytic proliferations:Nevus"
+
+
+def test_scc_in_situ_is_ak_in_every_source_as_in_isic_2019():
+    """One lesion type, one class: HAM10000's akiec (actinic keratoses and intraepithelial carcinoma / Bowen's
+    disease), which ISIC 2019 labels AK, and the Archive's SCC in situ (Bowen's disease among it) are both AK;
+    only invasive or unspecified SCC is SCC."""
+    in_situ = "Malignant:Malignant epidermal proliferations:Squamous cell carcinoma in situ"
+    assert datasets.DIAGNOSES_HAM["akiec"] == "AK"
+    assert datasets.archive_class(in_situ) == "AK"
+    assert datasets.archive_class(f"{in_situ}:Squamous cell carcinoma in situ, Bowens disease") == "AK"
+    invasive = "Malignant:Malignant epidermal proliferations:Squamous cell carcinoma, Invasive"
+    assert datasets.archive_class(f"{invasive}:Squamous cell carcinoma, Invasive, Verrucous") == "SCC"
+    assert (
+        datasets.archive_class("Malignant:Malignant epidermal proliferations:Squamous cell carcinoma, NOS")
+        == "SCC"
+    )
+
+
+def test_archive_images_that_are_not_dermoscopic_are_quarantined_with_their_type(tmp_path):
+    """An unfiltered isic-cli download mixes clinical close-ups and overviews, TBP tiles and RCM images into
+    the dermoscopic ones: each is quarantined as excluded_image_type naming its type (an image without a type
+    too), unless data.image_types accepts it."""
+    root = make_synthetic(tmp_path / "raw", n=N, seed=SEED, source="isic_archive")
+    meta = pd.read_csv(root / datasets.METADATA_ARCHIVE, dtype=str)
+    kinds = ["clinical: close-up", "clinical: overview", "TBP tile: close-up", "RCM: tile", None]
+    changed = dict(zip(meta["isic_id"][:5], kinds, strict=True))
+    meta["image_type"] = meta["isic_id"].map(changed).where(meta["isic_id"].isin(changed), "dermoscopic")
+    meta.to_csv(root / datasets.METADATA_ARCHIVE, index=False)
+    by_id = ingest("isic_archive", root, tmp_path / "out").set_index("image_id")
+    for image, kind in changed.items():
+        assert (
+            by_id.loc[image, "status"] == "quarantined"
+            and by_id.loc[image, "reason"] == "excluded_image_type"
+        )
+        assert (repr(kind) if kind else "no image_type") in by_id.loc[image, "detail"]
+    assert (by_id.loc[~by_id.index.isin(changed), "reason"] != "excluded_image_type").all()
+    assert set(pd.read_csv(tmp_path / "out" / "quarantine.csv").query("reason == 'excluded_image_type'")[
+        "image_id"]) == set(changed)  # fmt: skip
+    wider = ingest(
+        "isic_archive", root, tmp_path / "wider", image_types=["dermoscopic", "clinical: close-up"]
+    ).set_index("image_id")
+    close_up = meta["isic_id"][0]
+    assert wider.loc[close_up, "reason"] != "excluded_image_type"
+    assert wider.loc[close_up, "image_type"] == "clinical: close-up"
+
+
+def test_the_manifest_carries_the_metadata_each_source_gives(tmp_path):
+    """Skin type, image type and how the diagnosis was confirmed (the Archive's; HAM10000's dx_type), beside
+    sex, age and site: what a subgroup analysis needs, in the source's words."""
+    archive = make_synthetic(tmp_path / "archive", n=N, seed=SEED, source="isic_archive")
+    meta = pd.read_csv(archive / datasets.METADATA_ARCHIVE, dtype=str).set_index("isic_id")
+    by_id = ingest("isic_archive", archive, tmp_path / "a").set_index("image_id")
+    for column in ("fitzpatrick_skin_type", "image_type", "dermoscopic_type", "diagnosis_confirm_type"):
+        expected = meta[column].reindex(by_id.index)
+        assert expected.notna().any(), column
+        assert (by_id[column].fillna("-") == expected.fillna("-")).all(), column
+    ham = make_synthetic(tmp_path / "ham", n=N, seed=SEED, source="ham10000")
+    table = pd.read_csv(ham / datasets.METADATA_HAM, dtype=str).set_index("image_id")
+    by_id = ingest("ham10000", ham, tmp_path / "h").set_index("image_id")
+    assert (by_id["diagnosis_confirm_type"] == table["dx_type"].reindex(by_id.index)).all()
+    assert (by_id["anatom_site_general"] == table["localization"].reindex(by_id.index)).all()
+    assert by_id["fitzpatrick_skin_type"].isna().all()  # HAM10000 gives none
+
+
+@pytest.mark.parametrize(
+    ("source", "as_zip"), [("isic2019", True), ("isic2020", False), ("isic_archive", False)]
+)
+def test_a_synth_set_pointed_at_by_hand_is_marked_synthetic(tmp_path, source, as_zip):
+    """`dermcompress synth DIR` then data.isic_root: DIR: ingest reads the set's marker file, so the manifest
+    (its synthetic column and metadata) and the data summary, which the report shows, say synthetic; and the
+    marker names the source it stands in for."""
+    root = make_synthetic(tmp_path / "raw", n=N, seed=SEED, source=source, as_zip=as_zip)
+    if source != "isic2019":
+        text = (root / datasets.SYNTHETIC_README).read_text()
+        assert text.startswith(datasets.synthetic_marker(source)) and "ISIC 2019" not in text
+    out = tmp_path / "out"
+    manifest = ingest(source, root, out, synthetic=False)
+    assert manifest["synthetic"].all()
+    about = pq.read_schema(out / "manifest.parquet").metadata
+    assert about[b"synthetic"] == b"True" and about[b"synthetic_marker"]
+    task = manifest[manifest["status"] == "ok"].assign(label_idx=0)
+    task.to_parquet(tmp_path / "task.parquet")
+    run_split(
+        task=tmp_path / "task.parquet", splits_out=tmp_path / "splits.parquet",
+        report_out=tmp_path / "report.json", group_columns=["patient_id", "lesion_id"],
+        test_fraction=0.2, val_fraction=0.1, seed=0,
+    )  # fmt: skip
+    md, html = tmp_path / "summary.md", tmp_path / "summary.html"
+    run_data_summary(
+        manifest=str(out / "manifest.parquet"), split_report=tmp_path / "report.json", md=md, html=html
+    )
+    assert md.read_text().startswith("SYNTHETIC data") and "SYNTHETIC data" in html.read_text()
+
+
+def test_the_official_files_are_not_marked_synthetic(tmp_path):
+    """The marker is the synth's alone: a set whose documentation file is the publisher's is real data."""
+    root = make_synthetic(tmp_path / "raw", n=N, seed=SEED)
+    (root / "ISIC_2019_Training_Input" / "ATTRIBUTION.txt").write_text(
+        "ISIC 2019 Challenge: attribution ...\n"
+    )
+    assert not ingest("isic2019", root, tmp_path / "out", synthetic=False)["synthetic"].any()
+
+
+def test_an_isic2020_folder_read_as_isic2019_suggests_the_source(tmp_path):
+    """The walkthrough's case: the default source, a folder holding only ISIC 2020's zip."""
+    (tmp_path / "ISIC_2020_Training_JPEG.zip").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"ISIC_2019_Training_Input.*set data\.source: isic2020"):
+        datasets.source_paths("isic2019", tmp_path)
 
 
 def test_isic2020_target_that_contradicts_the_diagnosis_is_invalid(tmp_path):

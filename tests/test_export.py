@@ -178,3 +178,82 @@ def test_official_scorer_accepts_the_export_and_agrees_with_metrics(tmp_path):
     # Why the scorer's copy exists: against this ground truth the nine-column submission has extra columns.
     nine = subprocess.run([*cmd[:-1], str(tmp_path / "sub.csv")], capture_output=True, text=True, timeout=120)
     assert nine.returncode != 0 and "Extra columns in CSV" in nine.stderr + nine.stdout
+
+
+# --- each source in its challenge's format ------------------------------------------------------------------
+
+ISIC2018_COLUMNS = ["MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC"]
+
+
+def check_class_format(sub: Path, truth: Path, scoring: Path, columns: list[str]) -> None:
+    """The rules the ISIC 2018 and 2019 scorer applies (module docstring of study/export.py): `image`, then the
+    challenge's class columns in its order; floats in [0, 1], no NaN, images unique and those of the ground
+    truth; the ground truth one-hot over challenge classes, each with positives and negatives; the scorer's
+    copy with exactly the ground truth's columns."""
+    submission, gt, copy = read(sub), read(truth), read(scoring)
+    assert list(submission.columns) == ["image", *columns]
+    values = submission[columns]
+    assert all(values[c].dtype == np.float64 for c in columns) and not values.isna().any().any()
+    assert ((values >= 0) & (values <= 1)).all().all()
+    assert submission["image"].is_unique and set(submission["image"]) == set(gt["image"])
+    assert gt.columns[0] == "image" and set(gt.columns[1:]) <= set(columns)
+    assert (gt[gt.columns[1:]].sum(axis=1) == 1).all()
+    assert all(0 < gt[c].sum() < len(gt) for c in gt.columns[1:])
+    assert list(copy.columns) == list(gt.columns)
+
+
+def check_isic2020_format(sub: Path, truth: Path) -> None:
+    """ISIC 2020's (SIIM-ISIC) rules: the header `image_name,target`, a probability of melanoma per image, images
+    unique and those of the ground truth, itself `image_name,target` with 0 and 1 (an AUC needs both)."""
+    assert sub.read_text().splitlines()[0] == "image_name,target"
+    submission, gt = read(sub), read(truth)
+    assert submission["target"].dtype == np.float64 and submission["target"].between(0, 1).all()
+    assert submission["image_name"].is_unique and set(submission["image_name"]) == set(gt["image_name"])
+    assert list(gt.columns) == ["image_name", "target"] and set(gt["target"]) == {0, 1}
+
+
+def with_manifest(root: Path, source: str) -> None:
+    """The workflow's manifest, recording its data source as ingest does (schema metadata)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (root / "results" / "data").mkdir(parents=True)
+    table = pa.table({"image_id": ["x"]}).replace_schema_metadata({"source": source})
+    pq.write_table(table, root / "results" / "data" / "manifest.parquet")
+
+
+def three_class_predictions() -> pd.DataFrame:
+    """A MEL / NV / AK run (HAM10000's akiec is the study's AK)."""
+    rows = [("ISIC_1", 0), ("ISIC_2", 1), ("ISIC_3", 2), ("ISIC_4", 2), ("ISIC_5", 0), ("ISIC_6", 1)]
+    ids, labels = zip(*rows, strict=True)
+    probs = np.full((len(ids), 3), 0.2)
+    probs[np.arange(len(ids)), labels] = 0.6
+    return metrics.predictions_frame(
+        list(ids), np.array(labels), probs, ["MEL", "NV", "AK"], group_ids=list(ids), split="test"
+    )
+
+
+@pytest.mark.parametrize("source", ["isic2019", "isic2020", "ham10000", "isic_archive"])
+def test_each_source_is_exported_in_its_challenges_format(tmp_path, source):
+    """The source is the one the workflow's manifest records; the submission and ground truth pass the rules of
+    that source's challenge: ISIC 2019's for isic2019 and the Archive, ISIC 2018 task 3's for HAM10000 (AK is
+    AKIEC), ISIC 2020's `image_name,target` for ISIC 2020."""
+    with_manifest(tmp_path, source)
+    frame = three_class_predictions() if source == "ham10000" else None
+    run = make_run(tmp_path, frame, variants=("clean",))
+    out = tmp_path / "sub.csv"
+    counts = run_export(run, out)
+    truth, scoring = tmp_path / "sub_GroundTruth.csv", tmp_path / "sub_Scoring.csv"
+    assert counts["source"] == source
+    if source == "isic2020":
+        check_isic2020_format(out, truth)
+        expected = dict(zip([t[0] for t in TEST], [t[2] for t in TEST], strict=True))
+        assert read(out).set_index("image_name")["target"].to_dict() == pytest.approx(expected)
+    elif source == "ham10000":
+        check_class_format(out, truth, scoring, ISIC2018_COLUMNS)
+        assert list(read(truth).columns) == ["image", "MEL", "NV", "AKIEC"]
+        assert (read(out).set_index("image").loc[["ISIC_3", "ISIC_4"], "AKIEC"] == 0.6).all()
+    else:
+        check_class_format(out, truth, scoring, list(ISIC2019_CLASSES))
+    # --source overrides what the manifest says
+    assert run_export(run, tmp_path / "as2019.csv", source="isic2019")["format"] == "ISIC 2019"

@@ -15,6 +15,7 @@ from conftest import copy_workflow, snakemake, write_config
 from dermcompress.data.cache import load_info
 from dermcompress.data.synth import make_synthetic
 from dermcompress.provenance import lineage
+from dermcompress.provenance.records import read_record, record_path
 
 pytestmark = pytest.mark.workflow
 
@@ -92,6 +93,11 @@ def test_ingest_and_resize_scattered_over_two_jobs_write_what_one_job_writes(tmp
     one, two = outcomes[1], outcomes[2]
     m1, m2 = (pd.read_parquet(w / "results/data/manifest.parquet") for w in (one, two))
     pd.testing.assert_frame_equal(m1, m2)
+    # A `dermcompress synth` set named by data.isic_root is synthetic: in the manifest and in its lineage.
+    for workdir in (one, two):
+        record = read_record(record_path(workdir / "results/data/manifest.parquet"))
+        assert record["params"]["synthetic"] is True
+    assert m1["synthetic"].all()
     meta = [pq.read_schema(w / "results/data/manifest.parquet").metadata for w in (one, two)]
     assert meta[0] == meta[1]
     assert (one / "results/data/quarantine.csv").read_bytes() == (

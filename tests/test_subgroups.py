@@ -41,6 +41,14 @@ def test_missing_metadata_is_unknown_and_ages_fall_in_their_bands():
     assert got.index.tolist() == manifest["image_id"].tolist()
     # A source without the column at all: everyone unknown.
     assert set(subgroups.assign_subgroups(manifest.drop(columns="sex"), [40, 60])["sex"]) == {"unknown"}
+    # Skin type only where the manifest gives some image one (the ISIC Archive's fitzpatrick_skin_type).
+    assert "skin_type" not in got.columns
+    typed = manifest.assign(fitzpatrick_skin_type=["II", None, "iv", "", "VI", "II", np.nan])
+    assert subgroups.assign_subgroups(typed, [40, 60])["skin_type"].tolist() == [
+        "II", "unknown", "IV", "unknown", "VI", "II", "unknown",
+    ]  # fmt: skip
+    none_known = manifest.assign(fitzpatrick_skin_type=None)
+    assert "skin_type" not in subgroups.assign_subgroups(none_known, [40, 60]).columns
     assert subgroups.age_band_labels([30, 50, 70]) == ["<30", "30-49", "50-69", "70+"]
     with pytest.raises(ValueError, match="strictly increasing"):
         subgroups.age_band_labels([60, 40])

@@ -108,16 +108,24 @@ def _export_isic(args: argparse.Namespace) -> int:
 
     try:
         counts = run_export(
-            args.run, args.out, ground_truth=args.ground_truth, eval_variant=args.eval_variant
+            args.run,
+            args.out,
+            ground_truth=args.ground_truth,
+            eval_variant=args.eval_variant,
+            source=args.source,
         )
     except (ValueError, OSError) as err:
         raise SystemExit(f"dermcompress export-isic: {err}") from None
     print(
         f"{counts['images']} test images of {counts['evaluation']} ({counts['val_rows_left_out']} val rows "
-        f"left out): submission {counts['submission']}, ground truth {counts['ground_truth']} "
-        f"({', '.join(counts['ground_truth_classes'])}), scorer's copy {counts['scoring']}\n"
-        f"score: isic-challenge-scoring classification {counts['ground_truth']} {counts['scoring']}"
+        f"left out), data source {counts['source']}, {counts['format']} format: submission "
+        f"{counts['submission']}, ground truth {counts['ground_truth']} "
+        f"({', '.join(counts['ground_truth_classes'])}), scorer's copy {counts['scoring']}"
     )
+    if counts["ground_truth_classes"] != ["target"]:
+        print(f"score: isic-challenge-scoring classification {counts['ground_truth']} {counts['scoring']}")
+    else:
+        print("score: the AUC of `target` against the ground truth's (ISIC 2020's metric)")
     return 0
 
 
@@ -251,12 +259,14 @@ def _add_plan(commands: argparse._SubParsersAction) -> None:
 def _add_export_isic(commands: argparse._SubParsersAction) -> None:
     export_isic = commands.add_parser(
         "export-isic",
-        help="a run's test predictions as an ISIC 2019 submission, and the ground truth to score them",
-        description="Write the test split's predictions of an evaluation as an ISIC 2019 submission (image, "
-        "then MEL NV BCC AK BKL DF VASC SCC UNK; classes the run does not predict are 0.0), the test split's "
-        "ground truth (one-hot, only the classes present: the official scorer fails on an empty class) and "
-        "OUT_Scoring.csv, the submission cut to the ground truth's classes: the pair isic-challenge-scoring "
-        "accepts.",
+        help="a run's test predictions in its data source's challenge format, and the ground truth to score them",
+        description="Write the test split's predictions of an evaluation in the challenge format of its data "
+        "source: ISIC 2019's for isic2019 and isic_archive (image, then MEL NV BCC AK BKL DF VASC SCC UNK; "
+        "classes the run does not predict are 0.0), ISIC 2018 task 3's for ham10000 (image, then MEL NV BCC "
+        "AKIEC BKL DF VASC), ISIC 2020's for isic2020 (image_name,target: the probability of melanoma). Next to "
+        "it the test split's ground truth (one-hot over the classes present, the official scorer failing on an "
+        "empty class; ISIC 2020: image_name,target) and, for the class formats, OUT_Scoring.csv, the "
+        "submission cut to the ground truth's classes: the pair isic-challenge-scoring accepts.",
     )
     export_isic.add_argument(
         "run",
@@ -269,6 +279,12 @@ def _add_export_isic(commands: argparse._SubParsersAction) -> None:
     )
     export_isic.add_argument(
         "--eval-variant", help="for a run folder: the evaluation to export (default clean)"
+    )
+    export_isic.add_argument(
+        "--source",
+        choices=("isic2019", "isic2020", "ham10000", "isic_archive"),
+        help="the run's data source (default: the one its workflow's results/data/manifest.parquet records, "
+        "else isic2019)",
     )
     export_isic.set_defaults(func=_export_isic)
 

@@ -24,6 +24,9 @@ SYNTHETIC_ROOT = str(
     Path("results/data/synthetic", "" if SOURCE == "isic2019" else SOURCE)
 )
 ISIC_ROOT = SYNTHETIC_ROOT if SYNTHETIC else config["data"]["isic_root"]
+# A `dermcompress synth` set that data.isic_root names by hand is synthetic too: its marker file says so.
+SYNTHETIC_MARKER = None if SYNTHETIC else datasets.find_synthetic_marker(ISIC_ROOT)
+SYNTHETIC_DATA = SYNTHETIC or SYNTHETIC_MARKER is not None
 RESOLUTIONS = [int(r) for r in config["resize"]["resolutions"]]
 
 # How many jobs ingest and each resolution's resize are scattered over (the Snakefile's scattergather).
@@ -69,6 +72,8 @@ wildcard_constraints:
 onstart:
     if SYNTHETIC:
         logger.warning(sources.SYNTHETIC_BANNER)
+    elif SYNTHETIC_MARKER:
+        logger.warning(sources.synthetic_banner(SYNTHETIC_MARKER))
 
 
 # Where the package remembers what it works out about its code and the installed packages (fingerprint.MEMO):

@@ -43,7 +43,8 @@ if INGEST_PARTS == 1:
             source=SOURCE,
             max_pixels=config["data"]["max_pixels"],
             max_file_bytes=config["data"]["max_file_bytes"],
-            synthetic=SYNTHETIC,
+            image_types=config["data"]["image_types"],
+            synthetic=SYNTHETIC_DATA,
             code=get_code("data.ingest"),
         script:
             "../../scripts/ingest.py"
@@ -65,7 +66,8 @@ else:
             source=SOURCE,
             max_pixels=config["data"]["max_pixels"],
             max_file_bytes=config["data"]["max_file_bytes"],
-            synthetic=SYNTHETIC,
+            image_types=config["data"]["image_types"],
+            synthetic=SYNTHETIC_DATA,
             part=get_part,
             parts=INGEST_PARTS,
             code=get_code("data.ingest"),
@@ -85,6 +87,8 @@ else:
         conda:
             "../../envs/data.yaml"
         params:
+            # Not read by the gather: recorded in the manifest's lineage, as one job's params are.
+            synthetic=SYNTHETIC_DATA,
             code=get_code("data.ingest"),
         script:
             "../../scripts/ingest_gather.py"

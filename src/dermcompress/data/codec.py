@@ -3,9 +3,16 @@
 A data variant may declare a codec (`degrade.variants.NAME.codec`): every image of its chosen splits is encoded
 with it after resizing, as an app would send it, and the cache stores the decoded pixels and the encoded size.
 Every other cached image records the size of a lossless PNG of its pixels, the reference a codec is compared
-with. Pillow encodes all three codecs (and releases the GIL while it does, so a thread pool pays); OpenCV
-encodes the PNG (its defaults: zlib level 1 with the RLE strategy, within ~1-10% of Pillow's level 6 in size
-and ~10x faster).
+with. Pillow encodes all three codecs (and releases the GIL while it does, so a thread pool pays).
+
+The PNG is OpenCV's at zlib level 1 with the RLE strategy, both pinned (PNG_SETTINGS): every "x PNG" saving is
+a ratio to it, so it must be a tight lossless baseline, and a library's default may move (OpenCV 5's default
+PNG is not its old level 1 RLE). `benchmarks/png.py` (60 images of each kind, one core) measured it 1-7%
+smaller than Pillow's default (level 6) at 224, 112 and 56 px: on the synthetic set 0.93-0.98x, on
+photo-like images 0.98-0.99x, on 1/f "natural" images 0.98-0.99x; within 0.5% of the smallest option tried
+(Pillow level 9 with `optimize`, 3-30x slower); and it takes ~3-5 ms an image at 224 px where Pillow's level 6
+takes ~30 ms. OpenCV's default PNG (5.0) is 3-9% larger than Pillow level 6 at 224 and 112 px and up to 21%
+at 56 px on photo-like images, which would overstate every saving by that much.
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ REFERENCE = "png"
 # JPEG chroma subsampling -> Pillow's code for it.
 SUBSAMPLING = {"4:2:0": 2, "4:4:4": 0}
 DEFAULT_SUBSAMPLING = "4:2:0"
+# The lossless reference's encoder settings, pinned (module docstring): zlib level 1, RLE strategy.
+PNG_SETTINGS = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE]
 
 
 def codec_settings(codec: dict[str, Any]) -> dict[str, Any]:
@@ -69,8 +78,8 @@ def transmit(pixels: np.ndarray, codec: dict[str, Any]) -> tuple[np.ndarray, int
 
 
 def png_size(pixels: np.ndarray) -> int:
-    """Bytes of a lossless PNG of (H, W, 3) uint8 RGB pixels (OpenCV's default settings)."""
-    ok, data = cv2.imencode(".png", np.ascontiguousarray(pixels[..., ::-1]))
+    """Bytes of a lossless PNG of (H, W, 3) uint8 RGB pixels (OpenCV, PNG_SETTINGS: the module docstring)."""
+    ok, data = cv2.imencode(".png", np.ascontiguousarray(pixels[..., ::-1]), PNG_SETTINGS)
     if not ok:
         raise ValueError(f"OpenCV could not encode {pixels.shape} pixels as PNG")
     return int(data.size)

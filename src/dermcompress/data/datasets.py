@@ -22,20 +22,55 @@ image id to any source.
 from __future__ import annotations
 
 import logging
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
 from dermcompress import ISIC_CLASSES
-from dermcompress.data.sources import DataFileError, official_paths
+from dermcompress.data.sources import (
+    DOC_FILES,
+    GROUND_TRUTH,
+    IMAGES_DIR,
+    IMAGES_ZIP,
+    DataFileError,
+    official_paths,
+)
 
 log = logging.getLogger(__name__)
 
 SOURCES = ("isic2019", "isic2020", "ham10000", "isic_archive")
 LABEL_COLUMNS = (*ISIC_CLASSES, "UNK")
-METADATA_FIELDS = ("lesion_id", "patient_id", "age_approx", "anatom_site_general", "sex")
+# What the manifest keeps of each image's metadata, in the sources' own words: ids, the subgroup fields (ISIC
+# 2020's anatom_site_general_challenge and HAM10000's localization are anatom_site_general, HAM10000's age is
+# age_approx), and what only some sources give: the Archive's fitzpatrick_skin_type, image_type and
+# dermoscopic_type, how the diagnosis was confirmed (the Archive's diagnosis_confirm_type, HAM10000's dx_type:
+# histo, follow_up, consensus, confocal). A field a source lacks is null.
+METADATA_FIELDS = (
+    "lesion_id",
+    "patient_id",
+    "age_approx",
+    "anatom_site_general",
+    "sex",
+    "fitzpatrick_skin_type",
+    "image_type",
+    "dermoscopic_type",
+    "diagnosis_confirm_type",
+)
 ID_FIELDS = ("lesion_id", "patient_id")
+# isic-metadata's ImageTypeEnum; a study of dermoscopy accepts only `dermoscopic` (config data.image_types).
+IMAGE_TYPES = (
+    "dermoscopic",
+    "clinical: overview",
+    "clinical: close-up",
+    "TBP tile: close-up",
+    "TBP tile: overview",
+    "RCM: macroscopic",
+    "RCM: tile",
+    "RCM: mosaic",
+)
+DEFAULT_IMAGE_TYPES = ("dermoscopic",)
 
 # ISIC 2020's `diagnosis` -> the study's classes. ISIC 2019's BKL is "solar lentigo / seborrheic keratosis /
 # lichen planus-like keratosis"; "lentigo NOS" may be a melanocytic lentigo simplex, so it stays unmapped, as do
@@ -60,6 +95,10 @@ DIAGNOSES_HAM = {
 }
 # The ISIC Archive's hierarchical diagnosis (diagnosis_1:…:diagnosis_5, isic-metadata's DiagnosisEnum) -> the
 # study's classes: the longest prefix here that a diagnosis starts with wins (a melanoma in situ is MEL).
+# SCC in situ (Bowen's disease) is AK, as in ISIC 2019's own ground truth: its AK images from HAM10000 are that
+# set's `akiec`, "actinic keratoses and intraepithelial carcinoma / Bowen's disease" (Tschandl et al. 2018),
+# the ISIC 2018 class "Actinic keratosis / Bowen's disease (intraepithelial carcinoma)"; SCC is invasive (or
+# unspecified) SCC. One lesion type, one class, whatever the source (README, "Other data sources").
 DIAGNOSES_ARCHIVE = {
     "Malignant:Malignant melanocytic proliferations (Melanoma)": "MEL",
     "Benign:Benign melanocytic proliferations:Nevus": "NV",
@@ -70,7 +109,7 @@ DIAGNOSES_ARCHIVE = {
     "Benign:Benign epidermal proliferations:Lichen planus like keratosis": "BKL",
     "Benign:Benign soft tissue proliferations - Fibro-histiocytic:Dermatofibroma": "DF",
     "Benign:Benign soft tissue proliferations - Vascular": "VASC",
-    "Malignant:Malignant epidermal proliferations:Squamous cell carcinoma in situ": "SCC",
+    "Malignant:Malignant epidermal proliferations:Squamous cell carcinoma in situ": "AK",
     "Malignant:Malignant epidermal proliferations:Squamous cell carcinoma, Invasive": "SCC",
     "Malignant:Malignant epidermal proliferations:Squamous cell carcinoma, NOS": "SCC",
 }
@@ -82,6 +121,74 @@ IMAGES_2020 = ("train", "ISIC_2020_Training_JPEG.zip")
 METADATA_HAM = "HAM10000_metadata.csv"
 IMAGES_HAM = ("HAM10000_images_part_1", "HAM10000_images_part_2")
 METADATA_ARCHIVE = "metadata.csv"
+
+
+# What each source is called in words (markers, banners, errors).
+SOURCE_NAMES = {
+    "isic2019": "ISIC 2019",
+    "isic2020": "ISIC 2020",
+    "ham10000": "HAM10000",
+    "isic_archive": "ISIC Archive",
+}
+# The file `dermcompress synth` writes in every layout but ISIC 2019's, whose image folder's ATTRIBUTION.txt
+# carries the marker instead (the official zip's own documentation file).
+SYNTHETIC_README = "SYNTHETIC.txt"
+
+
+def synthetic_marker(source: str) -> str:
+    """The first words of every file `dermcompress synth` writes to say a set is synthetic, naming its source."""
+    return f"SYNTHETIC {SOURCE_NAMES[source].upper()} STAND-IN"
+
+
+def is_synthetic_marker(text: str) -> bool:
+    """Whether a file's text starts with a synthetic marker (of any source, older sets' included)."""
+    first = text.lstrip().splitlines()[0] if text.strip() else ""
+    return first.startswith("SYNTHETIC ") and "STAND-IN" in first
+
+
+def find_synthetic_marker(root: str | Path) -> str | None:
+    """Where `root` (a data.isic_root) says it was written by `dermcompress synth`: SYNTHETIC.txt, or the ISIC
+    2019 image folder's (or zip's) ATTRIBUTION.txt, starting with a synthetic marker; None when nothing does
+    (the official files, or a folder that does not exist)."""
+    root = Path(root)
+    for path in (root / SYNTHETIC_README, root / IMAGES_DIR / DOC_FILES[0]):
+        try:
+            if path.is_file() and is_synthetic_marker(path.read_text(errors="replace")[:200]):
+                return str(path)
+        except OSError:
+            continue
+    try:
+        with zipfile.ZipFile(root / IMAGES_ZIP) as archive:
+            text = archive.read(f"{IMAGES_DIR}/{DOC_FILES[0]}")[:200].decode(errors="replace")
+        if is_synthetic_marker(text):
+            return f"{root / IMAGES_ZIP}:{IMAGES_DIR}/{DOC_FILES[0]}"
+    except (OSError, KeyError, zipfile.BadZipFile):
+        pass
+    return None
+
+
+def guess_source(root: str | Path) -> str | None:
+    """The data.source whose characteristic files `root` holds (for an error that suggests it), else None."""
+    root = Path(root)
+    signs = {
+        "isic2019": (GROUND_TRUTH, IMAGES_DIR, IMAGES_ZIP),
+        "isic2020": (GT_2020_V2, GT_2020, IMAGES_2020[1]),
+        "ham10000": (METADATA_HAM, *IMAGES_HAM, *(f"{p}.zip" for p in IMAGES_HAM)),
+    }
+    for source, names in signs.items():
+        if any((root / name).exists() for name in names):
+            return source
+    if (root / METADATA_ARCHIVE).is_file():
+        return "isic_archive"
+    return None
+
+
+def _suggestion(root: Path, source: str) -> str:
+    """' It holds ISIC 2020's files: set data.source: isic2020.' when `root` looks like another source."""
+    other = guess_source(root)
+    if other is None or other == source:
+        return ""
+    return f". It holds {SOURCE_NAMES[other]}'s files: set data.source: {other}."
 
 
 @dataclass
@@ -137,6 +244,7 @@ def _first_existing(root: Path, names: tuple[str, ...], what: str, source: str) 
             return root / name
     raise FileNotFoundError(
         f"data.isic_root={str(root)!r} holds no {what} of data.source {source!r} (looked for {', '.join(names)})"
+        + _suggestion(root, source)
     )
 
 
@@ -147,7 +255,10 @@ def source_paths(source: str, root: str | Path, *, synthetic: bool = False) -> d
     v2 ground truth and duplicates list); for the ISIC Archive only the folder, which holds metadata.csv."""
     root = Path(root)
     if source == "isic2019":
-        paths = official_paths(root, prefer="folder" if synthetic else None)
+        try:
+            paths = official_paths(root, prefer="folder" if synthetic else None)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"{str(err).rstrip('.')}{_suggestion(root, source)}") from None
         return {"labels": paths["ground_truth"], "metadata": paths["metadata"], "images": paths["images"]}
     if source == "isic2020":
         if synthetic:
@@ -266,8 +377,12 @@ def read_ham10000(paths: dict) -> SourceTables:
     _require(table, ["lesion_id", "image_id", "dx"], paths["labels"], "HAM10000 metadata")
     table = drop_blank_ids(table.rename(columns={"image_id": "image"}), paths["labels"])
     labels, problems = _mapped(table["image"], table["dx"], DIAGNOSES_HAM, "dx")
-    meta = _metadata(table, {"age": "age_approx", "localization": "anatom_site_general"})
-    return SourceTables(_one_hot(table["image"], labels), meta, problems)
+    renames = {
+        "age": "age_approx",
+        "localization": "anatom_site_general",
+        "dx_type": "diagnosis_confirm_type",
+    }
+    return SourceTables(_one_hot(table["image"], labels), _metadata(table, renames), problems)
 
 
 def archive_diagnosis(row: pd.Series) -> str | None:
@@ -302,6 +417,29 @@ def read_isic_archive(paths: dict) -> SourceTables:
     labels = diagnoses.map(archive_class)
     problems = _unmapped(table["image"], diagnoses, labels, "diagnosis")
     return SourceTables(_one_hot(table["image"], labels), _metadata(table, {}), problems)
+
+
+def image_type_problems(
+    meta: pd.DataFrame, accepted: tuple[str, ...] | list[str], *, required: bool
+) -> dict[str, tuple[str, str]]:
+    """image -> an `excluded_image_type` problem for every image whose metadata names an image_type
+    (isic-metadata's: `clinical: close-up`, `TBP tile: overview`, `RCM: tile`, ...) outside `accepted`
+    (data.image_types); with `required` (the ISIC Archive, which mixes types) a blank one too. The challenge
+    sets are dermoscopic by construction: their images are excluded only where extra metadata names another type."""
+    if "image_type" not in meta.columns:
+        return {}
+    shown = ", ".join(accepted)
+    problems = {}
+    for image, kind in meta[["image", "image_type"]].itertuples(index=False):
+        if kind is None or (not isinstance(kind, str) and pd.isna(kind)):
+            if required:
+                problems[image] = ("excluded_image_type", f"no image_type in the metadata; accepted: {shown}")
+        elif kind not in accepted:
+            problems[image] = (
+                "excluded_image_type",
+                f"image_type {kind!r} is not in data.image_types ({shown})",
+            )
+    return problems
 
 
 def join_extra(meta: pd.DataFrame, path: str | Path) -> tuple[pd.DataFrame, dict[str, tuple[str, str]]]:

@@ -8,8 +8,9 @@ generator seeded from a SHA-256 of both. Adding, removing or reordering other im
 and the plan is the same on every machine and Python run (unlike hash()).
 
 A variant with a transmission codec (codec.py) then encodes every image of its splits, degraded or not, and
-keeps the decoded pixels and the encoded bytes. What each row costs on the wire (`encoded_bytes`): its codec's
-bytes, else its jpeg degradation's, else a PNG of its pixels (cache_write.CacheWriter).
+keeps the decoded pixels and the encoded bytes. What each row costs on the wire (`encoded_bytes`), always at
+the cached size: its codec's bytes, else its jpeg degradation's (after_resize: the small image was sent as that
+JPEG), else a PNG of its pixels (cache_write.CacheWriter; before_resize's jpeg too: _degrade_task).
 """
 
 from __future__ import annotations
@@ -173,16 +174,21 @@ def _degrade_task(
     max_file_bytes: int,
 ) -> tuple[np.ndarray, int | None]:
     """before_resize: the raw image degraded at its full resolution (a reduced decode would change what a blur
-    kernel means), then resized as the resize stage does; and the bytes a jpeg degradation sent (of the
-    full-resolution image)."""
+    kernel means), then resized as the resize stage does; no bytes (None).
+
+    A jpeg degradation here is the source's: the image was stored compressed at full size, then shrunk. What is
+    transmitted is the shrunk image, at the cache's size, and no JPEG of that exists; so it is charged, like a
+    blurred or untouched one, a lossless PNG of the cached pixels (the cache writer's), or the variant's codec.
+    The full-size JPEG's bytes would be bits per pixel of another image (hundreds of "bpp" over the cache's
+    pixels) and could not be compared with any other row of the variant."""
     image_id, member, sha256, op, params = task
     data = read_member(images, image_id, member, sha256, max_file_bytes)
     try:
         img = decode_image(data, max_pixels=max_pixels)
     except ImageError as err:
         raise source_changed(image_id, member, err) from None
-    degraded, sent = degrade_image(np.asarray(img), op, json.loads(params))
-    return resize_image(Image.fromarray(degraded), size, policy), sent
+    degraded = apply_degradation(np.asarray(img), op, json.loads(params))
+    return resize_image(Image.fromarray(degraded), size, policy), None
 
 
 def _plan_counts(clean: Path, variant: dict[str, Any]) -> str:

@@ -23,8 +23,12 @@ from PIL import Image
 from tqdm import tqdm
 
 from dermcompress.data.datasets import (
+    DEFAULT_IMAGE_TYPES,
     LABEL_COLUMNS,
+    METADATA_FIELDS,
     default_labels,
+    find_synthetic_marker,
+    image_type_problems,
     join_extra,
     lesion_conflicts,
     read_source,
@@ -39,6 +43,7 @@ from dermcompress.data.sources import (
     image_id_of,
     image_paths,
     open_images,
+    synthetic_banner,
 )
 
 log = logging.getLogger(__name__)
@@ -46,12 +51,13 @@ log = logging.getLogger(__name__)
 # Reasons decided from the CSVs and the file listing; refused names use sources.unsafe_reason() and
 # link_outside_root, reading sources.READ_REASONS, decoding images.REASONS. When an image has several problems
 # the first in this order wins: refused name (unsafe zip entry, link outside the root), duplicate_row,
-# no_label_row, unmapped_diagnosis / invalid_label / no_label / multiple_labels, metadata_conflict (extra
-# metadata that contradicts the source's, a lesion given two patients), missing_file, duplicate_file, reading,
-# decoding.
+# no_label_row, excluded_image_type (not an image type of data.image_types: the Archive's clinical, TBP and RCM
+# images), unmapped_diagnosis / invalid_label / no_label / multiple_labels, metadata_conflict (extra metadata
+# that contradicts the source's, a lesion given two patients), missing_file, duplicate_file, reading, decoding.
 CSV_REASONS = (
     "duplicate_row",
     "no_label_row",
+    "excluded_image_type",
     "unmapped_diagnosis",
     "invalid_label",
     "no_label",
@@ -63,7 +69,6 @@ CSV_REASONS = (
 
 # The smallest side a JPEG may be decoded to when it is only checked: libjpeg's 1/8 scale, whatever the size.
 VERIFY_DRAFT = 1
-METADATA_FIELDS = ("lesion_id", "patient_id", "age_approx", "anatom_site_general", "sex")
 
 
 def inspect_image(data: bytes, *, max_pixels: int) -> dict:
@@ -184,6 +189,7 @@ class _Listed:
     invalid: dict[str, list[str]]  # the cells of that row that are not a one-hot 0.0 or 1.0
     meta_first: dict[str, dict]  # its first metadata row
     label_problems: dict[str, tuple[str, str]]  # an unmapped diagnosis, a label the source contradicts
+    excluded: dict[str, tuple[str, str]]  # excluded_image_type: not an image type of data.image_types
     conflicts: dict[str, tuple[str, str]]  # metadata_conflict: extra metadata against the source's, lesions
     duplicate_of: dict[str, str]  # the duplicate group of an image in some duplicate pair
     has_patient_id: bool
@@ -210,6 +216,7 @@ def run_ingest(
     duplicates: str | Path | None = None,
     extra_metadata: str | Path | None = None,
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    image_types: tuple[str, ...] | list[str] = DEFAULT_IMAGE_TYPES,
     synthetic: bool = False,
     part: int = 0,
     parts: int = 1,
@@ -217,7 +224,8 @@ def run_ingest(
     """Check every listed and present image of `source` (datasets.py: its label file, ISIC 2019's metadata CSV,
     ISIC 2020's duplicates list; one image folder or zip, or several); write the manifest and quarantine.csv;
     return the manifest. `extra_metadata`: a CSV keyed by image id whose patient and lesion ids (and other
-    metadata fields) join onto the source's (datasets.join_extra).
+    metadata fields) join onto the source's (datasets.join_extra). An image whose metadata names an image_type
+    outside `image_types` (data.image_types: dermoscopic) is quarantined as excluded_image_type.
 
     With `parts` > 1 (a scattered job) only the images of part `part` (in_part) are checked, and
     `manifest_out` receives their rows, unfinished (manifest.gather_ingest finishes them: groups span parts),
@@ -225,10 +233,16 @@ def run_ingest(
 
     An input file that cannot be parsed at all (a CSV, the zip) stops the run with a DataFileError naming it.
     """
+    labels = labels or default_labels(source, images)
+    # A set `dermcompress synth` wrote is synthetic wherever it lies: its marker file says so (data.isic_root
+    # pointed at it by hand, where the workflow itself did not generate it).
+    marker = find_synthetic_marker(_data_root(labels, images))
     if synthetic:
         log.warning(SYNTHETIC_BANNER)
-    labels = labels or default_labels(source, images)
-    listed = _read_listing(source, labels, metadata, duplicates, extra_metadata)
+    elif marker is not None:
+        log.warning(synthetic_banner(marker))
+    synthetic = bool(synthetic or marker)
+    listed = _read_listing(source, labels, metadata, duplicates, extra_metadata, image_types)
     found = _find_images(images, max_file_bytes=max_file_bytes, max_pixels=max_pixels, part=part, parts=parts)
     ids = set(listed.gt_rows) | set(listed.meta_rows) | set(found.files) | set(found.refused)
     rows = [
@@ -242,6 +256,8 @@ def run_ingest(
         "images": ";".join(image_paths(images)),
         "max_pixels": str(max_pixels),
         "synthetic": str(bool(synthetic)),
+        "synthetic_marker": marker or "",
+        "image_types": ";".join(image_types),
     }
     if parts > 1:
         return write_part(rows, columns, about, manifest_out=manifest_out, part=part, parts=parts)
@@ -250,7 +266,15 @@ def run_ingest(
     return write_manifest(rows, columns, about, manifest_out=manifest_out, quarantine_out=quarantine_out)
 
 
-def _read_listing(source: str, labels, metadata, duplicates, extra_metadata) -> _Listed:
+def _data_root(labels, images) -> Path:
+    """The data.isic_root a source's files lie in: the label file's folder (the Archive's is its image folder),
+    else the image container's."""
+    if labels is not None:
+        return Path(labels).parent
+    return Path(image_paths(images)[0]).parent
+
+
+def _read_listing(source: str, labels, metadata, duplicates, extra_metadata, image_types) -> _Listed:
     """The source's label file, metadata and duplicates list (those given), and the extra metadata joined on."""
     paths = {"labels": labels, "metadata": metadata, "duplicates": duplicates}
     tables = read_source(source, {k: v for k, v in paths.items() if v is not None})
@@ -259,6 +283,13 @@ def _read_listing(source: str, labels, metadata, duplicates, extra_metadata) -> 
     conflicts: dict[str, tuple[str, str]] = {}
     if extra_metadata is not None:
         meta, conflicts = join_extra(meta, extra_metadata)
+    excluded = image_type_problems(meta, tuple(image_types), required=source == "isic_archive")
+    if source == "isic_archive" and "image_type" not in meta.columns:
+        log.warning(
+            "%s has no image_type column: its images cannot be told dermoscopic or not (clinical, TBP, RCM), "
+            "so none is excluded by type; download the metadata again with isic-cli to filter them",
+            labels,
+        )
     for image, problem in lesion_conflicts(meta).items():
         conflicts.setdefault(image, problem)
     labels_of = _labels(gt).drop_duplicates("image").set_index("image")
@@ -269,6 +300,7 @@ def _read_listing(source: str, labels, metadata, duplicates, extra_metadata) -> 
         invalid=labels_of["invalid"].to_dict(),
         meta_first=meta.drop_duplicates("image").set_index("image").to_dict("index"),
         label_problems=tables.problems,
+        excluded=excluded,
         conflicts=conflicts,
         duplicate_of=_duplicate_groups(tables.pairs),
         has_patient_id="patient_id" in meta.columns,
@@ -331,22 +363,10 @@ def _problems(image_id: str, listed: _Listed, found: _Found, info: dict) -> list
     if image_id not in listed.gt_rows:
         where = "a file" if members else "only a metadata row"
         problems.append(("no_label_row", f"{where}, no row in the ground truth"))
-    elif image_id in listed.label_problems:
-        problems.append(listed.label_problems[image_id])
-    else:
-        classes, invalid = listed.positives[image_id], listed.invalid[image_id]
-        if invalid:
-            problems.append(
-                (
-                    "invalid_label",
-                    f"{', '.join(invalid)} in the ground truth: one-hot labels are exactly one 1.0 "
-                    "and the rest 0.0",
-                )
-            )
-        elif not classes:
-            problems.append(("no_label", "no positive class in the ground-truth row"))
-        elif len(classes) > 1:
-            problems.append(("multiple_labels", f"positive for {', '.join(classes)}"))
+    if image_id in listed.excluded:
+        problems.append(listed.excluded[image_id])
+    if image_id in listed.gt_rows:
+        problems += _label_problems(image_id, listed)
     if image_id in listed.conflicts:
         problems.append(listed.conflicts[image_id])
     if not members and image_id not in found.refused:
@@ -356,6 +376,24 @@ def _problems(image_id: str, listed: _Listed, found: _Found, info: dict) -> list
     if info.get("reason"):
         problems.append((info["reason"], info["detail"]))
     return problems
+
+
+def _label_problems(image_id: str, listed: _Listed) -> list[tuple[str, str]]:
+    """What is wrong with the label of an image the ground truth lists: a problem the source's reader found, a
+    cell that is not one-hot, no positive class, or several."""
+    if image_id in listed.label_problems:
+        return [listed.label_problems[image_id]]
+    classes, invalid = listed.positives[image_id], listed.invalid[image_id]
+    if invalid:
+        detail = (
+            f"{', '.join(invalid)} in the ground truth: one-hot labels are exactly one 1.0 and the rest 0.0"
+        )
+        return [("invalid_label", detail)]
+    if not classes:
+        return [("no_label", "no positive class in the ground-truth row")]
+    if len(classes) > 1:
+        return [("multiple_labels", f"positive for {', '.join(classes)}")]
+    return []
 
 
 def _manifest_row(image_id: str, listed: _Listed, found: _Found, *, synthetic: bool) -> dict:

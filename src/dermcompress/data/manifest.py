@@ -42,6 +42,11 @@ MANIFEST_SCHEMA = pa.schema(
         ("age_approx", pa.float64()),
         ("anatom_site_general", pa.string()),
         ("sex", pa.string()),
+        # What some sources give (datasets.METADATA_FIELDS), null elsewhere: the subgroup analysis may use it.
+        ("fitzpatrick_skin_type", pa.string()),
+        ("image_type", pa.string()),
+        ("dermoscopic_type", pa.string()),
+        ("diagnosis_confirm_type", pa.string()),
         ("synthetic", pa.bool_()),
     ]
 )

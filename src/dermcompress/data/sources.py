@@ -42,6 +42,14 @@ SYNTHETIC_BANNER = f"""
 {_RULE}"""
 
 
+def synthetic_banner(marker: str) -> str:
+    """The banner of a synthetic set that data.isic_root names: `marker` is the file that says so."""
+    return (
+        f"\n{_RULE}\n!!  SYNTHETIC DATA: data.isic_root holds a set written by `dermcompress synth`, so every number "
+        f"that follows\n!!  comes from a generated stand-in, not real images ({marker} says so).\n{_RULE}"
+    )
+
+
 class DataFileError(ValueError):
     """A whole input file (a CSV, the zip) that cannot be read: the message names it and says what is wrong."""
 

@@ -10,7 +10,8 @@ three lesions, and each layout gives the ids its real counterpart gives.
 - ham10000: HAM10000_metadata.csv (lesion_id, image_id, dx, dx_type, age, sex, localization, dataset), images
   split between HAM10000_images_part_1/ and _part_2/ (or their zips); no patient ids, as in the real file;
 - isic_archive: flat ISIC_*.jpg, metadata.csv (isic_id, attribution, copyright_license, patient_id and
-  lesion_id for some images only, diagnosis_1..3, age_approx, sex, anatom_site_general, pixels_x, pixels_y),
+  lesion_id for some images only, diagnosis_1..3, age_approx, sex, anatom_site_general, pixels_x, pixels_y,
+  image_type, dermoscopic_type, fitzpatrick_skin_type for half the images, diagnosis_confirm_type),
   attribution.txt and licenses/ (not images).
 
 A class a source does not have is written with a diagnosis that its table (datasets.py) does not map, so the
@@ -27,13 +28,15 @@ import numpy as np
 import pandas as pd
 
 from dermcompress.data import datasets
-from dermcompress.data.synth_draw import MARKER, ImageWriter, render_images
+from dermcompress.data.synth_draw import ImageWriter, render_images
 from dermcompress.data.synth_plan import Plan
 from dermcompress.data.synth_planted import Planted
 
 log = logging.getLogger(__name__)
 
-README = "SYNTHETIC.txt"  # marks a folder this module wrote, so that a rerun may replace it
+README = (
+    datasets.SYNTHETIC_README
+)  # marks a folder this module wrote (a rerun may replace it; ingest reads it)
 # The study's classes as each source names them; a class absent from a source gets a name its table lacks.
 DIAGNOSIS_2020 = {"MEL": "melanoma", "NV": "nevus", "BKL": "seborrheic keratosis"}
 DX_HAM = {"MEL": "mel", "NV": "nv", "BCC": "bcc", "AK": "akiec", "BKL": "bkl", "DF": "df", "VASC": "vasc"}
@@ -49,6 +52,7 @@ ARCHIVE_PATHS = {
 }
 ARCHIVE_KNOWN_PATIENT = 0.7  # share of Archive images whose patient id the metadata gives
 ARCHIVE_KNOWN_LESION = 0.8
+SKIN_TYPES = ("I", "II", "III", "IV", "V", "VI")  # isic-metadata's FitzpatrickSkinType
 
 
 def _patients(plan: Plan, seed: int) -> dict[int, str]:
@@ -94,7 +98,7 @@ def _clear(out: Path) -> None:
     """Empty `out` when this module wrote it; refuse a folder with anything else in it."""
     if not any(out.iterdir()):
         return
-    if not (out / README).is_file() or not (out / README).read_text().startswith(MARKER):
+    if not (out / README).is_file() or not datasets.is_synthetic_marker((out / README).read_text()):
         raise FileExistsError(
             f"{out} is not empty and was not written by dermcompress synth; refusing to overwrite it. "
             "Choose an empty folder for the synthetic data set."
@@ -115,7 +119,8 @@ def write_layout(
     _clear(out)
     planted_text = f"\n{planted.describe()}" if planted is not None else ""
     (out / README).write_text(
-        f"{MARKER}: a synthetic {source} set written by dermcompress synth.\n{planted_text}"
+        f"{datasets.synthetic_marker(source)}: a synthetic {source} set written by dermcompress synth; ingest "
+        f"reads this file and marks every image synthetic.\n{planted_text}"
     )
     frame = _frame(plan, seed)
     writers = WRITERS[source](out, frame, as_zip)
@@ -203,10 +208,19 @@ def _write_isic_archive(out: Path, frame: pd.DataFrame, as_zip: bool) -> dict[st
             "anatom_site_general": frame["site"],
             "pixels_x": frame["width"],
             "pixels_y": frame["height"],
+            # What real downloads carry too: every image dermoscopic here (a test makes some clinical), a skin
+            # type for some images only (drawn after the ids, which keep their draws).
+            "image_type": "dermoscopic",
+            "dermoscopic_type": "contact polarized",
+            "fitzpatrick_skin_type": pd.Series(rng.choice(SKIN_TYPES, size=n)).where(rng.random(n) < 0.5),
+            "diagnosis_confirm_type": np.where(
+                frame["label"].isin(["MEL", "BCC", "SCC"]), "histopathology", "single image expert consensus"
+            ),
         }
     )
     table.to_csv(out / datasets.METADATA_ARCHIVE, index=False, lineterminator="\n")
-    (out / "attribution.txt").write_text(f"{MARKER}: synthetic images, no attribution needed.\n")
+    marker = datasets.synthetic_marker("isic_archive")
+    (out / "attribution.txt").write_text(f"{marker}: synthetic images, no attribution needed.\n")
     (out / "licenses").mkdir(exist_ok=True)
     (out / "licenses" / "CC-0.txt").write_text("CC0 1.0 Universal (synthetic images)\n")
     writer = ImageWriter(out)

@@ -1,5 +1,5 @@
 """Subgroup analysis of an experiment: is a row's score, and its loss against its reference row, the same for
-every sex, age band and anatomical site? From the predictions the evaluations wrote (the table's runs) joined
+every sex, age band and anatomical site (and Fitzpatrick skin type, where the data give it)? From the predictions the evaluations wrote (the table's runs) joined
 to the manifest's metadata; nothing is retrained.
 
 Subgroups (assign_subgroups): `sex`, `age_band` (age_approx binned at `subgroups.age_bands`: [40, 60] gives
@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 
 # Subgroup column -> (the manifest column it comes from, its name in words).
 COLUMNS = {"sex": ("sex", "Sex"), "age_band": ("age_approx", "Age"), "site": ("anatom_site_general", "Site")}
+# Shown only where the manifest knows it for some image (the ISIC Archive's Fitzpatrick skin type): a column
+# that most sources lack would otherwise be an all-'unknown' panel in every experiment.
+OPTIONAL_COLUMNS = {"skin_type": ("fitzpatrick_skin_type", "Skin type")}
 UNKNOWN = "unknown"
 # Metadata spelt as missing: blank, or the word HAM10000 uses.
 MISSING = {"", UNKNOWN}
@@ -103,8 +106,9 @@ def known_or_unknown(values: pd.Series) -> pd.Series:
 
 
 def assign_subgroups(manifest: pd.DataFrame, age_edges: list[int]) -> pd.DataFrame:
-    """Per image of the manifest (index image_id): its `sex`, `age_band` and `site` subgroup. A metadata
-    column the manifest lacks makes every image 'unknown' in it."""
+    """Per image of the manifest (index image_id): its `sex`, `age_band` and `site` subgroup, and its
+    `skin_type` (Fitzpatrick, I-VI) where the manifest gives some image one. A metadata column the manifest
+    lacks makes every image 'unknown' in it."""
     frame = manifest.set_index(manifest["image_id"].astype(str))
     if not frame.index.is_unique:
         raise ValueError(
@@ -116,6 +120,9 @@ def assign_subgroups(manifest: pd.DataFrame, age_edges: list[int]) -> pd.DataFra
             frame[source] if source in frame.columns else pd.Series(None, index=frame.index, dtype=object)
         )
         out[column] = bin_ages(values, age_edges) if column == "age_band" else known_or_unknown(values)
+    for column, (source, _) in OPTIONAL_COLUMNS.items():
+        if source in frame.columns and (values := known_or_unknown(frame[source])).ne(UNKNOWN).any():
+            out[column] = values.where(values == UNKNOWN, values.str.upper())  # Fitzpatrick's numerals
     return out
 
 
@@ -269,7 +276,7 @@ def _interval(value: float, low: float, high: float, signed: bool = False) -> st
 
 def display_subgroups(frame: pd.DataFrame) -> pd.DataFrame:
     """The subgroup table as people read it: intervals beside values, Holm's p with its m."""
-    names = {column: words for column, (_, words) in COLUMNS.items()}
+    names = {column: words for column, (_, words) in {**COLUMNS, **OPTIONAL_COLUMNS}.items()}
     rows = zip(frame["reference"], frame["row_label"], strict=True)
     groups = zip(frame["column"], frame["subgroup"], strict=True)
     out = pd.DataFrame(
