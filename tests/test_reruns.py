@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import edited, snakemake, write_config
+from conftest import CODE_EDIT, edited, snakemake, write_config
 from test_workflow import evaluations_of, kind, planned_jobs, rules_of
 
 pytestmark = pytest.mark.workflow
@@ -123,6 +123,23 @@ def test_edit_to_degradation_module_reruns_degradation_and_downstream(finished_s
     assert "data_summary" not in rules_of(jobs)
 
 
+def test_comments_and_docstrings_rerun_nothing(finished_study, tmp_path):
+    """Code fingerprints hash the syntax tree: a comment in a stage module, its docstring and a function's, and
+    the module list in a package's docstring (data/__init__.py, in every data stage's closure) plan nothing."""
+    workdir = tmp_path / "study"
+    shutil.copytree(finished_study, workdir, symlinks=True)
+    data = workdir / "src/dermcompress/data"
+    degrade = data / "degrade.py"
+    degrade.write_text(degrade.read_text().replace('"""', '"""An edited docstring. ', 1) + "\n# an edit\n")
+    ingest = data / "ingest.py"
+    text = ingest.read_text()
+    function = re.search(r'\n    """', text).start()  # the first function's or class's docstring
+    ingest.write_text(text[:function] + '\n    """An edited docstring.' + text[function + 8 :])
+    package = data / "__init__.py"
+    package.write_text(package.read_text().replace('"""', '"""new_module  a module listed here\n', 1))
+    assert dry_run(workdir) == set()
+
+
 def test_edit_to_experiment_grid_code_reruns_only_the_study(finished_study):
     """The grids' code (study/experiments.py) is read by config checks and tables, never by a data stage or a
     run: editing it reruns the tables that expand the grids, nothing upstream."""
@@ -141,7 +158,7 @@ def test_new_statistics_rerun_only_tables_and_figures(finished_study, tmp_path):
     shutil.copytree(finished_study, workdir, symlinks=True)
     study = workdir / "src/dermcompress/study"
     for module in study.glob("*.py"):
-        module.write_text(module.read_text() + "\n# an edit\n")
+        module.write_text(module.read_text() + CODE_EDIT)
     (study / "new_test.py").write_text('"""A new test."""\n')
     compare = study / "compare.py"
     compare.write_text(compare.read_text() + "from . import new_test  # noqa: F401, E402\n")
@@ -162,7 +179,7 @@ def test_edit_to_training_code_retrains_from_step_zero(finished_study, tmp_path)
     shutil.copytree(finished_study, workdir, symlinks=True)
     assert not list((workdir / "results/checkpoints").rglob("*.pt"))
     module = workdir / "src/dermcompress/learn/train.py"
-    module.write_text(module.read_text() + "\n# an edit to the training code\n")
+    module.write_text(module.read_text() + CODE_EDIT)
     proc = snakemake(workdir)
     assert "rule train:" in proc.stdout + proc.stderr
     logs = list((workdir / "results/logs/runs").rglob("train.log"))
@@ -210,7 +227,7 @@ def test_planted_effects_and_subgroups_rerun_only_aggregation_on_real_data(plant
     src = workdir / "src/dermcompress"
     for module in [*(src / "study").glob("*.py"), *(src / "data").glob("synth*.py")]:
         if module.name != "__init__.py":
-            module.write_text(module.read_text() + "\n# an edit\n")
+            module.write_text(module.read_text() + CODE_EDIT)
     config = yaml.safe_load((workdir / "planted.yaml").read_text())
     merge(
         config,
