@@ -181,6 +181,48 @@ def test_a_missing_source_file_and_a_bad_extra_csv_are_named(tmp_path):
         datasets.join_extra(pd.DataFrame({"image": ["ISIC_1"]}), tmp_path / "extra.csv")
 
 
+@pytest.mark.parametrize(
+    ("source", "present", "named"),
+    [
+        (
+            "isic2019",
+            ["ISIC_2019_Training_Input/"],
+            "lacks ISIC_2019_Training_GroundTruth.csv, ISIC_2019_Training_Metadata.csv",
+        ),
+        # ISIC 2020 reads the v2 ground truth first: that is the name to download.
+        (
+            "isic2020",
+            ["ISIC_2020_Training_JPEG.zip"],
+            "(looked for ISIC_2020_Training_GroundTruth_v2.csv, ISIC_2020_Training_GroundTruth.csv)",
+        ),
+        (
+            "ham10000",
+            ["HAM10000_images_part_1/", "HAM10000_images_part_2.zip"],
+            "lacks HAM10000_metadata.csv",
+        ),
+        ("isic_archive", ["ISIC_0000001.jpg"], "lacks metadata.csv"),
+        # The default source, pointed at another's folder: the error says which source it seems to hold.
+        (
+            "isic2019",
+            ["ISIC_2020_Training_JPEG.zip"],
+            "it holds ISIC_2020_Training_JPEG.zip: is it data.source: isic2020?",
+        ),
+        (
+            "isic2020",
+            ["HAM10000_metadata.csv"],
+            "it holds HAM10000_metadata.csv: is it data.source: ham10000?",
+        ),
+    ],
+)
+def test_a_missing_official_file_is_an_error_naming_it(tmp_path, source, present, named):
+    """Not an input Snakemake would drop with the ingest job that reads it (the old manifest kept)."""
+    for name in present:
+        (tmp_path / name).mkdir() if name.endswith("/") else (tmp_path / name).write_bytes(b"")
+    with pytest.raises(FileNotFoundError) as error:
+        datasets.source_paths(source, tmp_path)
+    assert named in str(error.value) and "\n" not in str(error.value)
+
+
 @pytest.mark.parametrize("parts", [2, 3])
 def test_ingest_in_parts_then_gathered_writes_the_one_job_files(tmp_path, parts):
     """Every id checked by exactly one part (a hash of the id), and the gathered manifest and quarantine.csv

@@ -5,8 +5,12 @@ tiny model, and their aggregation into tables and figures)."""
 from __future__ import annotations
 
 import copy
+import os
 import re
 import shutil
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
@@ -107,6 +111,71 @@ def test_new_resolution_reruns_only_its_resize_and_downstream(finished_study):
         assert jobs_of(jobs, rule) and all(w["res"] == "8" for w in jobs_of(jobs, rule))
     assert evaluations_of(jobs) and all(e["res"] == "8" for e in evaluations_of(jobs))
     assert tables(jobs) == {"base"}
+
+
+def test_repointed_at_a_folder_that_lacks_a_file_the_dry_run_stops_naming_it(finished_study, tmp_path):
+    """The walkthrough's case: in a folder with results, data.isic_root pointed at a folder holding only an ISIC
+    2020 zip. Before, ingest's missing input made Snakemake drop ingest, keep the old manifest and plan resize,
+    degrade and trainings on the new images. Now the dry run stops, naming the file ISIC 2020 reads first (the
+    v2 ground truth); with the default source, suggesting the one the folder holds."""
+    new = tmp_path / "isic2020"
+    new.mkdir()
+    with zipfile.ZipFile(new / "ISIC_2020_Training_JPEG.zip", "w") as archive:
+        archive.writestr("train/ISIC_0000000.jpg", b"")
+    config = yaml.safe_load((finished_study / "config.yaml").read_text())
+    for source, named in [
+        (
+            "isic2020",
+            "(looked for ISIC_2020_Training_GroundTruth_v2.csv, ISIC_2020_Training_GroundTruth.csv)",
+        ),
+        ("isic2019", "it holds ISIC_2020_Training_JPEG.zip: is it data.source: isic2020?"),
+    ]:
+        merge(config, {"data": {"isic_root": str(new), "source": source}})
+        write_config(finished_study / "repointed.yaml", config)
+        proc = snakemake(finished_study, "--dry-run", "--configfile", "repointed.yaml", check=False)
+        assert proc.returncode != 0 and named in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+
+
+@contextmanager
+def time_kept(path: Path) -> Iterator[None]:
+    """Change `path` inside the block, then give it back its time (as `cp -p` or an archive's dates would)."""
+    stat = path.stat()
+    yield
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def test_a_source_file_replaced_with_an_older_time_reruns_ingest(finished_study, tmp_path):
+    """A change of the files under data.isic_root reruns ingest even where their times say nothing (a label fixed
+    in a copy kept with `cp -p`, an image extracted with the archive's date): the ingest rule carries their stamp
+    (data/sourcestamp.py) as a param. Before, Snakemake saw only times: nothing reran."""
+    workdir = tmp_path / "study"
+    shutil.copytree(finished_study, workdir, symlinks=True)
+    data = workdir / "data"
+    # The user's data: the synthetic set copied with its times (older than the results).
+    shutil.copytree(workdir / "results/data/synthetic", data)
+    config = yaml.safe_load((workdir / "config.yaml").read_text())
+    write_config(workdir / "config.yaml", {**config, "data": {**config["data"], "isic_root": "data"}})
+    manifest = "results/data/manifest.parquet"
+    snakemake(workdir, manifest)
+
+    def planned() -> set[str]:
+        return rules_of(planned_jobs(snakemake(workdir, "--dry-run", manifest).stdout))
+
+    assert planned() == set()
+    labels = data / "ISIC_2019_Training_GroundTruth.csv"
+    original = labels.read_text()
+    header, first, rest = original.split("\n", 2)
+    image, *onehot = first.split(",")
+    with time_kept(labels):  # one image's label moved to the next class: same size, same time
+        labels.write_text("\n".join([header, ",".join([image, onehot[-1], *onehot[:-1]]), rest]))
+    assert planned() == {"ingest"}
+    with time_kept(labels):
+        labels.write_text(original)
+    assert planned() == set()
+    one, other = sorted((data / "ISIC_2019_Training_Input").glob("*.jpg"))[:2]
+    with time_kept(one):  # an image's bytes replaced in place: neither its time nor its folder's changes
+        one.write_bytes(other.read_bytes())
+    assert planned() == {"ingest"}
 
 
 def test_edit_to_degradation_module_reruns_degradation_and_downstream(finished_study):
