@@ -12,7 +12,9 @@ configfile: "config.yaml"
 include: "workflow/rules/setup.smk"
 
 
-validate(config, "workflow/schemas/config.schema.yaml")
+# An unknown or ill-typed key stops the run in one line: its path, what is wrong, the valid keys.
+with schema_errors_in_one_line():
+    validate(config, "workflow/schemas/config.schema.yaml")
 
 
 report: "workflow/report/workflow.rst"

@@ -30,12 +30,17 @@ def copy_workflow(dest: Path) -> Path:
     return dest
 
 
+# A change to what a module does (a comment or a docstring is none: code fingerprints hash the syntax tree).
+CODE_EDIT = "\nAN_EDIT = True\n"
+
+
 @contextmanager
-def edited(module: Path) -> Iterator[None]:
-    """`module` with a comment added (a change of its source, so of every code fingerprint over it), then restored."""
+def edited(module: Path, edit: str = CODE_EDIT) -> Iterator[None]:
+    """`module` with `edit` appended (by default a statement: a change of its code, so of every code fingerprint
+    over it), then restored."""
     original = module.read_text()
     try:
-        module.write_text(original + "\n# an edit\n")
+        module.write_text(original + edit)
         yield
     finally:
         module.write_text(original)

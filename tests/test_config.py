@@ -99,6 +99,34 @@ def test_a_wrong_key_stops_the_run_before_any_job_and_names_the_key(workflow_dir
     assert not (workflow_dir / "results").exists()  # nothing ran
 
 
+@pytest.mark.parametrize(
+    ("overlay", "key", "valid"),
+    [
+        ({"run_experiment": "all"}, "run_experiment", "the top level of the config has data, split, resize"),
+        (
+            {"data": {"isic_rot": "/data/isic"}},
+            "data.isic_rot",
+            "'data' has source, isic_root, extra_metadata",
+        ),
+        (
+            {"experiments": {"vit_lr_sweep": {"lrs": [1.0e-4]}}},
+            "experiments.vit_lr_sweep.lrs",
+            "'experiments.vit_lr_sweep' has description, models, resolutions",
+        ),
+    ],
+)
+def test_an_unknown_key_is_one_line_naming_its_path_and_the_valid_keys(workflow_dir, overlay, key, valid):
+    """At any depth, not the whole schema (Snakemake's validate printed 184 to 2,568 lines of it)."""
+    configfile = write_config(workflow_dir / "typo.yaml", overlay)
+    proc = snakemake(workflow_dir, "--dry-run", "--configfile", str(configfile), check=False)
+    assert proc.returncode != 0
+    lines = (proc.stdout + proc.stderr).splitlines()
+    [message] = [line for line in lines if "config key" in line]
+    assert message.startswith(f"config key '{key}': unknown key (did you mean"), message
+    assert valid in message
+    assert len(lines) < 10, "\n".join(lines)
+
+
 def test_yaml_alias_bomb_is_refused_quickly_naming_its_key(workflow_dir):
     # Nine levels of nine aliases: 1 kB of YAML, 436 million values once expanded.
     lines = ['lol: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']

@@ -230,7 +230,7 @@ def test_the_official_files_are_not_marked_synthetic(tmp_path):
 def test_an_isic2020_folder_read_as_isic2019_suggests_the_source(tmp_path):
     """The walkthrough's case: the default source, a folder holding only ISIC 2020's zip."""
     (tmp_path / "ISIC_2020_Training_JPEG.zip").write_bytes(b"")
-    with pytest.raises(FileNotFoundError, match=r"ISIC_2019_Training_Input.*set data\.source: isic2020"):
+    with pytest.raises(FileNotFoundError, match=r"ISIC_2019_Training_Input.*is it data\.source: isic2020\?"):
         datasets.source_paths("isic2019", tmp_path)
 
 
@@ -289,6 +289,48 @@ def test_a_missing_source_file_and_a_bad_extra_csv_are_named(tmp_path):
     (tmp_path / "extra.csv").write_text("name,patient_id\nISIC_1,IP_1\n")
     with pytest.raises(DataFileError, match=r"extra.csv: no image id column"):
         datasets.join_extra(pd.DataFrame({"image": ["ISIC_1"]}), tmp_path / "extra.csv")
+
+
+@pytest.mark.parametrize(
+    ("source", "present", "named"),
+    [
+        (
+            "isic2019",
+            ["ISIC_2019_Training_Input/"],
+            "lacks ISIC_2019_Training_GroundTruth.csv, ISIC_2019_Training_Metadata.csv",
+        ),
+        # ISIC 2020 reads the v2 ground truth first: that is the name to download.
+        (
+            "isic2020",
+            ["ISIC_2020_Training_JPEG.zip"],
+            "(looked for ISIC_2020_Training_GroundTruth_v2.csv, ISIC_2020_Training_GroundTruth.csv)",
+        ),
+        (
+            "ham10000",
+            ["HAM10000_images_part_1/", "HAM10000_images_part_2.zip"],
+            "lacks HAM10000_metadata.csv",
+        ),
+        ("isic_archive", ["ISIC_0000001.jpg"], "lacks metadata.csv"),
+        # The default source, pointed at another's folder: the error says which source it seems to hold.
+        (
+            "isic2019",
+            ["ISIC_2020_Training_JPEG.zip"],
+            "it holds ISIC_2020_Training_JPEG.zip: is it data.source: isic2020?",
+        ),
+        (
+            "isic2020",
+            ["HAM10000_metadata.csv"],
+            "it holds HAM10000_metadata.csv: is it data.source: ham10000?",
+        ),
+    ],
+)
+def test_a_missing_official_file_is_an_error_naming_it(tmp_path, source, present, named):
+    """Not an input Snakemake would drop with the ingest job that reads it (the old manifest kept)."""
+    for name in present:
+        (tmp_path / name).mkdir() if name.endswith("/") else (tmp_path / name).write_bytes(b"")
+    with pytest.raises(FileNotFoundError) as error:
+        datasets.source_paths(source, tmp_path)
+    assert named in str(error.value) and "\n" not in str(error.value)
 
 
 @pytest.mark.parametrize("parts", [2, 3])
@@ -350,7 +392,8 @@ def _assert_subgroups_are_the_plans(manifest: pd.DataFrame) -> None:
     got.index = got.index.str.removesuffix("_downsampled")
     got = got.loc[want.index]
     assert got[list(want.columns)].to_dict("index") == want.to_dict("index")
-    if "skin_type" in got:  # the Archive's own field (its layout draws it, not the plan): as the manifest gives it
+    # The Archive's own field (its layout draws it, not the plan): as the manifest gives it.
+    if "skin_type" in got:
         from dermcompress.study.subgroups import UNKNOWN
 
         skin = manifest.set_index(ids)["fitzpatrick_skin_type"].fillna(UNKNOWN)

@@ -5,14 +5,18 @@ tiny model, and their aggregation into tables and figures)."""
 from __future__ import annotations
 
 import copy
+import os
 import re
 import shutil
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
-from conftest import edited, snakemake, write_config
+from conftest import CODE_EDIT, edited, snakemake, write_config
 from test_workflow import evaluations_of, kind, planned_jobs, rules_of
 
 pytestmark = pytest.mark.workflow
@@ -109,6 +113,71 @@ def test_new_resolution_reruns_only_its_resize_and_downstream(finished_study):
     assert tables(jobs) == {"base"}
 
 
+def test_repointed_at_a_folder_that_lacks_a_file_the_dry_run_stops_naming_it(finished_study, tmp_path):
+    """The walkthrough's case: in a folder with results, data.isic_root pointed at a folder holding only an ISIC
+    2020 zip. Before, ingest's missing input made Snakemake drop ingest, keep the old manifest and plan resize,
+    degrade and trainings on the new images. Now the dry run stops, naming the file ISIC 2020 reads first (the
+    v2 ground truth); with the default source, suggesting the one the folder holds."""
+    new = tmp_path / "isic2020"
+    new.mkdir()
+    with zipfile.ZipFile(new / "ISIC_2020_Training_JPEG.zip", "w") as archive:
+        archive.writestr("train/ISIC_0000000.jpg", b"")
+    config = yaml.safe_load((finished_study / "config.yaml").read_text())
+    for source, named in [
+        (
+            "isic2020",
+            "(looked for ISIC_2020_Training_GroundTruth_v2.csv, ISIC_2020_Training_GroundTruth.csv)",
+        ),
+        ("isic2019", "it holds ISIC_2020_Training_JPEG.zip: is it data.source: isic2020?"),
+    ]:
+        merge(config, {"data": {"isic_root": str(new), "source": source}})
+        write_config(finished_study / "repointed.yaml", config)
+        proc = snakemake(finished_study, "--dry-run", "--configfile", "repointed.yaml", check=False)
+        assert proc.returncode != 0 and named in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+
+
+@contextmanager
+def time_kept(path: Path) -> Iterator[None]:
+    """Change `path` inside the block, then give it back its time (as `cp -p` or an archive's dates would)."""
+    stat = path.stat()
+    yield
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def test_a_source_file_replaced_with_an_older_time_reruns_ingest(finished_study, tmp_path):
+    """A change of the files under data.isic_root reruns ingest even where their times say nothing (a label fixed
+    in a copy kept with `cp -p`, an image extracted with the archive's date): the ingest rule carries their stamp
+    (data/sourcestamp.py) as a param. Before, Snakemake saw only times: nothing reran."""
+    workdir = tmp_path / "study"
+    shutil.copytree(finished_study, workdir, symlinks=True)
+    data = workdir / "data"
+    # The user's data: the synthetic set copied with its times (older than the results).
+    shutil.copytree(workdir / "results/data/synthetic", data)
+    config = yaml.safe_load((workdir / "config.yaml").read_text())
+    write_config(workdir / "config.yaml", {**config, "data": {**config["data"], "isic_root": "data"}})
+    manifest = "results/data/manifest.parquet"
+    snakemake(workdir, manifest)
+
+    def planned() -> set[str]:
+        return rules_of(planned_jobs(snakemake(workdir, "--dry-run", manifest).stdout))
+
+    assert planned() == set()
+    labels = data / "ISIC_2019_Training_GroundTruth.csv"
+    original = labels.read_text()
+    header, first, rest = original.split("\n", 2)
+    image, *onehot = first.split(",")
+    with time_kept(labels):  # one image's label moved to the next class: same size, same time
+        labels.write_text("\n".join([header, ",".join([image, onehot[-1], *onehot[:-1]]), rest]))
+    assert planned() == {"ingest"}
+    with time_kept(labels):
+        labels.write_text(original)
+    assert planned() == set()
+    one, other = sorted((data / "ISIC_2019_Training_Input").glob("*.jpg"))[:2]
+    with time_kept(one):  # an image's bytes replaced in place: neither its time nor its folder's changes
+        one.write_bytes(other.read_bytes())
+    assert planned() == {"ingest"}
+
+
 def test_edit_to_degradation_module_reruns_degradation_and_downstream(finished_study):
     with edited(finished_study / "src/dermcompress/data/degrade.py"):
         jobs = dry_run(finished_study)
@@ -121,6 +190,23 @@ def test_edit_to_degradation_module_reruns_degradation_and_downstream(finished_s
     assert not rules_of(jobs) & {"features", "linear", "evaluate_probe"}
     assert tables(jobs) == {"base"}
     assert "data_summary" not in rules_of(jobs)
+
+
+def test_comments_and_docstrings_rerun_nothing(finished_study, tmp_path):
+    """Code fingerprints hash the syntax tree: a comment in a stage module, its docstring and a function's, and
+    the module list in a package's docstring (data/__init__.py, in every data stage's closure) plan nothing."""
+    workdir = tmp_path / "study"
+    shutil.copytree(finished_study, workdir, symlinks=True)
+    data = workdir / "src/dermcompress/data"
+    degrade = data / "degrade.py"
+    degrade.write_text(degrade.read_text().replace('"""', '"""An edited docstring. ', 1) + "\n# an edit\n")
+    ingest = data / "ingest.py"
+    text = ingest.read_text()
+    function = re.search(r'\n    """', text).start()  # the first function's or class's docstring
+    ingest.write_text(text[:function] + '\n    """An edited docstring.' + text[function + 8 :])
+    package = data / "__init__.py"
+    package.write_text(package.read_text().replace('"""', '"""new_module  a module listed here\n', 1))
+    assert dry_run(workdir) == set()
 
 
 def test_edit_to_experiment_grid_code_reruns_only_the_study(finished_study):
@@ -141,7 +227,7 @@ def test_new_statistics_rerun_only_tables_and_figures(finished_study, tmp_path):
     shutil.copytree(finished_study, workdir, symlinks=True)
     study = workdir / "src/dermcompress/study"
     for module in study.glob("*.py"):
-        module.write_text(module.read_text() + "\n# an edit\n")
+        module.write_text(module.read_text() + CODE_EDIT)
     (study / "new_test.py").write_text('"""A new test."""\n')
     compare = study / "compare.py"
     compare.write_text(compare.read_text() + "from . import new_test  # noqa: F401, E402\n")
@@ -162,7 +248,7 @@ def test_edit_to_training_code_retrains_from_step_zero(finished_study, tmp_path)
     shutil.copytree(finished_study, workdir, symlinks=True)
     assert not list((workdir / "results/checkpoints").rglob("*.pt"))
     module = workdir / "src/dermcompress/learn/train.py"
-    module.write_text(module.read_text() + "\n# an edit to the training code\n")
+    module.write_text(module.read_text() + CODE_EDIT)
     proc = snakemake(workdir)
     assert "rule train:" in proc.stdout + proc.stderr
     logs = list((workdir / "results/logs/runs").rglob("train.log"))
@@ -210,7 +296,7 @@ def test_planted_effects_and_subgroups_rerun_only_aggregation_on_real_data(plant
     src = workdir / "src/dermcompress"
     for module in [*(src / "study").glob("*.py"), *(src / "data").glob("synth*.py")]:
         if module.name != "__init__.py":
-            module.write_text(module.read_text() + "\n# an edit\n")
+            module.write_text(module.read_text() + CODE_EDIT)
     config = yaml.safe_load((workdir / "planted.yaml").read_text())
     merge(
         config,

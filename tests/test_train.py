@@ -370,7 +370,7 @@ def test_checkpoint_of_other_code_is_not_resumed(caches, finetuned, tmp_path):
     args = run_args(caches, tmp_path)
     preempt(args, stop_at=4, src=src)
     module = src / "dermcompress" / "learn" / "train.py"
-    module.write_text(module.read_text() + "\n# an edit to the training code\n")
+    module.write_text(module.read_text() + "\nAN_EDIT = True  # a change to the training code\n")
     proc = run_in_process(args, src=src)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"optimizer steps: {STEPS}" in proc.stdout, "it trains from step 0"

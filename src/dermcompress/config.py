@@ -3,11 +3,16 @@
 The schema (workflow/schemas/config.schema.yaml) catches unknown keys and wrong types; `check` catches the
 rest (fractions that overlap, even blur kernels, reversed ranges, experiments' `training:` overrides checked
 against the schema of the training section) and names the offending key. `refuse_alias_bomb` runs before
-validation: a YAML alias bomb would hang it.
+validation: a YAML alias bomb would hang it. `schema_errors_in_one_line` makes a schema error one line, as every
+error here is: the key's dotted path, what is wrong and, for an unknown key, the valid ones (Snakemake's
+`validate` prints the whole schema, thousands of lines for a top-level key).
 """
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -17,10 +22,12 @@ from dermcompress.data.degrade import DEGRADATIONS
 from dermcompress.errors import ConfigError
 from dermcompress.study import experiments
 
-__all__ = ["ConfigError", "check", "refuse_alias_bomb", "variant_settings"]
+__all__ = ["ConfigError", "check", "refuse_alias_bomb", "schema_errors_in_one_line", "variant_settings"]
 DEFAULT_DEGRADED_SPLITS = ("train",)
 # Far more than any real config (config.yaml has ~500); a YAML alias bomb of a few lines has billions.
 MAX_CONFIG_NODES = 1_000_000
+# A schema message quotes the offending value: a long list or a whole section is cut to this many characters.
+MAX_MESSAGE = 200
 
 
 def config_nodes(value: Any, _memo: dict[int, int] | None = None) -> int:
@@ -62,6 +69,45 @@ def refuse_alias_bomb(config: dict[str, Any], limit: int = MAX_CONFIG_NODES) -> 
     )
 
 
+def schema_error(err, prefix: tuple[str, ...] = ()) -> ConfigError:
+    """A jsonschema ValidationError as one line: the dotted path of the key (below `prefix`), what is wrong, and
+    for an unknown key the keys valid there (and the closest one)."""
+    import jsonschema
+
+    # Of a oneOf's failures, the one that fits the value ("0 is less than the minimum of 1").
+    err = jsonschema.exceptions.best_match([err])
+    path = [*prefix, *map(str, err.absolute_path)]
+    if err.validator == "additionalProperties" and isinstance(err.instance, dict):
+        valid = list(err.schema.get("properties", {}))
+        unknown = sorted(set(err.instance) - set(valid))
+        where = f"'{'.'.join(path)}'" if path else "the top level of the config"
+        close = difflib.get_close_matches(unknown[0], valid, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        also = f"; also unknown: {', '.join(unknown[1:])}" if unknown[1:] else ""
+        return ConfigError(
+            ".".join([*path, unknown[0]]), f"unknown key{hint}; {where} has {', '.join(valid)}{also}"
+        )
+    message = " ".join(err.message.split())
+    if len(message) > MAX_MESSAGE:
+        message = message[: MAX_MESSAGE - 1] + "…"
+    return ConfigError(".".join(path) or "(top level)", message)
+
+
+@contextmanager
+def schema_errors_in_one_line() -> Iterator[None]:
+    """Around snakemake.utils.validate (which also fills in the schema's defaults): its error, which prints the
+    whole schema of the section at fault, raised as one line (schema_error)."""
+    import jsonschema
+
+    try:
+        yield
+    except Exception as err:
+        found = err.__context__ if not isinstance(err, jsonschema.ValidationError) else err
+        if not isinstance(found, jsonschema.ValidationError):
+            raise
+        raise schema_error(found) from None
+
+
 def check_training_overrides(config: dict[str, Any], training_schema: dict[str, Any]) -> None:
     """Each experiment's `training:` overrides against the schema of the training section (none required)."""
     import jsonschema
@@ -71,14 +117,7 @@ def check_training_overrides(config: dict[str, Any], training_schema: dict[str, 
     for name, grid in config["experiments"].items():
         overrides = grid.get("training") or {}
         for err in sorted(validator.iter_errors(overrides), key=lambda e: [str(p) for p in e.path]):
-            # Of a oneOf's failures, the one that fits the value ("0 is less than the minimum of 1").
-            err = jsonschema.exceptions.best_match([err])
-            key = ".".join(["experiments", name, "training", *map(str, err.absolute_path)])
-            if err.validator == "additionalProperties":
-                unknown = sorted(set(err.instance) - set(err.schema.get("properties", {})))
-                allowed = ", ".join(err.schema.get("properties", {}))
-                raise ConfigError(f"{key}.{unknown[0]}", f"unknown key; the training section has {allowed}")
-            raise ConfigError(key, err.message)
+            raise schema_error(err, prefix=("experiments", name, "training"))
 
 
 def check(config: dict[str, Any], schema: str | Path | dict[str, Any] | None = None) -> None:

@@ -6,7 +6,8 @@ import re
 from pathlib import Path
 
 from dermcompress import config as dc_config
-from dermcompress.data import datasets, resize, sources
+from dermcompress.data import datasets, resize, sources, sourcestamp
+from dermcompress.errors import ConfigError
 from dermcompress.study import experiments
 from dermcompress.provenance import fingerprint, lineage
 from dermcompress.learn import runs
@@ -120,11 +121,30 @@ def get_resize_parts(wildcards):
 
 def get_raw_inputs():
     """The data source's files (datasets.source_paths: label file, metadata, duplicates list, image folders or
-    zips), or the synthetic ones; and data.extra_metadata when it names a CSV."""
+    zips), or the synthetic ones; and data.extra_metadata when it names a CSV. A missing one stops the run
+    naming it: as an input with no rule to make it, Snakemake would drop ingest and keep the old manifest.
+    """
     inputs = datasets.source_paths(SOURCE, ISIC_ROOT, synthetic=SYNTHETIC)
-    if config["data"].get("extra_metadata"):
-        inputs["extra_metadata"] = config["data"]["extra_metadata"]
+    if extra := config["data"].get("extra_metadata"):
+        if not Path(extra).is_file():
+            raise ConfigError("data.extra_metadata", f"{extra!r} is not a file")
+        inputs["extra_metadata"] = extra
     return inputs
+
+
+def get_data_source(wildcards):
+    """Where the data are and what is there, a param of ingest: data.isic_root, data.extra_metadata and the
+    stamp of the user's files (sourcestamp.py: the CSVs' contents, the zips' sizes and times, the folders'
+    listings), so that what mtimes miss (a file replaced by an older one) reruns it too. The synthetic files
+    are synth's outputs, which Snakemake tracks itself."""
+    paths = get_raw_inputs()
+    if SYNTHETIC:
+        paths = {k: v for k, v in paths.items() if k == "extra_metadata"}
+    return {
+        "root": ISIC_ROOT,
+        "extra_metadata": config["data"].get("extra_metadata"),
+        "stamp": sourcestamp.source_stamp(paths),
+    }
 
 
 def get_synth_outputs():

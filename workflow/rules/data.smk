@@ -39,8 +39,11 @@ if INGEST_PARTS == 1:
             "results/benchmarks/ingest.tsv"
         conda:
             "../../envs/data.yaml"
+        # Where the data are and what is there: a change of data.source, data.isic_root, data.extra_metadata or
+        # of their files reruns ingest, whatever the files' times (get_data_source).
         params:
             source=SOURCE,
+            data_source=get_data_source,
             max_pixels=config["data"]["max_pixels"],
             max_file_bytes=config["data"]["max_file_bytes"],
             image_types=config["data"]["image_types"],
@@ -62,8 +65,11 @@ else:
             "results/benchmarks/ingest/{scatteritem}.tsv"
         conda:
             "../../envs/data.yaml"
+        # Where the data are and what is there: a change of data.source, data.isic_root, data.extra_metadata or
+        # of their files reruns ingest, whatever the files' times (get_data_source).
         params:
             source=SOURCE,
+            data_source=get_data_source,
             max_pixels=config["data"]["max_pixels"],
             max_file_bytes=config["data"]["max_file_bytes"],
             image_types=config["data"]["image_types"],

@@ -12,7 +12,7 @@ os.environ.update(
     PYTHONPATH=os.pathsep.join(p for p in (SRC, os.getenv("PYTHONPATH")) if p)
 )
 
-from dermcompress.config import refuse_alias_bomb
+from dermcompress.config import refuse_alias_bomb, schema_errors_in_one_line
 
 # A YAML alias bomb in a --configfile (a few lines, billions of values) would hang validation, which prints the
 # value it rejects: refuse it first, naming its key.

@@ -167,30 +167,6 @@ def find_synthetic_marker(root: str | Path) -> str | None:
     return None
 
 
-def guess_source(root: str | Path) -> str | None:
-    """The data.source whose characteristic files `root` holds (for an error that suggests it), else None."""
-    root = Path(root)
-    signs = {
-        "isic2019": (GROUND_TRUTH, IMAGES_DIR, IMAGES_ZIP),
-        "isic2020": (GT_2020_V2, GT_2020, IMAGES_2020[1]),
-        "ham10000": (METADATA_HAM, *IMAGES_HAM, *(f"{p}.zip" for p in IMAGES_HAM)),
-    }
-    for source, names in signs.items():
-        if any((root / name).exists() for name in names):
-            return source
-    if (root / METADATA_ARCHIVE).is_file():
-        return "isic_archive"
-    return None
-
-
-def _suggestion(root: Path, source: str) -> str:
-    """' It holds ISIC 2020's files: set data.source: isic2020.' when `root` looks like another source."""
-    other = guess_source(root)
-    if other is None or other == source:
-        return ""
-    return f". It holds {SOURCE_NAMES[other]}'s files: set data.source: {other}."
-
-
 @dataclass
 class SourceTables:
     """What ingest checks, whatever the source: `gt` (image + LABEL_COLUMNS as text, one row per label row),
@@ -244,28 +220,65 @@ def _first_existing(root: Path, names: tuple[str, ...], what: str, source: str) 
             return root / name
     raise FileNotFoundError(
         f"data.isic_root={str(root)!r} holds no {what} of data.source {source!r} (looked for {', '.join(names)})"
-        + _suggestion(root, source)
     )
+
+
+# Files that say which source a folder holds: named when data.source reads another layout.
+MARKERS = {
+    "isic2019": (GROUND_TRUTH, IMAGES_DIR, IMAGES_ZIP),
+    "isic2020": (GT_2020_V2, GT_2020, IMAGES_2020[1]),
+    "ham10000": (METADATA_HAM, *IMAGES_HAM, *(f"{p}.zip" for p in IMAGES_HAM)),
+    "isic_archive": (METADATA_ARCHIVE,),
+}
 
 
 def source_paths(source: str, root: str | Path, *, synthetic: bool = False) -> dict[str, str | list[str]]:
     """The files of `source` under `root`, as the ingest rule's inputs: `labels`, `metadata` (isic2019 only),
     `duplicates` (isic2020, when present) and `images` (one folder or zip, or a list: HAM10000's two parts).
     `synthetic`: the files `dermcompress synth --source` writes, named before they exist (folders, ISIC 2020's
-    v2 ground truth and duplicates list); for the ISIC Archive only the folder, which holds metadata.csv."""
+    v2 ground truth and duplicates list); for the ISIC Archive only the folder, which holds metadata.csv.
+
+    Otherwise every file must exist: a missing one is a FileNotFoundError that names it (and the source the
+    folder seems to hold, if another), never an input Snakemake would quietly drop with the job that reads it.
+    """
+    try:
+        paths = _source_paths(source, root, synthetic=synthetic)
+        missing = [] if synthetic else [p for p in _flat(paths.values()) if not Path(p).exists()]
+        if missing:
+            raise FileNotFoundError(
+                f"data.isic_root={str(root)!r} lacks {', '.join(Path(p).name for p in missing)}, which "
+                f"data.source {source!r} reads"
+            )
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{str(err).rstrip('.')}{other_source_hint(source, root)}") from None
+    return paths
+
+
+def other_source_hint(source: str, root: str | Path) -> str:
+    """`; it holds <file>: is it data.source: <other>?` when `root` holds a marker file of another source."""
+    for other, names in MARKERS.items():
+        found = [n for n in names if other != source and (Path(root) / n).exists()]
+        if found:
+            return f"; it holds {found[0]}: is it data.source: {other}?"
+    return ""
+
+
+def _flat(values) -> list[str]:
+    return [p for v in values for p in ([v] if isinstance(v, str) else v)]
+
+
+def _source_paths(source: str, root: str | Path, *, synthetic: bool = False) -> dict[str, str | list[str]]:
     root = Path(root)
     if source == "isic2019":
-        try:
-            paths = official_paths(root, prefer="folder" if synthetic else None)
-        except FileNotFoundError as err:
-            raise FileNotFoundError(f"{str(err).rstrip('.')}{_suggestion(root, source)}") from None
+        paths = official_paths(root, prefer="folder" if synthetic else None)
         return {"labels": paths["ground_truth"], "metadata": paths["metadata"], "images": paths["images"]}
     if source == "isic2020":
         if synthetic:
             names = {"labels": GT_2020_V2, "duplicates": DUPLICATES_2020, "images": IMAGES_2020[0]}
             return {key: str(root / name) for key, name in names.items()}
-        gt = root / GT_2020_V2 if (root / GT_2020_V2).is_file() else root / GT_2020
-        out = {"labels": str(gt), "images": str(_first_existing(root, IMAGES_2020, "images", source))}
+        images = _first_existing(root, IMAGES_2020, "images", source)
+        gt = _first_existing(root, (GT_2020_V2, GT_2020), "ground truth", source)
+        out = {"labels": str(gt), "images": str(images)}
         if (root / DUPLICATES_2020).is_file():
             out["duplicates"] = str(root / DUPLICATES_2020)
         return out

@@ -5,6 +5,13 @@ Snakemake sees edits to a rule's script but not to the package the script calls.
 fingerprint of its stage module as a param, so an edit to dermcompress/data/degrade.py reruns degradation and what
 follows, and nothing upstream. Likewise a new timm reruns training, and a new pandas everything that uses it;
 an unrelated install (a linter, a new notebook package) reruns nothing.
+
+A module counts by its syntax tree, not its text: comments, docstrings, blank lines and layout are left out
+(ast.parse drops comments; docstrings are removed; ast.dump without line numbers), so a comment or a module
+list in a package's docstring reruns nothing, while any change to what the code does reruns what it feeds. The
+tree's shape is Python's own, so a new Python minor version reruns every stage once. Only package modules are
+normalised: the rules' scripts/*.py are Snakemake's to watch (by their mtime), and .smk files never reach a
+fingerprint (a rule's params, inputs and script say what it computes).
 """
 
 from __future__ import annotations
@@ -28,6 +35,8 @@ NO_EFFECT = frozenset({"tqdm", "huggingface_hub"})
 # the workflow being run while neither changed: working it out parses every module and reads every installed
 # package's file list, ~1 s that Snakemake's start and every job's lineage record would pay.
 MEMO = Path("results/.lineage/code.json")
+# What MEMO holds per module (imports and the hash of the code's tree): a memo of another format is not read.
+MEMO_FORMAT = 2
 
 
 def _module_path(module: str) -> Path:
@@ -51,18 +60,40 @@ def _statements(tree: ast.AST):
 
 
 @cache
+def _module_info(module: str) -> dict:
+    """What MEMO keeps of `module`: the package modules and other top-level names it imports (function-level
+    imports included) and the hash of its code (`tree`, normalised_tree); one parse when not remembered."""
+    memo = _memo()
+    if module not in memo["modules"]:
+        tree = ast.parse(_module_path(module).read_text())
+        found, external = _parse_imports(module, tree)
+        memo["modules"][module] = {
+            "imports": sorted(found),
+            "external": sorted(external),
+            "tree": hashlib.sha256(normalised_tree(tree)).hexdigest(),
+        }
+        _save(memo)
+    return memo["modules"][module]
+
+
 def _imports(module: str) -> tuple[frozenset[str], frozenset[str]]:
     """(package modules, other top-level names) that `module` imports, function-level imports included."""
-    memo = _memo()
-    if module not in memo["imports"]:
-        memo["imports"][module] = [sorted(names) for names in _parse_imports(module)]
-        _save(memo)
-    found, external = memo["imports"][module]
-    return frozenset(found), frozenset(external)
+    info = _module_info(module)
+    return frozenset(info["imports"]), frozenset(info["external"])
 
 
-def _parse_imports(module: str) -> tuple[set[str], set[str]]:
-    tree = ast.parse(_module_path(module).read_text())
+def normalised_tree(tree: ast.Module) -> bytes:
+    """What a module's code does, as bytes: its syntax tree without docstrings (of the module, its classes and
+    functions), dumped without positions. Comments are not in the tree; `tree` is changed in place."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+            first = node.body[0] if node.body else None
+            if isinstance(first, ast.Expr) and isinstance(getattr(first.value, "value", None), str):
+                node.body = node.body[1:]
+    return ast.dump(tree, include_attributes=False).encode()
+
+
+def _parse_imports(module: str, tree: ast.Module) -> tuple[set[str], set[str]]:
     found: set[str] = set()
     external: set[str] = set()
     package = module if _module_path(module).name == "__init__.py" else module.rpartition(".")[0]
@@ -106,10 +137,11 @@ def module_closure(module: str) -> tuple[str, ...]:
 
 @cache
 def module_fingerprint(module: str) -> str:
-    """sha256 (first 16 hex digits) over the source of `module`'s closure, names included."""
+    """sha256 (first 16 hex digits) over the code of `module`'s closure (each module's normalised_tree), names
+    included."""
     digest = hashlib.sha256()
     for name in module_closure(module):
-        digest.update(name.encode() + b"\0" + _module_path(name).read_bytes() + b"\0")
+        digest.update(name.encode() + b"\0" + _module_info(name)["tree"].encode() + b"\0")
     return digest.hexdigest()[:16]
 
 
@@ -145,14 +177,14 @@ def _installed_state() -> list:
 @cache
 def _memo() -> dict:
     """MEMO as it stands for this source and these installed packages (an empty one if either changed)."""
-    key = [_installed_state(), package_fingerprint()]
+    key = [MEMO_FORMAT, _installed_state(), package_fingerprint()]
     try:
         memo = json.loads(MEMO.read_text())
         if memo["key"] == key:
             return memo
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    return {"key": key, "distributions": None, "versions": {}, "imports": {}}
+    return {"key": key, "distributions": None, "versions": {}, "modules": {}}
 
 
 def _save(memo: dict) -> None:
