@@ -8,8 +8,8 @@ the signal SLURM sends before a time limit (`scancel --signal=TERM`, what `--sig
 resumed by Snakemake's retry; and `tiny_ddp` on two fake H100s, i.e. two ranks under torchrun, stopped and
 resumed likewise. The model is a ViT without dropout and the micro batch is half the global batch, so all three
 must end with the very same predictions (test_ddp.py explains why exactly). A linear probe (`tiny_probe`) reads
-frozen features of three splits, extracted in one submission on one GPU. All of it is one Snakemake run, as a
-user's would be; the pack test adds a second.
+frozen features of three splits, extracted in one submission on one GPU; and two short runs at 32 px are packed
+into one submission. All of it is one Snakemake run, as a user's would be.
 
 Without root or apt the SLURM tests skip locally, saying why; with DERMCOMPRESS_REQUIRE_SLURM=1 (`make test`,
 `make test-slurm`) or CI set they fail instead.
@@ -55,10 +55,14 @@ GRID = {
 EXPERIMENTS = {"single": "tiny_single", "preempted": "tiny_preempted", "ddp": "tiny_ddp"}
 PREEMPTED = ("preempted", "ddp")  # stopped once mid-training, then resumed by Snakemake's retry
 PROBE = "tiny_probe"  # a linear probe on frozen features: its three feature extractions share one submission
+# Two short runs at 32 px packed into one submission (`--group-components run_32px=2`, as slurm-h100 packs its
+# 56 px runs); the 64 px runs above are never packed (their group is run_64px).
+PACKED = "tiny_packed"
+PACK = ("--group-components", "features=8", "run_32px=2")
 METRICS = ("accuracy", "auc", "f1_macro", "balanced_accuracy")
 OVERLAY = {
     "data": {"synthetic": {"n": 1000, "seed": 0}},
-    "resize": {"resolutions": [64]},
+    "resize": {"resolutions": [64, 32]},
     "degrade": {
         "variants": {
             "clean": {"fractions": {}},
@@ -68,7 +72,7 @@ OVERLAY = {
     "cache": {"rows_per_shard": 256, "row_group_size": 32},
     "models": {
         name: {"source": "timm:vit_tiny_patch16_224", "pretrained": False}
-        for name in (*EXPERIMENTS.values(), PROBE)
+        for name in (*EXPERIMENTS.values(), PROBE, PACKED)
     },
     # Two micro batches per step: one process accumulates them, two ranks take one each.
     "training": {
@@ -95,9 +99,17 @@ OVERLAY = {
             **{k: v for k, v in GRID.items() if k not in ("lr", "schedules", "epochs")},
             "models": [PROBE],
             "modes": ["linear"],
-        }
+        },
+        "packed": {
+            "description": "SLURM test: a pack",
+            **GRID,
+            "models": [PACKED],
+            "resolutions": [32],
+            "lr": [3.0e-3, 1.0e-2],
+            "reference": {"res": 32},
+        },
     },
-    "run_experiments": [*EXPERIMENTS, "probe"],
+    "run_experiments": [*EXPERIMENTS, "probe", "packed"],
 }
 
 
@@ -237,8 +249,8 @@ def finished(slurm, request, tmp_path_factory):
         merge = isinstance(value, dict) and key not in ("models", "experiments")
         config[key] = {**config[key], **value} if merge else value
     write_config(workdir / "config.yaml", config)
-    run, signalled = through_slurm(request, workdir, PREEMPTED)
-    return workdir, {name: run for name in [*EXPERIMENTS, "probe"]}, signalled
+    run, signalled = through_slurm(request, workdir, PREEMPTED, *PACK)
+    return workdir, {name: run for name in [*EXPERIMENTS, "probe", "packed"]}, signalled
 
 
 def rules_in(smk: str) -> set[str]:
@@ -312,8 +324,8 @@ def test_demo_runs_end_to_end_through_slurm(finished):
     assert not list((workdir / "results").rglob("weights.safetensors"))
     assert not list((workdir / "results").rglob("checkpoint.pt"))
     assert (
-        len(pd.read_csv(workdir / "results/runs/index.csv")) == len(EXPERIMENTS) + 2
-    )  # single: two variants; the probe
+        len(pd.read_csv(workdir / "results/runs/index.csv")) == len(EXPERIMENTS) + 4
+    )  # single: two variants; the probe; the pack's two runs
 
 
 def test_feature_extractions_share_one_submission_and_one_gpu(finished):
@@ -334,19 +346,13 @@ def test_feature_extractions_share_one_submission_and_one_gpu(finished):
     assert json.loads(metrics.read_text())["n_eval"] > 0
 
 
-def test_short_runs_pack_into_one_submission_on_one_gpu(finished, request):
-    """Two more runs packed into one submission (`--group-components run_64px=2`, as slurm-h100 packs its 56 px
-    runs): the pack asks SLURM for one H100 and the sum of its trainings' time limits plus an evaluation's; the
-    trainings run one after another on that GPU (the profile's one gpu_slot per submission), each followed by
-    its evaluation."""
-    workdir, _, _ = finished
-    grid = {**GRID, "models": ["tiny_single"], "lr": [3.0e-3, 1.0e-2]}
-    packed = {"experiments": {"packed": {"description": "SLURM test: a pack", **grid}}}
-    write_config(workdir / "packed.yaml", packed | {"run_experiments": ["packed"]})
-    run, _ = through_slurm(
-        request, workdir, (), "--configfile", "packed.yaml", "--group-components", "run_64px=2"
-    )
-    ((job, log),) = [(j, log) for j, rule, log in run.submissions() if rule.startswith("group_run_")]
+def test_short_runs_pack_into_one_submission_on_one_gpu(finished):
+    """Two more runs packed into one submission (PACK, as slurm-h100 packs its 56 px runs): the pack asks SLURM for
+    one H100 and the sum of its trainings' time limits plus an evaluation's; the trainings run one after another
+    on that GPU (the profile's one gpu_slot per submission), each followed by its evaluation."""
+    workdir, runs, _ = finished
+    run = runs["packed"]
+    ((job, log),) = [(j, log) for j, rule, log in run.submissions() if rule.startswith("group_run_32px_")]
     text = log.read_text()
     assert text.count("localrule train:") == 2, text[-3000:]
     assert len(re.findall(r"localrule evaluate__\w+:", text)) == 2, text[-3000:]
@@ -355,10 +361,10 @@ def test_short_runs_pack_into_one_submission_on_one_gpu(finished, request):
     assert "TresPerJob=gres:gpu:h100:1" in shown and "TimeLimit=01:30:00" in shown, shown
     spans = []
     for lr in ("lr0.003", "lr0.01"):
-        (train,) = (workdir / "results/logs/runs/tiny_single").rglob(f"{lr}_*/**/train.log")
+        (train,) = (workdir / "results/logs/runs" / PACKED).rglob(f"{lr}_*/**/train.log")
         stamps = [line[:23] for line in train.read_text().splitlines() if line[:2] == "20"]
         spans.append((stamps[0], stamps[-1]))
-        assert list((workdir / "results/runs/tiny_single").rglob(f"{lr}_*/**/eval/clean/metrics.json"))
+        assert list((workdir / "results/runs" / PACKED).rglob(f"{lr}_*/**/eval/clean/metrics.json"))
     first, second = sorted(spans)
     assert first[1] <= second[0], spans  # one after another
 
