@@ -16,10 +16,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import learnable_cache
+from conftest import flip_bit, learnable_cache
 from safetensors.torch import load_file
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
+from dermcompress.data.integrity import ChecksumError
 from dermcompress.data.loader import make_loader
 from dermcompress.learn import models
 from dermcompress.learn.checkpoints import CHECKPOINT
@@ -210,6 +211,18 @@ def test_evaluation_scores_the_trained_weights(finetuned, caches):
         "split == 'test'"
     )
     np.testing.assert_allclose(predictions["prob_NV"].to_numpy(), result["probs"][:, 1], rtol=1e-6)
+
+
+def test_rotten_kept_weights_stop_the_evaluation(caches, finetuned, tmp_path):
+    """One flipped bit in a run's weights (mtime kept, as bit rot keeps it): the evaluation refuses them,
+    naming the file and how to recover, instead of scoring a slightly different model."""
+    out = tmp_path / "rotten"
+    shutil.copytree(finetuned / "run", out / "run", ignore=shutil.ignore_patterns("eval"))
+    weights = out / "run" / "weights.safetensors"
+    flip_bit(weights, weights.stat().st_size - 100)  # a weight, not the header: safetensors still parses it
+    with pytest.raises(ChecksumError, match=r"weights\.safetensors is corrupt.*snakemake --forcerun"):
+        evaluate(caches, out)
+    assert not (out / "run" / "eval").exists()
 
 
 def test_freeze_blocks_keeps_stem_and_first_blocks(caches, tmp_path):

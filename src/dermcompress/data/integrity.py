@@ -85,18 +85,24 @@ def recovery(path: str | Path) -> str:
 
 # ------------------------------------------------------------------------------------------ what was hashed
 
-# sha256 of every file this process wrote or read and verified, with the size and mtime it had then: what the
-# job's lineage record states (a file changed since is hashed again).
-_SEEN: dict[str, tuple[str, int, int]] = {}
+# sha256 of every file this process wrote or read and verified, with its stat_key then: what the job's lineage
+# record states (a file changed since is hashed again).
+_SEEN: dict[str, tuple[str, tuple[int, ...]]] = {}
 
 
 def _key(path: str | Path) -> str:
     return os.path.realpath(path)
 
 
-def _remember(path: str | Path, sha: str) -> None:
+def stat_key(path: str | Path) -> tuple[int, ...]:
+    """What says a file is still the one it was: size, mtime and ctime (which no program can set back, so
+    rewriting a file and restoring its mtime, or `cp -p` over it, changes it), inode and device."""
     st = os.stat(path)
-    _SEEN[_key(path)] = (sha, st.st_size, st.st_mtime_ns)
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+
+
+def _remember(path: str | Path, sha: str) -> None:
+    _SEEN[_key(path)] = (sha, stat_key(path))
 
 
 def seen_sha256(path: str | Path) -> str | None:
@@ -105,10 +111,9 @@ def seen_sha256(path: str | Path) -> str | None:
     if known is None:
         return None
     try:
-        st = os.stat(path)
+        return known[0] if stat_key(path) == known[1] else None
     except OSError:
         return None
-    return known[0] if (st.st_size, st.st_mtime_ns) == known[1:] else None
 
 
 # ------------------------------------------------------------------------------------------ writing

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from dermcompress.data import integrity
 from dermcompress.learn.metrics import PROB_PREFIX
 
 # The official ground truth's class columns, in its order.
@@ -158,7 +159,7 @@ def run_export(
     """Export a run's (or an evaluation's) test predictions: the nine-column submission at `out_csv`, the
     ground truth (default OUT_GroundTruth.csv) and the submission cut to its classes (OUT_Scoring.csv)."""
     eval_dir = resolve_evaluation(run, eval_variant)
-    predictions = pd.read_parquet(eval_dir / PREDICTIONS)
+    predictions = integrity.read_frame(eval_dir / PREDICTIONS)
     default_truth, scoring = default_paths(out_csv)
     truth = Path(ground_truth) if ground_truth else default_truth
     images = write_submission(predictions, out_csv)
