@@ -7,8 +7,9 @@ the versions of the packages it imports): a code change or a new timm that makes
 from step 0 instead of resuming someone else's weights. A finished run deletes its checkpoint.
 
 SIGTERM or SIGUSR1 (what SLURM sends before a time limit or a preemption), and SIGINT (Ctrl-C), only set a flag
-inside `preemption_flag`: the loop finishes the optimizer step it is in, saves a checkpoint and raises `Preempted`, so the
-job fails and the retry resumes exactly where it stopped. Nothing is ever unpickled: torch.load(weights_only=True).
+inside `preemption_flag`: the loop finishes the optimizer step it is in, saves a checkpoint and raises
+`Preempted` (its message, in the job's log, names the signal), so the job fails and the retry resumes exactly
+where it stopped. Nothing is ever unpickled: torch.load(weights_only=True).
 """
 
 from __future__ import annotations
@@ -160,7 +161,7 @@ def remove(path: Path) -> None:
 
 @contextmanager
 def preemption_flag() -> Iterator[dict[str, str | None]]:
-    """While inside, SIGTERM/SIGINT/SIGUSR1 only record their name in the yielded dict (see the module docstring)."""
+    """While inside, SIGTERM/SIGINT/SIGUSR1 only record their name in the yielded dict (module docstring)."""
     flag: dict[str, str | None] = {"signal": None}
     if threading.current_thread() is not threading.main_thread():  # signals can only be caught there
         yield flag
