@@ -1,7 +1,7 @@
 """Snakemake adapter: one training run through the backbone (finetune, freeze_blocks, lora) -> weights, history,
-config and train.json in the run folder. A Preempted exception (SIGTERM/SIGUSR1, checkpoint saved) fails the job
-on purpose: Snakemake's retry then resumes from the checkpoint. With N > 1 GPUs (resource `gpu`) the script first
-replaces itself by torchrun, which runs it on N ranks (distributed.py)."""
+config and train.json in the run folder. A Preempted exception (SIGTERM/SIGINT/SIGUSR1, checkpoint saved) fails
+the job on purpose: Snakemake's retry then resumes from the checkpoint. With N > 1 GPUs (resource `gpu`) the
+script first replaces itself by torchrun, which runs it on N ranks (distributed.py)."""
 
 from pathlib import Path
 

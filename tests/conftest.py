@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -44,6 +45,17 @@ def edited(module: Path, edit: str = CODE_EDIT) -> Iterator[None]:
         yield
     finally:
         module.write_text(original)
+
+
+def flip_bit(path: Path, offset: int, bit: int = 0) -> None:
+    """Bit rot: one bit of the file flipped in place, its size and mtime kept (what a stat shows stays put)."""
+    st = path.stat()
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([byte ^ (1 << bit)]))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 def write_config(path: Path, overlay: dict) -> Path:

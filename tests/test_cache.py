@@ -12,6 +12,7 @@ import pytest
 
 from dermcompress.data.cache import CacheError, ChecksumError, load_info, read_split, verify_cache
 from dermcompress.data.cache_write import CacheWriter, merge_caches, run_cache, shard_plan
+from dermcompress.data.integrity import checksum_path
 from dermcompress.data.pixeltable import write_pixel_table
 from dermcompress.data.resize import numbered
 
@@ -162,6 +163,9 @@ def test_missing_shard_and_missing_or_garbled_info(tmp_path):
     with pytest.raises(CacheError, match="no split 'holdout'"):
         read_split(out, "holdout")
     (out / "_info.json").write_text('{"classes": ["MEL", "NV"], "hei')
+    with pytest.raises(ChecksumError, match=r"_info\.json is corrupt.*snakemake --forcerun"):
+        read_split(out, "train")
+    checksum_path(out / "_info.json").unlink()  # written by hand: not verified, but still parsed
     with pytest.raises(CacheError, match="not valid JSON"):
         read_split(out, "train")
     (out / "_info.json").write_text('{"classes": ["MEL", "NV"]}')

@@ -16,10 +16,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import learnable_cache
+from conftest import flip_bit, learnable_cache
 from safetensors.torch import load_file
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
+from dermcompress.data.integrity import ChecksumError
 from dermcompress.data.loader import make_loader
 from dermcompress.learn import models
 from dermcompress.learn.checkpoints import CHECKPOINT
@@ -212,6 +213,18 @@ def test_evaluation_scores_the_trained_weights(finetuned, caches):
     np.testing.assert_allclose(predictions["prob_NV"].to_numpy(), result["probs"][:, 1], rtol=1e-6)
 
 
+def test_rotten_kept_weights_stop_the_evaluation(caches, finetuned, tmp_path):
+    """One flipped bit in a run's weights (mtime kept, as bit rot keeps it): the evaluation refuses them,
+    naming the file and how to recover, instead of scoring a slightly different model."""
+    out = tmp_path / "rotten"
+    shutil.copytree(finetuned / "run", out / "run", ignore=shutil.ignore_patterns("eval"))
+    weights = out / "run" / "weights.safetensors"
+    flip_bit(weights, weights.stat().st_size - 100)  # a weight, not the header: safetensors still parses it
+    with pytest.raises(ChecksumError, match=r"weights\.safetensors is corrupt.*snakemake --forcerun"):
+        evaluate(caches, out)
+    assert not (out / "run" / "eval").exists()
+
+
 def test_freeze_blocks_keeps_stem_and_first_blocks(caches, tmp_path):
     train_and_evaluate(caches, tmp_path, mode="freeze_blocks", freeze_blocks=2)
     check_outputs(tmp_path / "run", "freeze_blocks")
@@ -300,31 +313,36 @@ def test_augmentation_is_seeded_and_changes_training(caches, finetuned, tmp_path
         resolve_settings({"augment": ["hflip", "zoom"]})
 
 
-# A run in its own process, optionally sent a real SIGTERM right after optimizer step K (torch's global step
-# hook; 0: never); prints the number of optimizer steps it took.
+# A run in its own process (its log in the job's way, job_logging), optionally sent a real signal (SIGTERM
+# unless named) right after optimizer step K (torch's global step hook; 0: never); prints the number of
+# optimizer steps it took.
 INTERRUPTED = """
 import json, os, signal, sys, torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from dermcompress.learn.train import run_training
-args, threads, stop_at = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+from dermcompress.provenance.logs import job_logging
+args, threads, stop_at, sig, log = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
 torch.set_num_threads(threads)
 steps = 0
 def hook(optimizer, a, kw):
     global steps
     steps += 1
     if steps == stop_at:
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), getattr(signal, sig))
 register_optimizer_step_post_hook(hook)
-run_training(**args)
+with job_logging(log or None):
+    run_training(**args)
 print(f"optimizer steps: {steps}")
 """
 
 
-def run_in_process(args: dict, stop_at: int = 0, src: Path = REPO / "src") -> subprocess.CompletedProcess:
+def run_in_process(
+    args: dict, stop_at: int = 0, src: Path = REPO / "src", signal: str = "SIGTERM", log: str = ""
+) -> subprocess.CompletedProcess:
     """run_training in a fresh interpreter that imports the package from `src`."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-c", INTERRUPTED, json.dumps(args), str(torch.get_num_threads()), str(stop_at)]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run([*cmd, signal, log], capture_output=True, text=True, env=env, timeout=300)
 
 
 def preempt(args: dict, stop_at: int, src: Path = REPO / "src") -> None:
@@ -360,6 +378,18 @@ def test_resume_after_sigterm_matches_uninterrupted_run(caches, lora_run, tmp_pa
         check_exact=True,
     )
     assert not (tmp_path / "ckpt").exists()  # done: the checkpoint is gone
+
+
+def test_ctrl_c_checkpoints_and_says_why_in_the_log(caches, tmp_path):
+    """SIGINT (Ctrl-C) to the training process is handled as SIGTERM: a checkpoint after the step it was in,
+    then a failure whose reason is the job log's last word; a rerun resumes from there."""
+    args, log = run_args(caches, tmp_path), tmp_path / "train.log"
+    proc = run_in_process(args, stop_at=3, signal="SIGINT", log=str(log))
+    assert proc.returncode != 0 and not Path(args["weights_path"]).exists()
+    state = torch.load(tmp_path / "ckpt" / CHECKPOINT, weights_only=True)["state"]
+    assert state["step"] == 3
+    assert "Preempted: SIGINT at step 3: checkpoint saved to" in log.read_text(), log.read_text()[-3000:]
+    assert "job failed" in log.read_text()
 
 
 def test_checkpoint_of_other_code_is_not_resumed(caches, finetuned, tmp_path):

@@ -11,6 +11,7 @@ imagepool                   the stages' thread pool over images; rereading the r
 images, pixeltable          decoding, pixel tables
 cache, cache_write          the sharded parquet caches: their format and reading them; writing them
 loader                      the PyTorch loader over a cache
+integrity                   every file a stage hands on: written atomically with its checksum, verified when read
 
 May import: the standard library, third-party packages, `dermcompress` (ISIC_CLASSES) and `dermcompress.errors`;
 never `learn`, `study`, `provenance` or `config`, so that editing a model, an experiment grid or the lineage

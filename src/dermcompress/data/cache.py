@@ -23,7 +23,6 @@ never leaves an _info.json that points at partial shards. Readers verify the che
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -33,6 +32,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from . import integrity
+from .integrity import file_sha256
 from .pixeltable import PIXELS, arrow_to_pixels, read_parquet
 
 INFO = "_info.json"
@@ -56,17 +57,17 @@ FORMAT_VERSION = 2
 RERUN = "rerun the job that writes it (resize for the clean variant, degrade for the others)"
 
 
+def rerun(cache_dir: str | Path) -> str:
+    """How to recover a cache that cannot be used."""
+    return f"{RERUN}: snakemake --forcerun {cache_dir}, or delete the folder and run snakemake again"
+
+
 class CacheError(Exception):
     """A cache that cannot be read as it is: _info.json missing or garbled, a shard missing or wrong."""
 
 
-class ChecksumError(CacheError):
+class ChecksumError(CacheError, integrity.ChecksumError):
     """A shard whose bytes differ from what _info.json recorded."""
-
-
-def file_sha256(path: str | Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def bytes_stats(
@@ -99,14 +100,18 @@ def iter_shards(cache_dir: str | Path, *, verify: bool = True) -> Iterator[tuple
 def load_info(cache_dir: str | Path) -> dict[str, Any]:
     path = Path(cache_dir) / INFO
     try:
-        info = json.loads(path.read_text())
+        info = json.loads(integrity.read_bytes(path))
     except FileNotFoundError:
-        raise CacheError(f"{path} is missing: the cache was never completed ({RERUN})") from None
+        raise CacheError(f"{path} is missing: the cache was never completed ({rerun(cache_dir)})") from None
+    except integrity.ChecksumError:
+        raise ChecksumError(
+            f"{path} is corrupt or was changed after it was written: {rerun(cache_dir)}"
+        ) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CacheError(f"{path} is not valid JSON ({err}): {RERUN}") from None
+        raise CacheError(f"{path} is not valid JSON ({err}): {rerun(cache_dir)}") from None
     required = ("classes", "height", "width", "rows", "shards")
     if not isinstance(info, dict) or any(k not in info for k in required):
-        raise CacheError(f"{path} lacks required keys {list(required)}: {RERUN}")
+        raise CacheError(f"{path} lacks required keys {list(required)}: {rerun(cache_dir)}")
     return info
 
 
@@ -118,11 +123,12 @@ def _verify_shards(cache_dir: Path, shards: list[dict[str, Any]]) -> None:
     for shard in shards:
         path = cache_dir / shard["path"]
         if not path.is_file():
-            raise CacheError(f"shard {path} listed in {INFO} is missing")
+            raise CacheError(f"shard {path} listed in {INFO} is missing: {rerun(cache_dir)}")
         actual = file_sha256(path)
         if actual != shard["sha256"]:
             raise ChecksumError(
-                f"shard {path} is corrupt or was changed: sha256 {actual}, but {INFO} recorded {shard['sha256']}"
+                f"shard {path} is corrupt or was changed: sha256 {actual}, but {INFO} recorded "
+                f"{shard['sha256']}; {rerun(cache_dir)}"
             )
 
 
@@ -155,7 +161,9 @@ def read_split(cache_dir: str | Path, split: str, *, verify: bool = True) -> Cac
     else:
         missing = [s["path"] for s in shards if not (cache_dir / s["path"]).is_file()]
         if missing:
-            raise CacheError(f"shard(s) {missing} listed in {cache_dir / INFO} are missing")
+            raise CacheError(
+                f"shard(s) {missing} listed in {cache_dir / INFO} are missing: {rerun(cache_dir)}"
+            )
     columns = ["image_id", "label_idx", "degradation", PIXELS]
     table = pa.concat_tables(read_parquet(cache_dir / s["path"], columns=columns) for s in shards)
     if table.num_rows != info["rows"][split]:

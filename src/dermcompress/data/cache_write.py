@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from . import integrity
 from .cache import (
     BYTES_COLUMNS,
     BYTES_TYPES,
@@ -97,6 +98,7 @@ def shard_plan(
 def _clear_old_cache(out_dir: Path) -> None:
     """Remove a previous cache's _info.json first (so it never vouches for a mix), then its shards."""
     (out_dir / INFO).unlink(missing_ok=True)
+    integrity.checksum_path(out_dir / INFO).unlink(missing_ok=True)
     for split in SPLITS:
         for old in (out_dir / split).glob("part-*.parquet"):
             old.unlink()
@@ -178,7 +180,6 @@ class CacheWriter:
         shape = (int(pixels.shape[1]), int(pixels.shape[2]))
         path = self.out_dir / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
         meta = {k.encode(): v.encode() for k, v in self.metadata.items()}
         meta.update(
             {
@@ -190,16 +191,17 @@ class CacheWriter:
         )
         small_columns = [c for c in COLUMNS if c != PIXELS]
         # Raw pixels are incompressible by dictionaries and huge for statistics: keep both to the small columns.
-        pq.write_table(
-            table.replace_schema_metadata(meta),
-            tmp,
-            row_group_size=self.row_group_size,
-            compression="zstd",
-            use_dictionary=small_columns,
-            write_statistics=small_columns,
-        )
-        os.replace(tmp, path)
-        return {"path": rel, "split": split, "rows": table.num_rows, "sha256": file_sha256(path)}
+        # The shard's checksum is _info.json's (hashed as it is written), not a file beside it.
+        with integrity.atomic_write(path, checksum=False) as out:
+            pq.write_table(
+                table.replace_schema_metadata(meta),
+                out,
+                row_group_size=self.row_group_size,
+                compression="zstd",
+                use_dictionary=small_columns,
+                write_statistics=small_columns,
+            )
+        return {"path": rel, "split": split, "rows": table.num_rows, "sha256": out.hash.hexdigest()}
 
     def close(self, *, input: dict[str, Any]) -> dict[str, Any]:
         """Write _info.json (shape, classes, rows per split, every shard and its sha256); return it."""
@@ -231,9 +233,7 @@ class CacheWriter:
             "input": input,
             "shards": self.shards,
         }
-        tmp = self.out_dir / f".{INFO}.tmp"
-        tmp.write_text(json.dumps(info, indent=2) + "\n")
-        os.replace(tmp, self.out_dir / INFO)
+        integrity.write_json(self.out_dir / INFO, info)
         log.info(
             "cached %s rows of %dx%d px into %d shards under %s",
             rows_per_split,
@@ -333,10 +333,9 @@ def merge_caches(
         "input": input,
         "shards": shards,
     }
-    tmp = out_dir / f".{INFO}.tmp"
-    tmp.write_text(json.dumps(info, indent=2) + "\n")
-    os.replace(tmp, out_dir / INFO)
+    integrity.write_json(out_dir / INFO, info)
     for part in parts:
         (Path(part) / INFO).unlink(missing_ok=True)
+        integrity.checksum_path(Path(part) / INFO).unlink(missing_ok=True)
     log.info("merged %d scattered parts into %s (%d shards)", len(parts), out_dir, len(shards))
     return info

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from dermcompress.data import integrity
 from dermcompress.data.groups import connected_groups
 
 log = logging.getLogger(__name__)
@@ -68,8 +68,7 @@ def write_part(
     optional `columns` to keep and the schema metadata `about` recorded for the gather."""
     table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
     keep = {f"keep_{c}": str(v) for c, v in columns.items()}
-    Path(manifest_out).parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table.replace_schema_metadata({**about, **keep}), manifest_out)
+    integrity.write_parquet(manifest_out, table.replace_schema_metadata({**about, **keep}))
     log.info("part %d of %d: %d image ids, written to %s", part + 1, parts, len(rows), manifest_out)
     return table.to_pandas()
 
@@ -78,7 +77,7 @@ def gather_ingest(
     parts: list[str | Path], *, manifest_out: str | Path, quarantine_out: str | Path
 ) -> pd.DataFrame:
     """The manifest and quarantine.csv from a scattered ingest's parts: the same files one job would write."""
-    tables = [pq.read_table(p) for p in parts]
+    tables = [integrity.read_parquet(p) for p in parts]
     meta = {k.decode(): v.decode() for k, v in (tables[0].schema.metadata or {}).items()}
     columns = {c: meta.pop(f"keep_{c}") == "True" for c in ("patient_id", "duplicate_group")}
     rows = sorted((r for t in tables for r in t.to_pylist()), key=lambda r: r["image_id"])
@@ -104,8 +103,7 @@ def write_manifest(
         if not keep:
             schema = schema.remove(schema.get_field_index(column))
     table = pa.Table.from_pylist(rows, schema=schema).replace_schema_metadata(about)
-    Path(manifest_out).parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, manifest_out)
+    integrity.write_parquet(manifest_out, table)
     manifest = table.to_pandas()
     quarantined = manifest[manifest["status"] == "quarantined"]
     Path(quarantine_out).parent.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+from dermcompress.data import integrity
 from dermcompress.data.cache import BYTES_TYPES, CacheError, load_info
 from dermcompress.data.cache_write import CacheWriter, check_rows, shard_plan
 from dermcompress.data.codec import REFERENCE, png_size
@@ -35,7 +36,6 @@ from dermcompress.data.imagepool import (
     source_changed,
 )
 from dermcompress.data.images import ImageError, decode_image
-from dermcompress.data.pixeltable import read_parquet
 from dermcompress.data.sources import DEFAULT_MAX_FILE_BYTES, image_paths
 
 log = logging.getLogger(__name__)
@@ -146,7 +146,7 @@ def read_table(source: PathOrFrame, columns: list[str]) -> pa.Table:
     """`columns` of a parquet file, or of a pandas frame (tests, notebooks), as a pyarrow table; text as plain
     `string` (pandas writes `large_string`, which a join cannot match with `string`)."""
     if isinstance(source, str | Path):
-        table = read_parquet(source, columns=columns)
+        table = integrity.read_parquet(source, columns=columns)
     else:
         table = pa.Table.from_pandas(source[columns], preserve_index=False)
     schema = pa.schema(

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
+from dermcompress.data import integrity
 from dermcompress.data.groups import connected_groups, id_counts
 
 logger = logging.getLogger(__name__)
@@ -191,7 +192,7 @@ def run_split(
     seed: int,
 ) -> dict[str, Any]:
     """Read the task, split it, write `splits.parquet` (image_id, group_id, label, split) and its report."""
-    frame = pd.read_parquet(task)
+    frame = integrity.read_frame(task)
     logger.info("task %s: %d images; group columns tried in order: %s", task, len(frame), list(group_columns))
     splits = grouped_split(
         frame, group_columns=group_columns, test_fraction=test_fraction, val_fraction=val_fraction, seed=seed
@@ -210,9 +211,7 @@ def run_split(
         )
 
     splits = splits.sort_values("image_id").reset_index(drop=True)[COLUMNS]
-    for path in (splits_out, report_out):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-    splits.to_parquet(splits_out, index=False)
-    Path(report_out).write_text(json.dumps(report, indent=2) + "\n")
+    integrity.write_parquet(splits_out, splits)
+    integrity.write_json(report_out, report)
     logger.info("wrote %s and %s", splits_out, report_out)
     return report

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from dermcompress.data import integrity
+
 log = logging.getLogger(__name__)
 
 
@@ -45,7 +47,7 @@ def train_subset(splits: str | Path, fraction: float, seed: int) -> list[str] | 
     """Image ids of the train split to train on (None: all of them), from splits.parquet."""
     if fraction == 1:
         return None
-    train = pd.read_parquet(splits).query("split == 'train'")
+    train = integrity.read_frame(splits).query("split == 'train'")
     chosen = grouped_subsample(train, fraction, seed)
     counts = chosen["label"].value_counts().sort_index().to_dict()
     log.info(

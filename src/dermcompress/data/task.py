@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from dermcompress.data import integrity
+
 logger = logging.getLogger(__name__)
 
 BALANCES = ("undersample", "none")
@@ -77,7 +79,7 @@ def run_task(
     *, manifest: str | Path, task_out: str | Path, classes: list[str], balance: str, seed: int
 ) -> pd.DataFrame:
     """Read the manifest, select the task, write `task.parquet` (manifest columns + label_idx, by id)."""
-    frame = pd.read_parquet(manifest)
+    frame = integrity.read_frame(manifest)
     classes = _check_classes(classes)
     ok = frame["status"] == "ok"
     logger.info(
@@ -96,7 +98,6 @@ def run_task(
         _per_class(task, classes),
     )
 
-    Path(task_out).parent.mkdir(parents=True, exist_ok=True)
-    task.to_parquet(task_out, index=False)
+    integrity.write_parquet(task_out, task)
     logger.info("wrote %s", task_out)
     return task

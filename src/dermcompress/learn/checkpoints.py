@@ -6,14 +6,16 @@ identity is the run's settings, model and data and the fingerprint of the traini
 the versions of the packages it imports): a code change or a new timm that makes Snakemake rerun a run trains it
 from step 0 instead of resuming someone else's weights. A finished run deletes its checkpoint.
 
-SIGTERM or SIGUSR1 (what SLURM sends before a time limit or a preemption) only sets a flag inside
-`preemption_flag`: the loop finishes the optimizer step it is in, saves a checkpoint and raises `Preempted`, so the
-job fails and the retry resumes exactly where it stopped. Nothing is ever unpickled: torch.load(weights_only=True).
+SIGTERM or SIGUSR1 (what SLURM sends before a time limit or a preemption), and SIGINT (Ctrl-C), only set a flag
+inside `preemption_flag`: the loop finishes the optimizer step it is in, saves a checkpoint and raises
+`Preempted` (its message, in the job's log, names the signal), so the job fails and the retry resumes exactly
+where it stopped. Nothing is ever unpickled: torch.load(weights_only=True).
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -28,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dermcompress.data import cache
+from dermcompress.data import cache, integrity
 from dermcompress.provenance.fingerprint import code_fingerprint
 
 from . import distributed
@@ -36,11 +38,12 @@ from . import distributed
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
-PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# SIGINT too: Ctrl-C in a terminal stops a training the way a preemption does, checkpoint first.
+PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
 class Preempted(RuntimeError):
-    """Training stopped on SIGTERM/SIGUSR1 after saving a checkpoint; rerunning resumes from it."""
+    """Training stopped on SIGTERM/SIGINT/SIGUSR1 after saving a checkpoint; rerunning resumes from it."""
 
 
 def identity(code: str, **parts: Any) -> str:
@@ -78,10 +81,10 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 
 
 def save(path: Path, state: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: a crash mid-save leaves the previous checkpoint intact
+    # Atomic, under a name unique to the process and attempt, fsynced, with its checksum (integrity.py): a
+    # crash or a full disk mid-save leaves the previous checkpoint intact and no partial file.
+    with integrity.atomic_write(path) as out:
+        torch.save(state, out)
 
 
 def load(path: Path, wanted: str) -> dict[str, Any] | None:
@@ -89,8 +92,8 @@ def load(path: Path, wanted: str) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # an unreadable checkpoint must not block a fresh start
+        state = torch.load(io.BytesIO(integrity.read_bytes(path)), map_location="cpu", weights_only=True)
+    except Exception as err:  # an unreadable or corrupt checkpoint must not block a fresh start
         log.warning("ignoring unreadable checkpoint %s (%s); starting from scratch", path, err)
         return None
     if state.get("identity") != wanted:
@@ -151,13 +154,14 @@ def restore(path: Path, identity: str, model, optimizer, scheduler) -> dict[str,
 def remove(path: Path) -> None:
     """Delete a finished run's checkpoint, and its folders up the tree as long as they are empty."""
     path.unlink(missing_ok=True)
+    integrity.checksum_path(path).unlink(missing_ok=True)
     with suppress(OSError):  # a parent holds other runs' checkpoints (or the folder is gone)
         os.removedirs(path.parent)
 
 
 @contextmanager
 def preemption_flag() -> Iterator[dict[str, str | None]]:
-    """While inside, SIGTERM/SIGUSR1 only record their name in the yielded dict (see the module docstring)."""
+    """While inside, SIGTERM/SIGINT/SIGUSR1 only record their name in the yielded dict (module docstring)."""
     flag: dict[str, str | None] = {"signal": None}
     if threading.current_thread() is not threading.main_thread():  # signals can only be caught there
         yield flag

@@ -11,14 +11,12 @@ validation ones as `val_*` (metrics.py), with the run's training costs (train.js
 
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
 
 import pandas as pd
-from safetensors.torch import load_file
+import safetensors.torch
 
-from dermcompress.data import cache
+from dermcompress.data import cache, integrity
 from dermcompress.data.loader import make_loader
 
 from . import devices, metrics, models
@@ -36,7 +34,7 @@ def load_trained(model_name: str, model_entry: dict, settings: dict, *, weights:
     model = prepare_mode(
         models.build_architecture(spec, num_classes=len(classes), resolution=resolution), settings
     )
-    model.load_state_dict(load_file(weights))
+    model.load_state_dict(safetensors.torch.load(integrity.read_bytes(weights)))
     return model
 
 
@@ -66,7 +64,7 @@ def run_evaluations(
         model = load_trained(
             model_name, model_entry, s, weights=weights, classes=classes, resolution=resolution
         ).to(device)
-        train = json.loads(Path(train_summary).read_text())
+        train = integrity.read_json(train_summary)
     payloads = {}
     for variant, (eval_cache, out_dir) in evaluations.items():
         # This variant's record: the shared start-up and set-up, then its own scoring and writing.

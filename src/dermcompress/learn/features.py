@@ -20,12 +20,11 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from dermcompress.data import cache
+from dermcompress.data import cache, integrity
 from dermcompress.data.loader import make_loader, normalize
 
 from . import devices, flops, models
@@ -136,10 +135,7 @@ def write_features(
             "features": pa.FixedSizeListArray.from_arrays(values, dim),
         }
     ).replace_schema_metadata({METADATA_KEY: json.dumps(meta).encode()})
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
-    pq.write_table(table, tmp, compression="zstd")
-    tmp.replace(path)
+    integrity.write_parquet(path, table, compression="zstd")
 
 
 @dataclass
@@ -155,7 +151,7 @@ class Features:
 
 def read_features(path: str | Path, image_ids: Collection[str] | None = None) -> Features:
     """A features table (only the rows of `image_ids`, if given, all of which must be there), in file order."""
-    table = pq.read_table(path)
+    table = integrity.read_parquet(path)
     meta = json.loads(table.schema.metadata[METADATA_KEY])
     ids = table.column("image_id").to_pylist()
     rows = np.arange(len(ids))

@@ -13,7 +13,7 @@ on the device. The validation split of the training variant is scored every `eva
 (history.csv's eval rows).
 
 Checkpoints (checkpoints.py) are written at every epoch end and every `checkpoint_every_steps` steps, and on
-SIGTERM/SIGUSR1, after which the loop raises Preempted and the retry resumes exactly where it stopped.
+SIGTERM/SIGINT/SIGUSR1, after which the loop raises Preempted and the retry resumes exactly where it stopped.
 """
 
 from __future__ import annotations

@@ -21,15 +21,15 @@ same numbers.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from dermcompress.data import integrity
 
 from . import bootstrap
 
@@ -224,7 +224,7 @@ def metrics_from_file(
 ) -> dict:
     """compute_run_metrics on a predictions.parquet written from predictions_frame."""
     return compute_run_metrics(
-        pd.read_parquet(predictions_parquet), classes, n_bootstrap=n_bootstrap, seed=seed
+        integrity.read_frame(predictions_parquet), classes, n_bootstrap=n_bootstrap, seed=seed
     )
 
 
@@ -254,13 +254,8 @@ def write_metrics(path: str | Path, metrics: dict, extra: dict | None = None) ->
     if missing:
         log.warning("metrics.json for %s lacks cost keys %s", path, missing)
     payload = _json_ready({**metrics, **extra})
-    text = json.dumps(payload, indent=2, allow_nan=False) + "\n"
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Write then rename: a crash never leaves a half-written metrics.json that Snakemake would accept.
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    # Written whole or not at all, with its checksum (integrity.py).
+    integrity.write_json(path, payload, allow_nan=False)
     return payload
 
 
@@ -283,7 +278,7 @@ TRAIN_KEYS = (
 
 def group_ids(splits: str | Path, image_ids: list[str], where: str) -> list[str]:
     """The lesion (patient) group of each image, from the splits table; every image must be there."""
-    groups = pd.read_parquet(splits, columns=["image_id", "group_id"]).set_index("image_id")["group_id"]
+    groups = integrity.read_frame(splits, columns=["image_id", "group_id"]).set_index("image_id")["group_id"]
     if missing := sorted(set(image_ids) - set(groups.index)):
         raise ValueError(f"{len(missing)} images of {where} are not in {splits}: {missing[:5]}")
     return groups.loc[image_ids].astype(str).tolist()
@@ -302,7 +297,7 @@ def write_evaluation(
     """predictions.parquet and metrics.json (scores, the run's training costs, this evaluation's) in `out_dir`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    predictions.to_parquet(out_dir / "predictions.parquet", index=False)
+    integrity.write_parquet(out_dir / "predictions.parquet", predictions)
     scores = compute_run_metrics(
         predictions, classes, n_bootstrap=settings["n_bootstrap"], seed=settings["seed"]
     )

@@ -20,7 +20,6 @@ metrics.json as every evaluation writes them (metrics.write_evaluation).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Iterator
@@ -29,12 +28,12 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import safetensors.torch
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from dermcompress.data import subsample
+from dermcompress.data import integrity, subsample
 from dermcompress.data.loader import PERMUTATION, epoch_generator
 
 from . import knn, metrics
@@ -140,10 +139,10 @@ def run_linear(
     with phases("writing"):
         run_dir.mkdir(parents=True, exist_ok=True)
         chosen = heads[best]
-        save_file(
-            {"weight": chosen.weight.detach().contiguous(), "bias": chosen.bias.detach().contiguous()},
-            str(run_dir / "head.safetensors"),
-            metadata={"lr": str(scores[best]["lr"])},
+        head = {"weight": chosen.weight.detach().contiguous(), "bias": chosen.bias.detach().contiguous()}
+        integrity.write_bytes(
+            run_dir / "head.safetensors",
+            safetensors.torch.save(head, metadata={"lr": str(scores[best]["lr"])}),
         )
         _write_probe_table(run_dir / "probe.csv", scores, best)
         _write_history(
@@ -153,7 +152,7 @@ def run_linear(
         summary = _probe_summary(train, s, seconds=phases.seconds["train"], trainable=trainable)
         summary["probe_lr"] = scores[best]["lr"]
         summary["wall_seconds"] = phases.summary()
-        (run_dir / "train.json").write_text(json.dumps(summary, indent=2) + "\n")
+        integrity.write_json(run_dir / "train.json", summary)
         config = {
             "mode": "linear",
             "train_features": train_features,
@@ -161,7 +160,7 @@ def run_linear(
             "classes": train.classes,
             "settings": s,
         }
-        (run_dir / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
+        integrity.write_json(run_dir / "config.json", config, default=str)
     phases.log()
     return summary
 
@@ -255,10 +254,10 @@ def run_probe_evaluations(
     s = resolve_settings(settings)
     with phases("setup"):
         if mode == "linear":
-            tensors = load_file(head)
+            tensors = safetensors.torch.load(integrity.read_bytes(head))
             classifier = nn.Linear(tensors["weight"].shape[1], tensors["weight"].shape[0])
             classifier.load_state_dict(tensors)
-            train = json.loads(Path(train_summary).read_text())
+            train = integrity.read_json(train_summary)
         else:
             bank = read_features(
                 bank_features, subsample.train_subset(splits, s["label_fraction"], s["seed"])

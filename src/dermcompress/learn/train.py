@@ -15,7 +15,6 @@ rank 0 writes the checkpoint and the outputs. Without torchrun it is one process
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -26,7 +25,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from dermcompress.data import cache, subsample
+from dermcompress.data import cache, integrity, subsample
 from dermcompress.data.loader import make_loader
 
 from . import checkpoints, devices, distributed, flops, models, weights
@@ -55,7 +54,7 @@ def run_training(
     """Train one model per `settings` (a mode that trains through the backbone) on the train split of
     `train_cache`; write config.json, history.csv and train.json into run_dir, and the trained weights to
     `weights_path`; return the training summary (train.json). Raises Preempted after checkpointing on
-    SIGTERM/SIGUSR1.
+    SIGTERM/SIGINT/SIGUSR1.
 
     `splits`: the splits table, for label fractions (whole lesion groups). Under torchrun every rank calls
     this (distributed.py); rank 0 alone writes files and returns the summary, the others return {}."""
@@ -108,7 +107,7 @@ def run_training(
         _write_outputs(run_dir, weights_path, loop, config)
     checkpoints.remove(ckpt_path)  # the run is complete: its checkpoint would only go stale
     summary = _summary(loop, costs, config, phases)
-    (run_dir / "train.json").write_text(json.dumps(summary, indent=2) + "\n")  # last: it holds the timings
+    integrity.write_json(run_dir / "train.json", summary)  # last: it holds the timings
     phases.log()
     return summary
 
@@ -148,7 +147,7 @@ def _write_outputs(run_dir: Path, weights_path: str, loop: Loop, config: dict[st
     """The weights, config.json and history.csv of a finished run."""
     run_dir.mkdir(parents=True, exist_ok=True)
     weights.save_weights(loop.model, weights_path)
-    (run_dir / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
+    integrity.write_json(run_dir / "config.json", config, default=str)
     history = pd.DataFrame(loop.state["history"], columns=list(HISTORY_COLUMNS))
     history.to_csv(run_dir / "history.csv", index=False)
 

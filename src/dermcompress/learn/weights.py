@@ -24,6 +24,8 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
+from dermcompress.data import integrity
+
 from .registry import split_source
 
 log = logging.getLogger(__name__)
@@ -294,11 +296,9 @@ def convert_simclr_checkpoint(src: str | Path, dst: str | Path, *, arch: str = "
 
 
 def save_weights(model: nn.Module, path: str | Path) -> None:
-    """The trained model's state dict as safetensors (written to a temporary name, then renamed)."""
-    from safetensors.torch import save_file
+    """The trained model's state dict as safetensors, with its checksum (integrity.py: written whole or not at
+    all); evaluate.load_trained verifies it."""
+    import safetensors.torch
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    tmp.replace(path)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    integrity.write_bytes(path, safetensors.torch.save(tensors))

@@ -1,8 +1,13 @@
 """Hashes of what jobs read and write: a file's sha256 over its bytes, a folder's over its listing (one
 `sha256  relative/path` line per content file, as sha256sum prints them).
 
-A job hashes each file once: later jobs reuse a hash while the file's size and mtime are unchanged (a memo under
-results/.lineage/hashes), and a cache's shard hashes come from its _info.json. The audit trusts none of that and
+A job's record states, for each file it wrote or read through data/integrity.py (every file one stage hands to
+another), the sha256 of the very bytes it wrote or read and verified. Other files (raw inputs, a cache's
+_info.json) are hashed once: later jobs reuse a hash from a memo (results/.lineage/hashes) only while the file's
+size, mtime, ctime, inode and device are all unchanged. The ctime is what makes that safe against a rewrite that
+restores the mtime (`touch -r`, `os.utime`, `cp -p` over it): no program can set it back. Rot below the file
+system changes nothing a stat shows; the checksums readers verify (integrity.py, cache _info.json) catch it.
+A cache's shard hashes come from its _info.json, which its readers verify. The audit trusts none of that and
 rehashes everything it checks (checks.py).
 """
 
@@ -15,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from dermcompress.data import integrity
 from dermcompress.data.cache import INFO, file_sha256
 
 MEMO_DIR = Path("results/.lineage/hashes")
@@ -59,8 +65,7 @@ def _hash_all(paths: list[Path]) -> list[str]:
 
 
 def _stat(path: Path) -> list[int]:
-    st = path.stat()
-    return [st.st_size, st.st_mtime_ns]
+    return list(integrity.stat_key(path))
 
 
 def _memo_file(memo_dir: Path, path: Path) -> Path:
@@ -78,10 +83,16 @@ def read_json(path: Path, max_bytes: int = 64 * 2**20) -> Any:
 
 
 def write_atomic(path: Path, text: str) -> None:
+    """A record or memo, atomically (a unique temporary name, removed on error). Not fsynced: a crash can
+    leave one empty, which the audit reports as malformed (a record) or the next job rehashes (a memo)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    tmp = integrity.temporary_name(path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def info_hashes(directory: Path) -> dict[str, str]:
@@ -92,24 +103,28 @@ def info_hashes(directory: Path) -> dict[str, str]:
 
 
 def file_hashes(
-    path: str | Path, *, memo_dir: Path | None = None, trust_info: bool = False
+    path: str | Path, *, memo_dir: Path | None = None, trust_info: bool = False, seen: bool = False
 ) -> dict[str, str]:
     """{relative path: sha256} of a directory's content files, or {"": sha256} of a file.
 
-    With `memo_dir`, hashes whose file kept its size and mtime are reused and new ones remembered; with
-    `trust_info`, a cache directory's shard hashes are taken from its _info.json.
+    With `seen`, the hash this process wrote or read and verified a file with (integrity.seen_sha256); with
+    `memo_dir`, hashes whose file is still the one it was (integrity.stat_key) are reused and new ones
+    remembered; with `trust_info`, a cache directory's shard hashes are taken from its _info.json.
     """
     path = Path(path)
     rels = _content_files(path) if path.is_dir() else [""]
     stats = {rel: _stat(path / rel) for rel in rels}
     known = info_hashes(path) if trust_info and path.is_dir() else {}
     memo = (read_json(_memo_file(memo_dir, path)) or {}) if memo_dir else {}
+    width = len(next(iter(stats.values()), []))
     hashes = {}
     for rel in rels:
-        if rel in known:
+        if seen and (sha := integrity.seen_sha256(path / rel if rel else path)):
+            hashes[rel] = sha
+        elif rel in known:
             hashes[rel] = known[rel]
-        elif isinstance(memo.get(rel), list) and memo[rel][:2] == stats[rel]:
-            hashes[rel] = memo[rel][2]
+        elif isinstance(memo.get(rel), list) and memo[rel][:width] == stats[rel]:
+            hashes[rel] = memo[rel][width]
     todo = [rel for rel in rels if rel not in hashes]
     hashes.update(zip(todo, _hash_all([path / rel for rel in todo]), strict=True))
     if memo_dir and todo:

@@ -1,7 +1,8 @@
 """Lineage: what every job read and ran, recorded apart from what it wrote, and the walk from a result back to the
 raw files. The API the workflow, the CLI and the tests use; the parts:
 
-hashes.py    sha256 of files and folders (a memo keyed by size and mtime; a cache's _info.json)
+hashes.py    sha256 of files and folders (what the job wrote or read and verified, data/integrity.py; a memo
+             keyed by size, mtime, ctime and inode; a cache's _info.json)
 records.py   a job's record (rule, wildcards, params with the code fingerprint, inputs and outputs with their
              sha256, git, versions, host, times), where it lives (results/.lineage/records/, a mirror of
              results/), reading it back against a schema, and the `runs` column of tables

@@ -58,6 +58,9 @@ def job_logging(job: Any, name: str = "dermcompress"):
     except Exception:
         logger.exception("job failed")
         raise
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop (which checkpoints and raises Preempted)
+        logger.error("job interrupted by SIGINT (Ctrl-C): it stopped without finishing; nothing was recorded")
+        raise
     finally:
         sys.stderr = stderr
         if log_file:

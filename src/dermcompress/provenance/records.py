@@ -119,7 +119,8 @@ def git_state(start: str | Path = PACKAGE_DIR) -> dict[str, Any] | None:
 
 def job_record(job: Any, *, started: str, memo_dir: Path | None = MEMO_DIR) -> dict[str, Any]:
     """The lineage record of a finished Snakemake job (the script's `snakemake` object)."""
-    hash_options = {"memo_dir": memo_dir, "trust_info": True}
+    # What the job wrote, or read and verified, is stated by the hash of those very bytes (integrity.py).
+    hash_options = {"memo_dir": memo_dir, "trust_info": True, "seen": True}
     return {
         "format": FORMAT,
         "job": uuid.uuid4().hex,

@@ -52,6 +52,23 @@ def _starts(path: Path, row: int | None, workdir: Path) -> tuple[list[Path], lis
     return [start], [], []
 
 
+def _unrecorded(path: Path, workdir: Path) -> list[dict[str, Any]]:
+    """A table (or its CSV twin) that no job's record vouches for: a broken link, never passed over (a crash
+    can leave one truncated once Snakemake's own markers are gone)."""
+    if not is_table(path):
+        return []
+    return [
+        {
+            "path": str(p.absolute()),
+            "problem": "missing record: no job of the workflow recorded writing this table (a crash, or a "
+            "copy); rerun the job that writes it (snakemake --forcerun PATH)".replace("PATH", str(p)),
+            "by": "the result asked for",
+        }
+        for p in dict.fromkeys([path, table_csv(path)])
+        if find_record(p, workdir) is None
+    ]
+
+
 def _images_used(path: Path, found: Walk, run_dirs: list[Path], workdir: Path) -> dict[str, frozenset[str]]:
     """Image ids per split behind the result: its runs' (a table), the run's, or those the file itself holds."""
     if run_dirs:
@@ -88,7 +105,7 @@ def trace(
     used = _images_used(path, found, run_dirs, workdir)
     manifest, source = manifest_of(found.nodes, workdir)
     checker = Checker(workdir, external=external)
-    for item in found.problems:
+    for item in found.problems + _unrecorded(path, workdir):
         checker.problem(item)
     if verify:
         check_walk(checker, found, follow, manifest, source, frozenset().union(*used.values()))

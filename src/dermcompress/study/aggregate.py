@@ -20,13 +20,13 @@ within the rows sharing a reference, and Obuchowski's clustered ROC test as the 
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from dermcompress.data import integrity
 from dermcompress.learn.runs import parse_eval_dir
 
 from .bytes_summary import bytes_table, split_bytes
@@ -93,7 +93,7 @@ def load_runs(eval_dirs: list[str]) -> pd.DataFrame:
     folder, what a table row lists) and `train_run` (the folder of the run it evaluates)."""
     rows = []
     for eval_dir in eval_dirs:
-        metrics = json.loads((Path(eval_dir) / "metrics.json").read_text())
+        metrics = integrity.read_json(Path(eval_dir) / "metrics.json")
         evaluation = parse_eval_dir(eval_dir)
         train_run = str(Path(eval_dir).parent.parent)
         values = {k: metrics.get(k) for k in (*METRICS, *COSTS)}
@@ -125,7 +125,7 @@ def add_calibration(runs: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
     """Each evaluation's ECE and Brier score on its test and validation rows (CALIBRATION), from its
     predictions.parquet."""
     found = [
-        calibration_metrics(pd.read_parquet(Path(run) / "predictions.parquet"), classes)
+        calibration_metrics(integrity.read_frame(Path(run) / "predictions.parquet"), classes)
         for run in runs["run"]
     ]
     return runs.assign(**{column: [f[column] for f in found] for column in CALIBRATION})
@@ -282,5 +282,5 @@ def _training(eval_dir: str) -> str:
 
 
 def _test_rows(path: Path) -> pd.DataFrame:
-    frame = pd.read_parquet(path)
+    frame = integrity.read_frame(path)
     return frame[frame["split"] == "test"].reset_index(drop=True)

@@ -20,6 +20,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from dermcompress.data import integrity
+
 from .aggregate import DIMS, RUNS_SEPARATOR
 from .calibration import BINNING, reliability
 from .figures import DPI, _colors, _title, describe
@@ -34,7 +36,7 @@ def _pooled_test(runs: str, classes: list[str]) -> tuple[np.ndarray, np.ndarray]
     """(labels as class indices, probabilities) of the test rows of every run in a table cell, pooled over
     seeds. The columns are metrics.py's (prob_<CLASS>), read here without learn.metrics, whose scikit-learn
     import would double this drawing job's start-up."""
-    frames = [pd.read_parquet(Path(run) / "predictions.parquet") for run in runs.split(RUNS_SEPARATOR)]
+    frames = [integrity.read_frame(Path(run) / "predictions.parquet") for run in runs.split(RUNS_SEPARATOR)]
     test = pd.concat([f[f["split"] == "test"] for f in frames], ignore_index=True)
     labels = pd.Categorical(test["label"].astype(str), categories=classes)
     if (labels.codes < 0).any():

@@ -42,6 +42,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
+from dermcompress.data import integrity
 from dermcompress.learn.metrics import PROB_PREFIX
 
 # The official ground truth's class columns, in its order.
@@ -253,7 +254,7 @@ def run_export(
     if source not in SOURCE_FORMATS:
         raise ValueError(f"unknown data source {source!r}; one of {', '.join(SOURCE_FORMATS)}")
     fmt = SOURCE_FORMATS[source]
-    predictions = pd.read_parquet(eval_dir / PREDICTIONS)
+    predictions = integrity.read_frame(eval_dir / PREDICTIONS)
     default_truth, scoring = default_paths(out_csv)
     truth = Path(ground_truth) if ground_truth else default_truth
     images = write_submission(predictions, out_csv, tuple(FORMATS[fmt].columns), fmt)

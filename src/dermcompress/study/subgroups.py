@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from dermcompress.data import integrity
 from dermcompress.learn.bootstrap import percentile_ci
 
 from .aggregate import DIMS, row_label, row_predictions
@@ -352,7 +353,7 @@ def run_subgroups(
     the manifest. `seed` is the table's (0), so the resamples are the table's too."""
     table = read_table(table_csv)
     rows, recipes = row_predictions(table)
-    subgroups = assign_subgroups(pd.read_parquet(manifest), age_bands)
+    subgroups = assign_subgroups(integrity.read_frame(manifest), age_bands)
     frame = subgroup_analysis(
         table,
         rows,

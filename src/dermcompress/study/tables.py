@@ -13,7 +13,6 @@ directory) that each row aggregates: every number is traceable to its runs, and 
 
 from __future__ import annotations
 
-import json
 import logging
 from html import escape
 from pathlib import Path
@@ -21,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
+
+from dermcompress.data import integrity
 
 from .aggregate import (
     BYTES,
@@ -332,8 +333,8 @@ def synthetic_banner(frame: pd.DataFrame, manifest: str) -> str:
 
 
 def run_data_summary(*, manifest: str, split_report: str, md: str, html: str) -> None:
-    frame = pd.read_parquet(manifest)
-    report = json.loads(Path(split_report).read_text())
+    frame = integrity.read_frame(manifest)
+    report = integrity.read_json(split_report)
     parts = data_summary(frame, report)
     banner = synthetic_banner(frame, manifest)
     md_parts = [f"**{name}**\n\n{part.to_markdown(index=False)}" for name, part in parts.items()]
