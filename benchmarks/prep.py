@@ -261,6 +261,9 @@ def timed(cmd: list[str], cwd: Path, log: Path, idle: tuple[float, float] | None
     if idle:
         wait_until_idle(*idle)
     env = {**os.environ, "TQDM_DISABLE": "1"}
+    # The copied checkout's own package (a --workflow's code), not the one installed.
+    if (cwd / "src").is_dir():
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(cwd / "src"), env.get("PYTHONPATH")]))
     before, busy, start = resource.getrusage(resource.RUSAGE_CHILDREN), _busy_seconds(), time.perf_counter()
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env)
     wall, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN)
