@@ -209,6 +209,21 @@ def test_comments_and_docstrings_rerun_nothing(finished_study, tmp_path):
     assert dry_run(workdir) == set()
 
 
+def test_checksummed_reads_and_writes_rerun_every_job_once(finished_study, tmp_path):
+    """README Changes (the one full rerun): every stage reads and writes the files it hands on through
+    data/integrity.py (checksums, atomic writes), so that module is in every job's code fingerprint and any
+    change to it, its arrival included, plans exactly what `--forceall` plans: every job of the study, synth,
+    trainings and aggregation among them; after that rerun, nothing."""
+    workdir = tmp_path / "study"
+    shutil.copytree(finished_study, workdir, symlinks=True)
+    integrity = workdir / "src/dermcompress/data/integrity.py"
+    integrity.write_text(integrity.read_text() + CODE_EDIT)
+    proc = snakemake(workdir, "--dry-run", "--forceall", "--configfile", "config.yaml")
+    everything = planned_jobs(proc.stdout + proc.stderr)
+    assert {"synth", "ingest", "train", "evaluate", "linear", "table"} <= rules_of(everything)
+    assert dry_run(workdir) == everything
+
+
 def test_edit_to_experiment_grid_code_reruns_only_the_study(finished_study):
     """The grids' code (study/experiments.py) is read by config checks and tables, never by a data stage or a
     run: editing it reruns the tables that expand the grids, nothing upstream."""

@@ -10,7 +10,8 @@ and the plan is the same on every machine and Python run (unlike hash()).
 A variant with a transmission codec (codec.py) then encodes every image of its splits, degraded or not, and
 keeps the decoded pixels and the encoded bytes. What each row costs on the wire (`encoded_bytes`), always at
 the cached size: its codec's bytes, else its jpeg degradation's (after_resize: the small image was sent as that
-JPEG), else a PNG of its pixels (cache_write.CacheWriter; before_resize's jpeg too: _degrade_task).
+JPEG), else a PNG of its pixels (before_resize's jpeg too: _degrade_task), sized in the degradation's thread
+pool, or the clean cache's own where the image is untouched.
 """
 
 from __future__ import annotations
@@ -142,18 +143,31 @@ def _apply_task(task: tuple[np.ndarray, str, str]) -> tuple[np.ndarray, int | No
     return degrade_image(pixels, op, json.loads(params))
 
 
+def _sized(
+    fn: Callable[[Any], tuple[np.ndarray, int | None]], task: Any, *, png: bool
+) -> tuple[np.ndarray, tuple[str, int] | None]:
+    """`fn`'s degraded pixels and what they cost to send: ("jpeg", bytes) where a jpeg degradation sent them,
+    else with `png` (REFERENCE, the bytes of their lossless PNG), else None. The PNG is sized here in the thread
+    pool (a few ms an image at 224 px, with the GIL released), not on the cache writer's one thread."""
+    pixels, sent = fn(task)
+    if sent is not None:
+        return pixels, ("jpeg", sent)
+    return pixels, ((codec.REFERENCE, codec.png_size(pixels)) if png else None)
+
+
 def _sent_bytes(
-    ops: list[str], params: list[str], sizes: dict[int, int | None], clean: pa.Table
+    ops: list[str], params: list[str], sizes: dict[int, tuple[str, int] | None], clean: pa.Table
 ) -> dict[str, list]:
-    """The bytes columns (cache.BYTES_COLUMNS) of a shard's rows before any transmission codec: the JPEG's
-    size where the jpeg degradation compressed an image (`sizes`: row -> bytes); the clean cache's own (its PNG)
-    where the image is left as it was, the same pixels; None elsewhere (the cache writer then sizes a PNG)."""
+    """The bytes columns (cache.BYTES_COLUMNS) of a shard's rows before any transmission codec: what each
+    degraded image sent (`sizes`: row -> (codec, bytes), _sized); the clean cache's own (its PNG) where the
+    image is left as it was, the same pixels; None elsewhere (the cache writer then sizes a PNG)."""
     given = {name: clean[name].to_pylist() if name in clean.column_names else None for name in BYTES_TYPES}
     out: dict[str, list] = {name: [None] * len(ops) for name in BYTES_TYPES}
     for i, op in enumerate(ops):
-        if op == "jpeg" and sizes.get(i) is not None:
-            quality = json.loads(params[i])["quality"]
-            out["codec"][i], out["codec_quality"][i], out["encoded_bytes"][i] = "jpeg", quality, sizes[i]
+        if (sent := sizes.get(i)) is not None:
+            name, size = sent
+            quality = json.loads(params[i])["quality"] if name == "jpeg" else None
+            out["codec"][i], out["codec_quality"][i], out["encoded_bytes"][i] = name, quality, size
         elif op == NONE and given["encoded_bytes"] is not None:
             for name in BYTES_TYPES:
                 out[name][i] = given[name][i]
@@ -287,13 +301,14 @@ class _Degrader:
     fn: Callable[[Any], tuple[np.ndarray, int | None]] = _apply_task
 
     def __call__(
-        self, pixels: np.ndarray, ids: list[str], ops: list[str], params: list[str], bar: tqdm
-    ) -> dict[int, int | None]:
-        """Degrade the rows of `pixels` that `ops` names, in place; row -> the bytes a jpeg degradation sent.
-        A raw file that changed since ingest is a SourceChangedError (after every image was looked at)."""
+        self, pixels: np.ndarray, ids: list[str], ops: list[str], params: list[str], bar: tqdm, *, png: bool
+    ) -> dict[int, tuple[str, int] | None]:
+        """Degrade the rows of `pixels` that `ops` names, in place; row -> what it cost to send (_sized: with
+        `png`, a lossless PNG's bytes where no jpeg degradation sent it). A raw file that changed since ingest
+        is a SourceChangedError (after every image was looked at)."""
         todo = [i for i, op in enumerate(ops) if op != NONE]
         bar.update(len(ids) - len(todo))
-        sizes: list[int | None] = []
+        sizes: list[tuple[str, int] | None] = []
         if todo:
             # jpeg and blur take < 1 ms at <= 224 px, MAXCOVERAGE quantize ~50-100 ms (most of this stage's
             # time), and Pillow releases the GIL while it quantizes: a thread pool pays.
@@ -301,8 +316,9 @@ class _Degrader:
                 tasks = [(pixels[i], ops[i], params[i]) for i in todo]
             else:
                 tasks = [(ids[i], *self.raw[ids[i]], ops[i], params[i]) for i in todo]
+            fn = functools.partial(_sized, self.fn, png=png)
             pixels[todo] = map_images(
-                self.fn, tasks, shape=pixels.shape[1:], threads=self.threads, bar=bar, sizes=sizes
+                fn, tasks, shape=pixels.shape[1:], threads=self.threads, bar=bar, sizes=sizes
             )
         return dict(zip(todo, sizes, strict=True))
 
@@ -334,15 +350,17 @@ def _write_shards(
             ids = table["image_id"].to_pylist()
             ops, params = plan_images(ids, table["split"].to_pylist(), variant)
             pixels = arrow_to_pixels(table.column(PIXELS), resolution, resolution).copy()
+            transmitted = bool(settings) and shard["split"] in coded_splits
             try:
-                sizes = degrade(pixels, ids, ops, params, bar)
+                # PNGs sized in the pool, unless a codec sends the split instead.
+                sizes = degrade(pixels, ids, ops, params, bar, png=not transmitted)
             except SourceChangedError as err:  # look at every image before failing, to name them all
                 changed.append(err)
                 continue
             if changed:
                 continue
             sent = _sent_bytes(ops, params, sizes, table)
-            if settings and shard["split"] in coded_splits:
+            if transmitted:
                 sent = _transmit(pixels, settings, threads=degrade.threads)
             writer.write(shard["split"], _variant_rows(table, ops, params, sent), pixels)
     if changed:

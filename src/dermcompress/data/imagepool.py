@@ -113,10 +113,10 @@ def map_images(
     threads: int,
     desc: str = "",
     bar: tqdm | None = None,
-    sizes: list[int | None] | None = None,
+    sizes: list[Any] | None = None,
 ) -> np.ndarray:
     """Apply `fn` to every task, in order, over a thread pool; results stacked into one (N, *shape) uint8 array.
-    With `sizes` (a list, filled in task order), `fn` returns (pixels, encoded bytes or None) instead.
+    With `sizes` (a list, filled in task order), `fn` returns (pixels, what they cost to send) instead.
 
     Threads, not processes: the work runs in Pillow and OpenCV with the GIL released (1.7x on 2 cores against
     1.3x for a process pool, which pays for pickling every image), and nothing is forked, so no thread pool's
