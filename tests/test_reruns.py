@@ -212,8 +212,9 @@ def test_comments_and_docstrings_rerun_nothing(finished_study, tmp_path):
 def test_checksummed_reads_and_writes_rerun_every_job_once(finished_study, tmp_path):
     """README Changes (the one full rerun): every stage reads and writes the files it hands on through
     data/integrity.py (checksums, atomic writes), so that module is in every job's code fingerprint and any
-    change to it, its arrival included, plans exactly what `--forceall` plans: every job of the study, synth,
-    trainings and aggregation among them; after that rerun, nothing."""
+    change to it, its arrival included, plans what `--forceall` plans: every job from ingest on, trainings and
+    aggregation among them. Only synth, which writes the raw files themselves, does not read it (a synthetic
+    study reruns it too: its layouts changed with the same issue)."""
     workdir = tmp_path / "study"
     shutil.copytree(finished_study, workdir, symlinks=True)
     integrity = workdir / "src/dermcompress/data/integrity.py"
@@ -221,7 +222,7 @@ def test_checksummed_reads_and_writes_rerun_every_job_once(finished_study, tmp_p
     proc = snakemake(workdir, "--dry-run", "--forceall", "--configfile", "config.yaml")
     everything = planned_jobs(proc.stdout + proc.stderr)
     assert {"synth", "ingest", "train", "evaluate", "linear", "table"} <= rules_of(everything)
-    assert dry_run(workdir) == everything
+    assert dry_run(workdir) == {job for job in everything if job[0] != "synth"}
 
 
 def test_edit_to_experiment_grid_code_reruns_only_the_study(finished_study):
