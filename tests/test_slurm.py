@@ -61,7 +61,7 @@ PACKED = "tiny_packed"
 PACK = ("--group-components", "features=8", "run_32px=2")
 METRICS = ("accuracy", "auc", "f1_macro", "balanced_accuracy")
 OVERLAY = {
-    "data": {"synthetic": {"n": 1000, "seed": 0}},
+    "data": {"synthetic": {"n": 600, "seed": 0}},
     "resize": {"resolutions": [64, 32]},
     "degrade": {
         "variants": {
