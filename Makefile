@@ -31,8 +31,8 @@ lint: $(STAMP)  ## ruff, snakefmt and snakemake --lint
 	$(BIN)/snakefmt --check Snakefile workflow/rules
 	$(BIN)/snakemake --lint
 
-unit: $(STAMP)  ## the tests alone
-	$(BIN)/python -m pytest
+unit: $(STAMP)  ## the tests alone (and the slowest fifteen, to keep the suite's time in view)
+	$(BIN)/python -m pytest --durations=15
 
 test: lint unit  ## lint, then every test, the SLURM ones included (installs first if needed)
 
