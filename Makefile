@@ -31,8 +31,12 @@ lint: $(STAMP)  ## ruff, snakefmt and snakemake --lint
 	$(BIN)/snakefmt --check Snakefile workflow/rules
 	$(BIN)/snakemake --lint
 
-unit: $(STAMP)  ## the tests alone (and the slowest fifteen, to keep the suite's time in view)
-	$(BIN)/python -m pytest --durations=15
+# Two workers (pytest-xdist), whole test modules to each (tests/conftest.py groups them): the SLURM module mostly
+# waits on the cluster, and a Snakemake run's own start-up leaves the other core idle.
+TEST_WORKERS ?= 2
+
+unit: $(STAMP)  ## the tests alone, on TEST_WORKERS workers (and the slowest fifteen, to keep the suite's time in view)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --no-loadscope-reorder --durations=15
 
 test: lint unit  ## lint, then every test, the SLURM ones included (installs first if needed)
 

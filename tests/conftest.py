@@ -20,6 +20,60 @@ REPO = Path(__file__).resolve().parents[1]
 WORKFLOW_FILES = ("Snakefile", "config.yaml", "workflow", "scripts", "src", "envs", "profiles")
 
 
+# Fixtures built once per session and shared across modules: under pytest-xdist (`make test` runs two workers),
+# every module that uses one must run on the same worker, or each worker would build it again.
+SESSION_FIXTURES = ("finished_study", "planted_study")
+
+
+def xdist_groups(test_dir: Path = Path(__file__).parent) -> dict[str, str]:
+    """Test module (path relative to the rootdir, as in a test id) -> the group of modules that must share a
+    worker: each module on its own, except those that name the same session fixture (merged, transitively)."""
+    parent: dict[str, str] = {}
+
+    def root(node: str) -> str:
+        while parent.setdefault(node, node) != node:
+            node = parent[node]
+        return node
+
+    modules = [f"{test_dir.name}/{path.name}" for path in sorted(test_dir.glob("test_*.py"))]
+    for module in modules:
+        source = (test_dir.parent / module).read_text()
+        for name in SESSION_FIXTURES:
+            if name in source:  # a fixture is requested by its name
+                parent[root(module)] = root(name)
+    return {module: root(module) for module in modules}
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """`make test`'s scheduler: whole groups of modules (xdist_groups) to a worker, in collection order. (xdist's
+    own `--dist loadgroup` marks do not group under pytest 9, whose test ids no longer take its suffix.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    groups = xdist_groups()
+
+    class ModuleGroups(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return groups.get(module, module)
+
+    return ModuleGroups(config, log)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under xdist, the heaviest groups first (the SLURM module, then the session studies, then the other
+    workflow runs), so that the two workers finish together; the order within a group is kept."""
+    if not hasattr(config, "workerinput"):
+        return
+    groups = xdist_groups()
+    weight: dict[str, tuple[bool, bool, bool]] = {}
+    for item in items:
+        group = groups.get(item.nodeid.split("::", 1)[0], "")
+        marks = (item.get_closest_marker("slurm") is not None, group in SESSION_FIXTURES)
+        marks += (item.get_closest_marker("workflow") is not None,)
+        weight[group] = max(weight.get(group, marks), marks)
+    items.sort(key=lambda item: weight[groups.get(item.nodeid.split("::", 1)[0], "")], reverse=True)
+
+
 def copy_workflow(dest: Path) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     for name in WORKFLOW_FILES:
