@@ -386,3 +386,17 @@ def test_lora_pretraining_merges_into_a_backbone_the_registry_loads(data, tmp_pa
     assert not any("lora" in k for k in plain.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(plain.forward_features(x), model.forward_features(x), atol=1e-5, rtol=0)
+
+
+def test_knn_monitor_fires_when_accuracy_falls_below_step_zero():
+    """The continued-pretraining gate (DINOv2 without its heads): a fall of more than `stop_on_knn_drop` points
+    below step 0's kNN accuracy is an event that names it; a smaller fall, a rise, or no gate is not."""
+    from dermcompress.learn.collapse import knn_drop
+
+    event = knn_drop(40, 0.60, 0.80, 10.0)
+    assert (
+        event["monitor"] == "knn_acc"
+        and "more than 10.0 points below its step-0 value 0.800" in event["message"]
+    )
+    assert knn_drop(40, 0.75, 0.80, 10.0) is None and knn_drop(40, 0.90, 0.80, 10.0) is None
+    assert knn_drop(40, 0.10, 0.80, None) is None
