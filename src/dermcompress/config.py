@@ -20,6 +20,7 @@ from typing import Any
 from dermcompress.data import codec
 from dermcompress.data.degrade import DEGRADATIONS
 from dermcompress.errors import ConfigError
+from dermcompress.learn import pretrain_spec
 from dermcompress.study import experiments
 
 __all__ = ["ConfigError", "check", "refuse_alias_bomb", "schema_errors_in_one_line", "variant_settings"]
@@ -155,6 +156,7 @@ def check(config: dict[str, Any], schema: str | Path | dict[str, Any] | None = N
     if problems := experiments.check_experiments(config):
         key, _, problem = problems[0].partition(": ")
         raise ConfigError(key, problem)
+    check_pretraining(config)
     split = config["split"]
     if split["test_fraction"] + split["val_fraction"] >= 1:
         raise ConfigError("split.val_fraction", "test_fraction + val_fraction must leave images for training")
@@ -167,6 +169,50 @@ def check(config: dict[str, Any], schema: str | Path | dict[str, Any] | None = N
 
             schema = yaml.safe_load(Path(schema).read_text())
         check_training_overrides(config, schema["properties"]["training"])
+
+
+def check_pretraining(config: dict[str, Any]) -> None:
+    """Each `pretraining:` entry resolved against DEFAULT_SPEC (unknown keys, bad values), its init model, its
+    resolution and variants (each must cache the train split); and every `pretrain:` model names one."""
+    pretraining = config.get("pretraining") or {}
+    models = config["models"]
+    for name, entry in pretraining.items():
+        where = f"pretraining.{name}"
+        spec = pretraining_spec(config, name)
+        pretrain_spec.resolve_spec(spec, name)
+        pretrain_spec.init_arch(name, spec, models)
+        if entry["resolution"] not in config["resize"]["resolutions"]:
+            raise ConfigError(
+                f"{where}.resolution",
+                f"{entry['resolution']} px is not cached; resize.resolutions: {config['resize']['resolutions']}",
+            )
+        for variant in spec.get("variants", pretrain_spec.DEFAULT_SPEC["variants"]):
+            if variant not in config["degrade"]["variants"]:
+                raise ConfigError(
+                    f"{where}.variants",
+                    f"unknown variant {variant!r}; degrade.variants has {sorted(config['degrade']['variants'])}",
+                )
+            if "train" not in variant_settings(config, variant).get("splits", ["train"]):
+                raise ConfigError(
+                    f"{where}.variants",
+                    f"{variant!r} caches no train split: give pretraining a variant of its own with "
+                    "splits: [train] (adding train to a variant others read would rebuild their caches)",
+                )
+    for model, entry in models.items():
+        name = pretrain_spec.pretrained_from(entry)
+        if name is None:
+            continue
+        if extra := sorted(set(entry) & {"arch", "pretrained"}):
+            raise ConfigError(
+                f"models.{model}.{extra[0]}", "a pretrain: source takes its architecture from its pretraining"
+            )
+        pretrain_spec.pretrained_entry(model, models, pretraining)
+
+
+def pretraining_spec(config: dict[str, Any], name: str) -> dict[str, Any]:
+    """A `pretraining:` entry as run_pretraining reads it: without the workflow's keys (its resolution)."""
+    entry = config["pretraining"][name]
+    return {k: v for k, v in entry.items() if k not in pretrain_spec.WORKFLOW_KEYS}
 
 
 def variant_settings(config: dict[str, Any], name: str) -> dict[str, Any]:
