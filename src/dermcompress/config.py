@@ -202,9 +202,11 @@ def check_pretraining(config: dict[str, Any]) -> None:
         name = pretrain_spec.pretrained_from(entry)
         if name is None:
             continue
-        if extra := sorted(set(entry) & {"arch", "pretrained"}):
+        if "arch" in entry or entry.get("pretrained", True) is not True:
+            key = "arch" if "arch" in entry else "pretrained"
             raise ConfigError(
-                f"models.{model}.{extra[0]}", "a pretrain: source takes its architecture from its pretraining"
+                f"models.{model}.{key}",
+                "a pretrain: source is its pretraining's weights, in its init's architecture",
             )
         pretrain_spec.pretrained_entry(model, models, pretraining)
 
