@@ -259,11 +259,31 @@ PRETRAINING = {"derm": {"resolution": 56, "init": "scratch", "arch": "timm:test_
     ],
 )
 def test_a_wrong_pretraining_names_its_key(change, message):
+    """Unknown keys and bad values name the key; so do an init no model or not timm, an uncached resolution, a
+    variant that does not exist or caches no train split, and a pretrain: model naming no pretraining."""
     config = load("config.yaml")
-    config["pretraining"] = copy.deepcopy(PRETRAINING)
+    config["pretraining"].update(copy.deepcopy(PRETRAINING))
+    config["models"]["derm_vit"] = {
+        "source": "pretrain:derm"
+    }  # checked against the config: an experiment loads it
+    config["experiments"]["frozen_vs_finetuned"]["models"].append("derm_vit")
     change(config)
     if message is None:
         dc_config.check(config)
         return
     with pytest.raises(dc_config.ConfigError, match=message):
+        dc_config.check(config)
+
+
+def test_a_pretraining_no_selected_experiment_loads_is_checked_only_for_its_own_keys():
+    """A config that replaces the experiments or the resolutions (the demo and the tests do) leaves config.yaml's
+    pretrainings inert: they never run, and their inits and resolutions are not held against the new config;
+    their own keys still are."""
+    config = load("config.yaml")
+    config["resize"]["resolutions"] = [32]
+    sweep = config["experiments"]["resolution_sweep"]
+    config["experiments"] = {"resolution_sweep": {**sweep, "resolutions": [32], "reference": {"res": 32}}}
+    dc_config.check(config)  # vit_b16_dino, at 224 px, is not held against resize.resolutions
+    config["pretraining"]["vit_b16_dino"]["steps"] = 0
+    with pytest.raises(dc_config.ConfigError, match=r"'pretraining\.vit_b16_dino\.steps'"):
         dc_config.check(config)

@@ -172,14 +172,23 @@ def check(config: dict[str, Any], schema: str | Path | dict[str, Any] | None = N
 
 
 def check_pretraining(config: dict[str, Any]) -> None:
-    """Each `pretraining:` entry resolved against DEFAULT_SPEC (unknown keys, bad values), its init model, its
-    resolution and variants (each must cache the train split); and every `pretrain:` model names one."""
+    """Each `pretraining:` entry resolved against DEFAULT_SPEC (unknown keys, bad values); each that runs (a
+    selected experiment's model loads it), against the rest of the config too: its init model, its resolution
+    and variants (each must cache the train split). One that none loads never runs, so an overlay that changes
+    `models:` or `resize:` (the demo's, the tests') leaves config.yaml's pretrainings inert. Every `pretrain:`
+    model must name one."""
     pretraining = config.get("pretraining") or {}
     models = config["models"]
+    selected = [config["experiments"][name] for name in experiments.selected_experiments(config)]
+    used = {
+        pretrain_spec.pretrained_from(models[m]) for grid in selected for m in grid["models"] if m in models
+    }
     for name, entry in pretraining.items():
         where = f"pretraining.{name}"
         spec = pretraining_spec(config, name)
         pretrain_spec.resolve_spec(spec, name)
+        if name not in used:
+            continue
         pretrain_spec.init_arch(name, spec, models)
         if entry["resolution"] not in config["resize"]["resolutions"]:
             raise ConfigError(
@@ -208,13 +217,17 @@ def check_pretraining(config: dict[str, Any]) -> None:
                 f"models.{model}.{key}",
                 "a pretrain: source is its pretraining's weights, in its init's architecture",
             )
-        pretrain_spec.pretrained_entry(model, models, pretraining)
+        if name not in pretraining:
+            raise ConfigError(
+                f"models.{model}.source", f"no pretraining named {name!r}; known: {sorted(pretraining)}"
+            )
+        if name in used:
+            pretrain_spec.pretrained_entry(model, models, pretraining)
 
 
 def pretraining_spec(config: dict[str, Any], name: str) -> dict[str, Any]:
     """A `pretraining:` entry as run_pretraining reads it: without the workflow's keys (its resolution)."""
-    entry = config["pretraining"][name]
-    return {k: v for k, v in entry.items() if k not in pretrain_spec.WORKFLOW_KEYS}
+    return pretrain_spec.spec_of(config["pretraining"][name])
 
 
 def variant_settings(config: dict[str, Any], name: str) -> dict[str, Any]:

@@ -415,6 +415,14 @@ def get_pretrain_inputs(wildcards):
     return inputs
 
 
+def get_used_pretrainings():
+    """The pretrainings whose backbone a selected experiment's model loads (only those run, as only the caches
+    an experiment reads are made)."""
+    models = {e.run.model for evaluations in EVALUATIONS.values() for e in evaluations}
+    names = [pretrain_spec.pretrained_from(config["models"][m]) for m in sorted(models)]
+    return sorted({name for name in names if name is not None})
+
+
 def get_all_metrics():
     """metrics.json of every evaluation of the selected experiments, each once."""
     return list(
@@ -507,7 +515,7 @@ def get_figures():
 
 
 def get_final_outputs():
-    """Data stages (every cache an experiment needs), the data and bytes summaries, every pretraining; with runs selected, the runs, their
+    """Data stages (every cache an experiment needs), the data and bytes summaries, the pretrainings they use; with runs selected, the runs, their
     index, a table and a subgroup table per experiment and its figures."""
     outputs = [
         "results/data/split_report.json",
@@ -515,7 +523,7 @@ def get_final_outputs():
         "results/data/bytes.html",
         *get_all_caches(),
     ]
-    outputs += expand(f"{PRETRAIN_DIR}/pretrain.json", name=PRETRAINING)
+    outputs += expand(f"{PRETRAIN_DIR}/pretrain.json", name=get_used_pretrainings())
     if RUNS:
         outputs += [
             *get_all_metrics(),

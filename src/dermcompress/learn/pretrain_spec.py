@@ -161,6 +161,11 @@ def resolve_spec(spec: dict[str, Any], name: str = "?") -> dict[str, Any]:
     return s
 
 
+def spec_of(entry: dict[str, Any]) -> dict[str, Any]:
+    """A `pretraining:` entry as run_pretraining reads it: without the workflow's keys (WORKFLOW_KEYS)."""
+    return {k: v for k, v in entry.items() if k not in WORKFLOW_KEYS}
+
+
 def backbone_file(name: str) -> str:
     """The teacher backbone a pretraining writes (what downstream runs load)."""
     return f"{PRETRAIN_DIR.format(name=name)}/backbone.safetensors"
