@@ -172,6 +172,41 @@ STUDY = {
 }
 
 
+# STUDY plus a tiny domain pretraining (timm's 0.3M-parameter test_vit from scratch, 2 steps at 32 px on the clean
+# cache's train split) and an experiment that finetunes and kNN-probes its backbone: what adding the stage to a
+# finished study looks like (test_reruns.py, test_pretrain_workflow.py).
+PRETRAIN_CHANGE = {
+    "pretraining": {
+        "tiny_dino": {
+            "resolution": 32,
+            "arch": "timm:test_vit",
+            "steps": 2,
+            "batch_size": 8,
+            "warmup_epochs": 0,
+            "out_dim": 64,
+            "hidden_dim": 32,
+            "bottleneck_dim": 16,
+            "local_crops": {"n": 2},
+            "knn_k": 5,
+            "log_every": 1,
+        }
+    },
+    "models": {"tiny_derm": {"source": "pretrain:tiny_dino"}},
+    "experiments": {
+        "derm": {
+            "models": ["tiny_derm"],
+            "resolutions": [32],
+            "train_variants": ["clean"],
+            "eval_variants": ["clean"],
+            "modes": ["finetune", "knn"],
+            "lr": [1.0e-3],
+            "seeds": [0],
+            "reference": {"mode": "knn"},
+        }
+    },
+}
+
+
 @pytest.fixture(scope="session")
 def finished_study(tmp_path_factory) -> Path:
     """A finished run of STUDY: the repository's config.yaml with STUDY merged in (models, experiments replaced)."""

@@ -10,6 +10,7 @@ from conftest import REPO, snakemake, write_config
 from snakemake.utils import validate
 
 from dermcompress import config as dc_config
+from dermcompress.learn.pretrain_spec import DEFAULT_SPEC
 
 SCHEMA = REPO / "workflow/schemas/config.schema.yaml"
 
@@ -88,6 +89,11 @@ def test_every_config_key_is_in_the_schema():
         # Seeds name a folder (seed<N>): a negative one is refused by the schema, not by a missing input.
         ({"experiments": {"resolution_sweep": {"seeds": [0, -1]}}}, "-1 is less than the minimum of 0"),
         ({"split": {"seed": -3}}, "-3 is less than the minimum of 0"),
+        # A pretraining's keys are the schema's (every one described, defaults DEFAULT_SPEC's).
+        (
+            {"pretraining": {"derm": {"resolution": 56, "arch": "timm:test_vit", "lrr": 1.0}}},
+            "config key 'pretraining.derm.lrr': unknown key",
+        ),
     ],
 )
 def test_a_wrong_key_stops_the_run_before_any_job_and_names_the_key(workflow_dir, overlay, named):
@@ -207,4 +213,77 @@ def test_a_reference_some_model_never_takes_is_an_error():
         dc_config.ConfigError,
         match=r"'experiments.compression_sweep.reference': no evaluation of \['dinov2_b14', 'vit_b16'\] has all",
     ):
+        dc_config.check(config)
+
+
+def test_pretraining_schema_defaults_are_default_spec():
+    """One source of truth: every key of a `pretraining:` entry but its resolution is a key of learn/pretrain_spec.py's
+    DEFAULT_SPEC, with DEFAULT_SPEC's value as the schema's default (nested sections key by key)."""
+    entry = yaml.safe_load(SCHEMA.read_text())["properties"]["pretraining"]["additionalProperties"]
+    props = entry["properties"]
+    assert set(props) == {*DEFAULT_SPEC, "resolution"} and entry["required"] == ["resolution"]
+    for key, value in DEFAULT_SPEC.items():
+        assert props[key]["default"] == value, key
+        if isinstance(value, dict):
+            assert set(props[key]["properties"]) == set(value), key
+
+
+PRETRAINING = {"derm": {"resolution": 56, "init": "scratch", "arch": "timm:test_vit"}}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda c: c["pretraining"]["derm"].update(steps=0), "'pretraining.derm.steps': must be >= 1"),
+        (lambda c: c["pretraining"]["derm"].update(arch=None), "'pretraining.derm.arch': required"),
+        (lambda c: c["pretraining"]["derm"].update(init="vit_b17", arch=None), "'pretraining.derm.init'"),
+        (
+            lambda c: c["pretraining"]["derm"].update(init="dinov2_b14", arch=None),
+            "'pretraining.derm.init'.*timm:vit_base_patch14_dinov2.lvd142m",
+        ),
+        (lambda c: c["pretraining"]["derm"].update(resolution=57), "'pretraining.derm.resolution'"),
+        (lambda c: c["pretraining"]["derm"].update(variants=["jpeg_q31"]), "'pretraining.derm.variants'"),
+        (  # jpeg_q95 caches val and test only
+            lambda c: c["pretraining"]["derm"].update(variants=["clean", "jpeg_q95"]),
+            "'pretraining.derm.variants': 'jpeg_q95' caches no train split",
+        ),
+        (
+            lambda c: c["models"].update(derm={"source": "pretrain:dino"}),
+            "'models.derm.source': no pretraining named 'dino'",
+        ),
+        (
+            lambda c: c["models"].update(derm={"source": "pretrain:derm", "arch": "timm:resnet50"}),
+            "'models.derm.arch'",
+        ),
+        (lambda c: c["models"].update(derm={"source": "pretrain:derm"}), None),
+    ],
+)
+def test_a_wrong_pretraining_names_its_key(change, message):
+    """Unknown keys and bad values name the key; so do an init no model or not timm, an uncached resolution, a
+    variant that does not exist or caches no train split, and a pretrain: model naming no pretraining."""
+    config = load("config.yaml")
+    config["pretraining"].update(copy.deepcopy(PRETRAINING))
+    config["models"]["derm_vit"] = {
+        "source": "pretrain:derm"
+    }  # checked against the config: an experiment loads it
+    config["experiments"]["frozen_vs_finetuned"]["models"].append("derm_vit")
+    change(config)
+    if message is None:
+        dc_config.check(config)
+        return
+    with pytest.raises(dc_config.ConfigError, match=message):
+        dc_config.check(config)
+
+
+def test_a_pretraining_no_selected_experiment_loads_is_checked_only_for_its_own_keys():
+    """A config that replaces the experiments or the resolutions (the demo and the tests do) leaves config.yaml's
+    pretrainings inert: they never run, and their inits and resolutions are not held against the new config;
+    their own keys still are."""
+    config = load("config.yaml")
+    config["resize"]["resolutions"] = [32]
+    sweep = config["experiments"]["resolution_sweep"]
+    config["experiments"] = {"resolution_sweep": {**sweep, "resolutions": [32], "reference": {"res": 32}}}
+    dc_config.check(config)  # vit_b16_dino, at 224 px, is not held against resize.resolutions
+    config["pretraining"]["vit_b16_dino"]["steps"] = 0
+    with pytest.raises(dc_config.ConfigError, match=r"'pretraining\.vit_b16_dino\.steps'"):
         dc_config.check(config)

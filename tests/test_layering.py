@@ -94,7 +94,7 @@ def test_subpackages_say_what_they_may_import():
 SCRIPTS = PACKAGE.parents[1] / "scripts"
 # Imported where a job uses them (a model built from timm or transformers, scores from scikit-learn), never by the
 # imports a job runs before its work: ~1-3 s each, which every job of the study would pay at start-up.
-HEAVY = ("sklearn", "scipy", "matplotlib", "timm", "transformers", "torchvision", "peft", "fvcore")
+HEAVY = ("sklearn", "scipy", "matplotlib", "timm", "transformers", "torchvision", "peft", "fvcore", "lightly")
 # The data stages, and the heavy packages each one's work uses (lesion groups: scipy; the grouped split: sklearn).
 DATA_STAGES = {
     "ingest": {"scipy"},
@@ -139,7 +139,7 @@ def torch_scripts() -> list[str]:
 
 
 def test_torch_scripts_are_found():
-    assert {"train", "evaluate", "features", "linear", "evaluate_probe"} <= set(torch_scripts())
+    assert {"train", "evaluate", "features", "linear", "evaluate_probe", "pretrain"} <= set(torch_scripts())
     assert not set(DATA_STAGES) & set(torch_scripts())
 
 
@@ -148,6 +148,16 @@ def test_a_torch_job_imports_nothing_heavy_before_its_work(name):
     loaded = imported_at_start(SCRIPTS / f"{name}.py")
     assert "torch" in loaded
     assert sorted(loaded & set(HEAVY)) == []
+
+
+@pytest.mark.parametrize(
+    "module", ["train", "evaluate", "features", "probes", "models", "loop", "checkpoints", "distributed"]
+)
+def test_only_pretraining_depends_on_lightly(module):
+    """lightly (and what it pulls in) is pretraining's alone: no other learn module reaches it, even through a
+    function-level import, so a new lightly reruns pretrainings and nothing else, and no other job imports it."""
+    assert "lightly" not in fingerprint.module_packages(f"dermcompress.learn.{module}")
+    assert "lightly" in fingerprint.module_packages("dermcompress.learn.pretrain")
 
 
 @pytest.mark.parametrize("name", sorted(DATA_STAGES))

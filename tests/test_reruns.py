@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import CODE_EDIT, edited, snakemake, write_config
+from conftest import CODE_EDIT, PRETRAIN_CHANGE, edited, snakemake, write_config
 from test_workflow import evaluations_of, kind, planned_jobs, rules_of
 
 pytestmark = pytest.mark.workflow
@@ -190,6 +190,20 @@ def test_edit_to_degradation_module_reruns_degradation_and_downstream(finished_s
     assert not rules_of(jobs) & {"features", "linear", "evaluate_probe"}
     assert tables(jobs) == {"base"}
     assert "data_summary" not in rules_of(jobs)
+
+
+def test_adding_a_pretraining_and_a_model_of_it_plans_only_their_jobs(finished_study):
+    """Issue 24: the pretrain stage, a `pretraining:` entry and a model loading its backbone added to a finished
+    study plan the pretraining, the new model's runs and the new experiment's table, nothing of what was there:
+    the registry and learn/__init__.py, in every training's code fingerprint, changed in their docstrings only."""
+    jobs = dry_run(finished_study, PRETRAIN_CHANGE)
+    assert len(jobs_of(jobs, "pretrain")) == 1 and not rules_of(jobs) & DATA_RULES
+    trained = {"train", "evaluate", "features", "linear", "evaluate_probe"}
+    for job in jobs:
+        if kind(job[0]) in trained:
+            assert "tiny_derm" in " ".join(job[1]), job
+    assert {"train", "evaluate", "features", "evaluate_probe"} <= rules_of(jobs)
+    assert tables(jobs) == {"derm"}
 
 
 def test_comments_and_docstrings_rerun_nothing(finished_study, tmp_path):

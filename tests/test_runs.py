@@ -150,7 +150,7 @@ def test_finished_study_leaves_no_weights_and_no_checkpoints(finished_study):
 
 
 def test_plan_counts_the_study_from_the_dag(tmp_path):
-    """`dermcompress plan` on the repository's study: 235 distinct finetunes, one evaluation job per run (all its
+    """`dermcompress plan` on the repository's study: 340 distinct finetunes, three domain pretrainings, one evaluation job per run (all its
     eval variants), one feature extraction job per model x resolution x variant x init (all the splits the
     probes read), one GPU submission per training (its evaluation job in it), the short 56 px runs and the
     feature jobs packed, nothing left on disk at the end; per experiment what it adds to the others (runs shared
@@ -158,27 +158,47 @@ def test_plan_counts_the_study_from_the_dag(tmp_path):
     where no log measures it."""
     workdir = copy_workflow(tmp_path / "wf")
     plan = make_plan(workdir, full_isic2019=True)
-    assert plan["trainings"] == 235 and plan["jobs_by_kind"]["train"] == plan["jobs"]["train"] == 235
-    # One evaluation job per run: the 235 trainings, 60 linear probes and 48 kNN banks.
-    assert plan["linear_probes"] == 60
-    assert plan["evaluation_jobs"] == 235 + 60 + 48
-    assert plan["jobs_by_kind"]["evaluate"] == 235 and plan["jobs_by_kind"]["evaluate_probe"] == 60 + 48
+    # The study's 235 and the domain pretraining experiments' 105: domain_pretraining's 50 finetunes (2 models x
+    # 5 label fractions x 5 seeds) less the 5 of vit_b16 at 100% (frozen_vs_finetuned's), the DINOv2 one's 50 and
+    # compression_aware's 10.
+    assert plan["trainings"] == 235 + 45 + 50 + 10 == 340
+    assert plan["jobs_by_kind"]["train"] == plan["jobs"]["train"] == 340
+    # One evaluation job per run: the trainings; 60 linear probes, and the domain experiments' 50 + 50 less the 25
+    # of vit_b16 that label_efficiency runs; 48 kNN banks and the domain experiments' 21 per new model (4 label
+    # fractions x 5 seeds, 100% once: nothing in it depends on the seed).
+    assert plan["linear_probes"] == 60 + 25 + 50 == 135
+    assert plan["evaluation_jobs"] == 340 + 135 + 48 + 3 * 21
+    assert plan["jobs_by_kind"]["evaluate"] == 340 and plan["jobs_by_kind"]["evaluate_probe"] == 135 + 48 + 63
     # Their evaluations, one per eval variant: compression_sweep's 510 (below); robustness's 80 less the 10 clean
     # evaluations of its clean-trained runs (the sweep's); the lr sweeps', resolution_sweep's and the finetunes
     # of frozen_vs_finetuned (clean only), less the runs they share (vit_lr_sweep's lr 1e-4 runs at 224 and 56
     # px are robustness's degraded ones, frozen_vs_finetuned's ViT and DINOv2 finetunes the lr sweeps'); and one
     # per probe run.
     trained = 510 + (80 - 10) + (45 - 10) + 45 + 15 + (20 - 10)
-    assert plan["gpu_evaluations"] == trained == 685
-    assert plan["evaluations"] == trained + 60 + 48
+    assert trained == 685
+    # and the domain experiments' new finetunes on clean (45 + 50), compression_aware's on its 14 variants.
+    assert plan["gpu_evaluations"] == trained + 45 + 50 + 10 * 14 == 920
+    assert plan["evaluations"] == 920 + 135 + 48 + 63
     # Features: the degraded variant's train and val (the probes' training), the clean one's val and test (the
     # scored) of each backbone: 3 pretrained, the random one once per seed.
-    assert plan["feature_jobs"] == plan["jobs_by_kind"]["features"] == 2 * (3 + 5)
-    assert plan["jobs"]["features__train__val"] == plan["jobs"]["features__val__test"] == 3 + 5
-    assert plan["feature_extractions"] == 3 * 4 + 4 * 5  # tables: 4 per backbone
-    assert plan["gpu_jobs"] == 235 + 235 + 16 <= 500  # issue 22's target (952 with a job per evaluation)
-    # 165 trainings at 224 and 112 px alone, the 70 at 56 px four to a pack, the feature jobs eight to a pack
-    assert plan["gpu_submissions"] == 165 + math.ceil(70 / 4) + math.ceil(16 / 8) < plan["gpu_jobs"]
+    # scored) of each backbone: 3 pretrained, the random one once per seed; and of the domain experiments' three
+    # new backbones (vit_b16_derm, dinov2_b14_timm, dinov2_b14_derm).
+    assert plan["feature_jobs"] == plan["jobs_by_kind"]["features"] == 2 * (3 + 5 + 3)
+    assert plan["jobs"]["features__train__val"] == plan["jobs"]["features__val__test"] == 3 + 5 + 3
+    assert plan["feature_extractions"] == 6 * 4 + 4 * 5  # tables: 4 per backbone
+    # Issue 22's target was 500 GPU jobs for the study (952 with a job per evaluation); the domain experiments
+    # add 105 trainings, their 105 evaluation jobs, 6 feature jobs and the 3 pretrainings.
+    assert plan["pretrainings"] == plan["jobs"]["pretrain"] == 3
+    assert plan["gpu_jobs"] == 340 + 340 + 22 + 3 == 235 + 235 + 16 + 219
+    # 270 trainings at 224 and 112 px alone, the 70 at 56 px four to a pack, the feature jobs eight to a pack,
+    # each pretraining a submission of its own.
+    assert plan["gpu_submissions"] == 270 + math.ceil(70 / 4) + math.ceil(22 / 8) + 3 < plan["gpu_jobs"]
+    # Pretraining's image-passes and GPU-hours are counted (and are part of the whole).
+    assert plan["pretrain_image_passes"] > 0 and 0 < plan["pretrain_gpu_hours"] < plan["gpu_hours"]
+    # An experiment owns the pretrainings its models load: compression_aware its 10 runs, their 10 evaluation
+    # jobs, the compression-aware pretraining (added) and the plain one (domain_pretraining's too).
+    aware = plan["experiments"]["compression_aware"]
+    assert aware["gpu_jobs"] == 10 + 10 + 2 and aware["gpu_jobs_added"] == 10 + 10 + 1
     sweep = plan["experiments"]["compression_sweep"]
     # 2 models x 3 resolutions x (clean + 3 matched codecs) x 5 seeds; robustness's clean ViT runs at 224 and
     # 56 px are the sweep's (same lr, schedule and epochs), so they are not added.

@@ -20,6 +20,7 @@ from typing import Any
 from dermcompress.data import codec
 from dermcompress.data.degrade import DEGRADATIONS
 from dermcompress.errors import ConfigError
+from dermcompress.learn import pretrain_spec
 from dermcompress.study import experiments
 
 __all__ = ["ConfigError", "check", "refuse_alias_bomb", "schema_errors_in_one_line", "variant_settings"]
@@ -155,6 +156,7 @@ def check(config: dict[str, Any], schema: str | Path | dict[str, Any] | None = N
     if problems := experiments.check_experiments(config):
         key, _, problem = problems[0].partition(": ")
         raise ConfigError(key, problem)
+    check_pretraining(config)
     split = config["split"]
     if split["test_fraction"] + split["val_fraction"] >= 1:
         raise ConfigError("split.val_fraction", "test_fraction + val_fraction must leave images for training")
@@ -167,6 +169,65 @@ def check(config: dict[str, Any], schema: str | Path | dict[str, Any] | None = N
 
             schema = yaml.safe_load(Path(schema).read_text())
         check_training_overrides(config, schema["properties"]["training"])
+
+
+def check_pretraining(config: dict[str, Any]) -> None:
+    """Each `pretraining:` entry resolved against DEFAULT_SPEC (unknown keys, bad values); each that runs (a
+    selected experiment's model loads it), against the rest of the config too: its init model, its resolution
+    and variants (each must cache the train split). One that none loads never runs, so an overlay that changes
+    `models:` or `resize:` (the demo's, the tests') leaves config.yaml's pretrainings inert. Every `pretrain:`
+    model must name one."""
+    pretraining = config.get("pretraining") or {}
+    models = config["models"]
+    selected = [config["experiments"][name] for name in experiments.selected_experiments(config)]
+    used = {
+        pretrain_spec.pretrained_from(models[m]) for grid in selected for m in grid["models"] if m in models
+    }
+    for name, entry in pretraining.items():
+        where = f"pretraining.{name}"
+        spec = pretraining_spec(config, name)
+        pretrain_spec.resolve_spec(spec, name)
+        if name not in used:
+            continue
+        pretrain_spec.init_arch(name, spec, models)
+        if entry["resolution"] not in config["resize"]["resolutions"]:
+            raise ConfigError(
+                f"{where}.resolution",
+                f"{entry['resolution']} px is not cached; resize.resolutions: {config['resize']['resolutions']}",
+            )
+        for variant in spec.get("variants", pretrain_spec.DEFAULT_SPEC["variants"]):
+            if variant not in config["degrade"]["variants"]:
+                raise ConfigError(
+                    f"{where}.variants",
+                    f"unknown variant {variant!r}; degrade.variants has {sorted(config['degrade']['variants'])}",
+                )
+            if "train" not in variant_settings(config, variant).get("splits", ["train"]):
+                raise ConfigError(
+                    f"{where}.variants",
+                    f"{variant!r} caches no train split: give pretraining a variant of its own with "
+                    "splits: [train] (adding train to a variant others read would rebuild their caches)",
+                )
+    for model, entry in models.items():
+        name = pretrain_spec.pretrained_from(entry)
+        if name is None:
+            continue
+        if "arch" in entry or entry.get("pretrained", True) is not True:
+            key = "arch" if "arch" in entry else "pretrained"
+            raise ConfigError(
+                f"models.{model}.{key}",
+                "a pretrain: source is its pretraining's weights, in its init's architecture",
+            )
+        if name not in pretraining:
+            raise ConfigError(
+                f"models.{model}.source", f"no pretraining named {name!r}; known: {sorted(pretraining)}"
+            )
+        if name in used:
+            pretrain_spec.pretrained_entry(model, models, pretraining)
+
+
+def pretraining_spec(config: dict[str, Any], name: str) -> dict[str, Any]:
+    """A `pretraining:` entry as run_pretraining reads it: without the workflow's keys (its resolution)."""
+    return pretrain_spec.spec_of(config["pretraining"][name])
 
 
 def variant_settings(config: dict[str, Any], name: str) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from dermcompress.data import datasets, resize, sources, sourcestamp
 from dermcompress.errors import ConfigError
 from dermcompress.study import experiments
 from dermcompress.provenance import fingerprint, lineage
-from dermcompress.learn import runs
+from dermcompress.learn import pretrain_spec, runs
 from dermcompress.provenance.fingerprint import code_fingerprint
 from snakemake_interface_executor_plugins.settings import DeploymentMethod
 
@@ -53,6 +53,10 @@ PROBE_EVALUATIONS = runs.jobs_by_set(
     {r: v for r, v in _EVALUATION_JOBS.items() if r.mode in runs.PROBE_MODES}
 )
 FEATURE_JOBS = runs.jobs_by_set(runs.feature_jobs(_ALL_EVALUATIONS, config["models"]))
+# Domain pretrainings (pretrain.smk): name -> entry; each writes results/pretrain/<name>/.
+PRETRAINING = config.get("pretraining") or {}
+PRETRAIN_DIR = pretrain_spec.PRETRAIN_DIR
+PRETRAIN_CHECKPOINT_DIR = pretrain_spec.PRETRAIN_CHECKPOINT_DIR
 
 
 wildcard_constraints:
@@ -215,15 +219,29 @@ def get_model_name(wildcards):
 
 
 def get_model_entry(wildcards):
-    """The registry entry of the run's model (config `models:`)."""
-    return config["models"][get_model_name(wildcards)]
+    """The registry entry of the run's model (config `models:`); a `pretrain:<name>` model's is the local file
+    of that pretraining's backbone with its init model's architecture (pretrain_spec.pretrained_entry).
+    """
+    return pretrain_spec.pretrained_entry(
+        get_model_name(wildcards), config["models"], PRETRAINING
+    )
+
+
+def get_pretrained_backbone(wildcards):
+    """The backbone a `pretrain:<name>` model loads, as an input of every job that builds the model: a real DAG
+    edge, so a changed pretraining reruns it; none for other models."""
+    name = pretrain_spec.pretrained_from(config["models"][get_model_name(wildcards)])
+    return [] if name is None else [pretrain_spec.backbone_file(name)]
 
 
 def get_local_weights(wildcards):
-    """A local weights file or folder of the run's model, as an input: replacing it reruns the run.
+    """A local weights file or folder of the run's model, as an input: replacing it reruns the run; a
+    pretraining's backbone always (its rule makes it).
 
     A missing one is left to the job, whose error says how to get and convert the weights.
     """
+    if backbone := get_pretrained_backbone(wildcards):
+        return backbone
     source = get_model_entry(wildcards)["source"]
     path = source.removeprefix("local:")
     return [path] if source.startswith("local:") and Path(path).exists() else []
@@ -278,6 +296,8 @@ def get_evaluation_inputs(variants):
             "weights": f"{run.run_dir}/weights.safetensors",
             "summary": f"{run.run_dir}/train.json",
             "splits": "results/data/splits.parquet",
+            # The model is built from its registry entry before the run's weights load into it.
+            "backbone": get_pretrained_backbone(wildcards),
             **{f"cache_{v}": f"results/cache/{run.res}px/{v}" for v in variants},
         }
 
@@ -346,6 +366,61 @@ def get_features_cache(wildcards):
 def get_features_seed(wildcards):
     """The seed a features job builds its backbone from (runs.init_seed)."""
     return runs.init_seed(get_features_key(wildcards)["init"])
+
+
+def pretrain_outputs():
+    """A pretraining's files (learn/pretrain.py): backbone, heads, history, config and the summary."""
+    names = dict(
+        zip(
+            ("backbone", "heads", "history", "config", "summary"),
+            pretrain_spec.PRETRAIN_FILES,
+        )
+    )
+    return {role: f"{PRETRAIN_DIR}/{file}" for role, file in names.items()}
+
+
+def get_pretrain_spec(wildcards):
+    """The pretraining's spec, resolved (DEFAULT_SPEC overlaid by its entry, the resolution left out)."""
+    spec = dc_config.pretraining_spec(config, wildcards.name)
+    return pretrain_spec.resolve_spec(spec, wildcards.name)
+
+
+def get_pretrain_init(wildcards):
+    """The registry entry of the pretraining's init model; None from scratch."""
+    init = get_pretrain_spec(wildcards)["init"]
+    return None if init == "scratch" else config["models"][init]
+
+
+def get_pretrain_resolution(wildcards):
+    return PRETRAINING[wildcards.name]["resolution"]
+
+
+def get_pretrain_caches(wildcards):
+    """{variant: cache folder} of the pretraining's variants at its resolution (which cache is which variant)."""
+    res = get_pretrain_resolution(wildcards)
+    return {
+        v: f"results/cache/{res}px/{v}"
+        for v in get_pretrain_spec(wildcards)["variants"]
+    }
+
+
+def get_pretrain_inputs(wildcards):
+    """The caches it reads (cache_<variant>), the splits (its leakage check) and a local init's weights."""
+    inputs = {f"cache_{v}": c for v, c in get_pretrain_caches(wildcards).items()}
+    inputs["splits"] = "results/data/splits.parquet"
+    init = get_pretrain_init(wildcards)
+    path = (init or {}).get("source", "").removeprefix("local:")
+    if init and init["source"].startswith("local:") and Path(path).exists():
+        inputs["weights"] = path
+    return inputs
+
+
+def get_used_pretrainings():
+    """The pretrainings whose backbone a selected experiment's model loads (only those run, as only the caches
+    an experiment reads are made)."""
+    models = {e.run.model for evaluations in EVALUATIONS.values() for e in evaluations}
+    names = [pretrain_spec.pretrained_from(config["models"][m]) for m in sorted(models)]
+    return sorted({name for name in names if name is not None})
 
 
 def get_all_metrics():
@@ -440,7 +515,7 @@ def get_figures():
 
 
 def get_final_outputs():
-    """Data stages (every cache an experiment needs), the data and bytes summaries; with runs selected, the runs, their
+    """Data stages (every cache an experiment needs), the data and bytes summaries, the pretrainings they use; with runs selected, the runs, their
     index, a table and a subgroup table per experiment and its figures."""
     outputs = [
         "results/data/split_report.json",
@@ -448,6 +523,7 @@ def get_final_outputs():
         "results/data/bytes.html",
         *get_all_caches(),
     ]
+    outputs += expand(f"{PRETRAIN_DIR}/pretrain.json", name=get_used_pretrainings())
     if RUNS:
         outputs += [
             *get_all_metrics(),

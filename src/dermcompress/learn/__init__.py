@@ -10,6 +10,10 @@ train, loop, checkpoints,   finetuning: the loop, resumable checkpoints, DDP und
 evaluate, inference,        evaluating a run; frozen features, linear probes and kNN on them
   features, probes, knn
 metrics, bootstrap, flops   scores with bootstrap intervals; model cost (GMACs, parameters)
+pretrain, pretrain_loop,    domain self-supervised pretraining (DINO, with lightly): the spec, its images
+  pretrain_data, dino,        (train groups only), the loop, multi-crop views, collapse monitors, and the
+  crops, collapse,            adaptation of the init backbone (full, frozen blocks, LoRA merged when saved)
+  adaptation
 
 May import: `data`, `dermcompress.errors`, and of `provenance` only `provenance.fingerprint` (a checkpoint is
 keyed by its training code's fingerprint); never `study` or `config`.

@@ -22,6 +22,13 @@ Sources
   ``torch.load(weights_only=True)`` and refused if they pickle anything but tensors), or a folder written by
   transformers ``save_pretrained`` (config.json with ``model_type``) or by timm ``save_for_hf`` (config.json with
   ``architecture``). Relative paths are relative to the working directory (the repository root under Snakemake).
+- ``pretrain:NAME``: the teacher backbone of the ``pretraining:`` entry NAME (learn/pretrain.py). The workflow, not
+  this module, resolves it (``pretrain_spec.pretrained_entry``, checked by ``config.check``) to
+  ``local:results/pretrain/NAME/backbone.safetensors`` with the init model's ``arch: timm:...`` and its
+  ``mean``/``std``/``pad_to_patch`` (an entry may override those three; ``arch`` and ``pretrained: false`` are
+  refused), and gives every job that builds the model that file as an input; so jobs only ever see a ``local:``
+  entry here. (This module's code is in every training's fingerprint: kept unchanged, adding the source reran
+  nothing.)
 
 Defaults (``DEFAULT_MODELS``, copied into config.yaml)
 ------------------------------------------------------

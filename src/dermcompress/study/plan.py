@@ -3,6 +3,8 @@
 Snakemake plans the whole workflow (`--dry-run --forceall`, with a cluster profile so that jobs are grouped as
 they will be submitted); the plan counts what it would run:
 
+- pretrainings (rule pretrain), their image-passes (each image's views: student globals and locals forward +
+  backward, locals weighted by their area; teacher globals forward) and GPU-hours, as a training's;
 - trainings, evaluations and frozen-feature extractions, as jobs and as what the jobs write (their outputs): a
   run's one evaluation job scores each of its eval variants, a backbone input's one features job writes each
   split its probes read; the workflow makes a rule per set of variants or splits (`evaluate__clean__jpeg_q75`,
@@ -43,6 +45,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from dermcompress.learn import pretrain_spec
 from dermcompress.learn.runs import (
     FEATURES_DIR,
     PROBE_MODES,
@@ -68,14 +71,15 @@ FALLBACK_SIZES = {
         for res, gmacs in ((224, 23.185902336), (112, 5.633772288), (56, 1.458076416))
     },
 }
-GPU_RULES = ("train", "evaluate", "features")  # the kinds of job that hold a GPU
+GPU_RULES = ("train", "evaluate", "features", "pretrain")  # the kinds of job that hold a GPU
 EVALUATION_RULES = ("evaluate", "evaluate_probe")
 # Start-up + set-up seconds of one GPU job, per kind, when no log in the workdir measures them: what the
 # development machine (2 cores, torch jobs through Snakemake) measured for issue 22: a torch job spends 5-7 s
 # before its first useful work (Python and torch 2.5-4 s, timm 2-3 s, scikit-learn 1.6 s where it scores), the
 # demo's evaluations 96% of their 6.8 s. A cluster node may start twice as fast; set-up on ISIC 2019's caches
 # (loading them) takes longer than on the demo's.
-ASSUMED_FIXED_SECONDS = {"train": 6.0, "evaluate": 6.5, "features": 6.0}
+# A pretraining: 7.5 s of start-up on the same machine (a tiny DINO job through Snakemake; lightly imports too).
+ASSUMED_FIXED_SECONDS = {"train": 6.0, "evaluate": 6.5, "features": 6.0, "pretrain": 7.5}
 ASSUMED_SOURCE = (
     "assumed: issue 22's figures for this project's 2-core development machine, a torch job 5-7 s before its"
     " first useful work, an evaluation 6.5 s"
@@ -132,7 +136,10 @@ class Job:
         return f"results/features/{self.wildcards['features']}"
 
     def model_res(self) -> tuple[str, int]:
-        """The model and resolution of a GPU job (or a probe's)."""
+        """The model and resolution of a GPU job (or a probe's); a pretraining's model is `pretrain:<name>`
+        (plan_registry), its resolution the one make_plan adds to its wildcards."""
+        if self.kind == "pretrain":
+            return f"pretrain:{self.wildcards['name']}", int(self.wildcards["res"])
         if self.kind == "features":
             key = parse_features_dir(self.features_folder())
             return key["model"], key["res"]
@@ -195,16 +202,53 @@ def model_sizes(config: dict[str, Any], jobs: list[Job]) -> dict[tuple[str, int]
 
     sizes = {}
     used = {j.model_res() for j in jobs if j.kind in GPU_RULES}
+    registry = plan_registry(config)
     for model, res in sorted(used):
         try:
-            sizes[model, res] = model_cost(model, resolution=res, registry=config["models"])
+            sizes[model, res] = model_cost(model, resolution=res, registry=registry)
         except Exception as err:  # e.g. a hub config that is not cached here
-            fallback = FALLBACK_SIZES.get(config["models"][model]["source"], {}).get(res)
+            fallback = FALLBACK_SIZES.get(registry[model]["source"], {}).get(res)
             if fallback:
                 sizes[model, res] = fallback
             else:
                 log.warning("plan: cannot build %s at %d px (%s); its sizes are unknown", model, res, err)
     return sizes
+
+
+def plan_registry(config: dict[str, Any]) -> dict[str, dict]:
+    """The registry the plan sizes models with: `pretrain:` models and each pretraining (`pretrain:<name>`) as
+    their architecture, built without weights (the backbone files do not exist yet)."""
+    models, pretraining = config["models"], config.get("pretraining") or {}
+    registry = {}
+    for name, entry in models.items():
+        registry[name] = entry
+        if (pretrained := pretrain_spec.pretrained_from(entry)) is not None:
+            arch = pretrain_spec.init_arch(pretrained, pretraining[pretrained], models)
+            registry[name] = {"source": arch, "pretrained": False}
+    for name, spec in pretraining.items():
+        arch = pretrain_spec.init_arch(name, spec, models)
+        registry[f"pretrain:{name}"] = {"source": arch, "pretrained": False}
+    return registry
+
+
+def pretrain_views(spec: dict[str, Any], res: int) -> tuple[float, float]:
+    """Backbone image-passes per pretraining image: (forward + backward, forward only). The student's global
+    and local views train, a local view counted by its area over a global's (its share of the tokens); the
+    teacher's global views are forward only."""
+    s = pretrain_spec.resolve_spec(pretrain_spec.spec_of(spec))
+    g = s["global_crops"]["size"] or res
+    local = s["local_crops"]["size"] or g * 3 / 7
+    n_global, n_local = s["global_crops"]["n"], s["local_crops"]["n"]
+    return n_global + n_local * (local / g) ** 2, float(n_global)
+
+
+def pretrain_images(spec: dict[str, Any], train_images: int) -> float:
+    """Images one pretraining passes through: its steps' global batches, or its epochs over the train split less
+    the kNN monitor's held-out groups."""
+    s = pretrain_spec.resolve_spec(pretrain_spec.spec_of(spec))
+    if s["steps"]:
+        return float(s["steps"] * s["batch_size"])
+    return s["epochs"] * train_images * (1 - s["knn_holdout"])
 
 
 def read_throughput(path: str | None) -> pd.DataFrame | None:
@@ -225,17 +269,31 @@ def rate(
     return REFERENCE[phase] * REFERENCE["gmacs"] / gmacs if gmacs else None
 
 
-def passes(jobs: list[Job], sizes: dict[str, int], settings: dict[str, Any]) -> pd.DataFrame:
+def passes(
+    jobs: list[Job],
+    sizes: dict[str, int],
+    settings: dict[str, Any],
+    pretraining: dict[str, Any] | None = None,
+) -> pd.DataFrame:
     """Per GPU job (`job`: its index in `jobs`): model, res, phase, the images it passes through the backbone
     and `key`, the output they are for (job_keys): a training's run folder; an evaluation job's eval folder of
-    each variant (val + test each); a features job's file of each split."""
+    each variant (val + test each); a features job's file of each split; a pretraining's folder."""
     rows = []
     every = max(1, int(settings.get("eval_every_epochs", 1)))
     for i, job in enumerate(jobs):
         if job.kind not in GPU_RULES:
             continue
         model, res = job.model_res()
-        if job.kind == "train":
+        if job.kind == "pretrain":
+            spec = pretraining[job.wildcards["name"]]
+            images = pretrain_images(spec, sizes["train"])
+            trained, forward = pretrain_views(spec, res)
+            key = pretrain_spec.PRETRAIN_DIR.format(name=job.wildcards["name"])
+            rows += [
+                (i, model, res, "train", images * trained, key),
+                (i, model, res, "eval", images * forward, key),
+            ]
+        elif job.kind == "train":
             run = job.run()
             images = sizes["train"] * float(run.label_fraction)
             rows.append((i, model, res, "train", run.epochs * images, run.run_dir))
@@ -270,6 +328,8 @@ def job_keys(config: dict[str, Any]) -> dict[str, set[str]]:
         owned = keys.setdefault(name, set())
         for e in evaluations:
             owned |= {e.run.run_dir, f"{e.run.run_dir}/eval", e.eval_dir}
+            if (pretrained := pretrain_spec.pretrained_from(config["models"][e.run.model])) is not None:
+                owned.add(pretrain_spec.PRETRAIN_DIR.format(name=pretrained))
             if e.run.mode in PROBE_MODES:
                 pretrained = is_pretrained(config["models"][e.run.model])
                 for path in e.run.probe_features(e.eval_variant, pretrained=pretrained).values():
@@ -286,6 +346,8 @@ def job_key(job: Job) -> str | None:
         return f"{job.run().run_dir}/eval"
     if job.kind == "features":
         return FEATURES_DIR.format(**parse_features_dir(job.features_folder()))
+    if job.kind == "pretrain":
+        return pretrain_spec.PRETRAIN_DIR.format(name=job.wildcards["name"])
     return None
 
 
@@ -347,6 +409,8 @@ def log_kind(path: Path, logs: Path) -> str | None:
     None for any other file (the data stages', an older layout's)."""
     rel = path.relative_to(logs)
     try:
+        if rel.parts[0] == "pretrain":
+            return "pretrain"
         if rel.parts[0] == "features":
             parse_features_dir(f"results/{rel.with_suffix('').as_posix()}")
             return "features"
@@ -440,11 +504,15 @@ def make_plan(
     workdir = Path(workdir).resolve()
     config = _config(workdir, configfiles or [])
     jobs, groups = parse_jobs(dry_run(workdir, configfiles or [], profile))
+    pretraining = config.get("pretraining") or {}
+    for job in jobs:  # a pretraining's resolution is its spec's, not a wildcard
+        if job.kind == "pretrain":
+            job.wildcards["res"] = str(pretraining[job.wildcards["name"]]["resolution"])
     counts = Counter(j.rule for j in jobs)
     kinds = Counter(j.kind for j in jobs)
     sizes, sizes_source = split_sizes(workdir, config, full=full_isic2019)
     model_size = model_sizes(config, jobs)
-    image_passes = passes(jobs, sizes, config["training"])
+    image_passes = passes(jobs, sizes, config["training"], pretraining)
     measured = read_throughput(throughput)
     per_s = {
         key: rate(*key, size["gmacs"] if (size := model_size.get(key[:2])) else None, measured)
@@ -461,6 +529,7 @@ def make_plan(
         )
     ]
     hours = float(image_passes["hours"].sum(min_count=1)) if len(image_passes) else 0.0
+    pretrained = image_passes["key"].str.startswith("results/pretrain/") if len(image_passes) else []
     fixed = fixed_costs(workdir)
     for kind, entry in fixed.items():
         entry["jobs"] = kinds[kind]
@@ -483,6 +552,9 @@ def make_plan(
         "feature_extractions": sum(len(j.writes) for j in feature_jobs),
         "feature_jobs": len(feature_jobs),
         "linear_probes": kinds["linear"],
+        "pretrainings": kinds["pretrain"],
+        "pretrain_image_passes": float(image_passes.loc[pretrained, "images"].sum()),
+        "pretrain_gpu_hours": float(image_passes.loc[pretrained, "hours"].sum()),
         "gpu_jobs": sum(kinds[r] for r in GPU_RULES),
         "cluster_submissions": len(submitted) + len(groups),
         "gpu_submissions": gpu_submissions if profile else None,
@@ -548,6 +620,8 @@ def format_plan(plan: dict[str, Any]) -> str:
         f"trainings {plan['trainings']}, evaluations {plan['evaluations']} in {plan['evaluation_jobs']} jobs"
         f" (one per run; {plan['gpu_evaluations']} in {kinds.get('evaluate', 0)} on GPUs), feature extractions"
         f" {plan['feature_extractions']} in {plan['feature_jobs']} jobs, linear probes {plan['linear_probes']}",
+        f"pretrainings {plan['pretrainings']}: {plan['pretrain_image_passes']:,.0f} image-passes (views, locals by"
+        f" area), GPU-hours {plan['pretrain_gpu_hours']:.3g} computing",
         f"GPU jobs {plan['gpu_jobs']} ("
         + ", ".join(f"{kind} {kinds.get(kind, 0)}" for kind in GPU_RULES)
         + f"); cluster submissions {plan['cluster_submissions']}"
