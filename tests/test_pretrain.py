@@ -4,7 +4,8 @@ the same weights, the leakage check, the collapse monitors, LoRA merged into a b
 
 The data: a synthetic set whose class is a pattern (horizontal or vertical stripes, checkerboard, dots) under
 nuisance colours, phase and period, written into a real cache with the package's cache writer; a second variant
-of the same images (coarsely quantised, as a codec would) for compression-aware views.
+of the same images (coarsely quantised, as a codec would) for compression-aware views. The learning tests use
+sets whose class is the orientation of one line or bar at a random place, length and width (`oriented`).
 """
 
 from __future__ import annotations
@@ -76,18 +77,48 @@ def patterns(n: int, res: int, rng: np.random.Generator) -> tuple[np.ndarray, np
     return out, labels
 
 
-def write_caches(root: Path, *, n_train: int, n_other: int = 8, seed: int = 0) -> tuple[dict[str, str], Path]:
-    """Caches of two variants (clean, coarse) of the same images, and their splits.parquet (groups of two)."""
+def oriented(
+    n: int, res: int, rng: np.random.Generator, *, n_classes: int, width: tuple[float, float], tint: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """(n, res, res, 3) uint8 images of one line (or bar) whose orientation is the class (class c at c * 180 /
+    n_classes degrees), at a random centre, length (0.3-0.6 of the side) and width (px); a grey background and
+    line of random levels, or (tint) a fixed pair of levels under a random colour cast (per-channel gains
+    0.5-1.2); pixel noise of sd 20."""
+    labels = np.arange(n) % n_classes
+    yy, xx = np.mgrid[0:res, 0:res].astype(np.float32) + 0.5
+    out = np.empty((n, res, res, 3), np.uint8)
+    for i, c in enumerate(labels):
+        angle = np.pi * c / n_classes
+        cx, cy = rng.uniform(0.25, 0.75, 2) * res
+        length, w = rng.uniform(0.3, 0.6) * res, rng.uniform(*width)
+        along = (xx - cx) * np.cos(angle) + (yy - cy) * np.sin(angle)
+        across = -(xx - cx) * np.sin(angle) + (yy - cy) * np.cos(angle)
+        mask = (np.clip(w / 2 + 0.5 - np.abs(across), 0, 1) * (np.abs(along) < length / 2))[..., None]
+        if tint:
+            gains = rng.uniform(0.5, 1.2, 3)
+            bg, fg = 60 * gains, 200 * gains
+        else:
+            bg, fg = np.full(3, rng.uniform(40, 120)), np.full(3, rng.uniform(160, 240))
+        img = bg * (1 - mask) + fg * mask + rng.normal(0, 20, (res, res, 3))
+        out[i] = np.clip(img, 0, 255).astype(np.uint8)
+    return out, labels
+
+
+def write_caches(
+    root: Path, *, n_train: int, n_other: int = 8, seed: int = 0, images=patterns, classes=CLASSES
+) -> tuple[dict[str, str], Path]:
+    """Caches of two variants (clean, coarse) of the same images (`images(n, RES, rng)`), and their
+    splits.parquet (groups of two)."""
     from dermcompress.data.cache_write import run_cache
     from dermcompress.data.pixeltable import write_pixel_table
 
     rng = np.random.default_rng(seed)
     n = n_train + 2 * n_other
-    pixels, labels = patterns(n, RES, rng)
+    pixels, labels = images(n, RES, rng)
     meta = pd.DataFrame(
         {
             "image_id": [f"ISIC_{i:07d}" for i in range(n)],
-            "label": [CLASSES[c] for c in labels],
+            "label": [classes[c] for c in labels],
             "split": ["train"] * n_train + ["val"] * n_other + ["test"] * n_other,
             "degradation": "none",
             "degradation_params": "{}",
@@ -104,7 +135,7 @@ def write_caches(root: Path, *, n_train: int, n_other: int = 8, seed: int = 0) -
         run_cache(
             degraded=root / f"{variant}.parquet",
             out_dir=root / variant,
-            classes=CLASSES,
+            classes=classes,
             rows_per_shard=256,
             row_group_size=64,
         )
@@ -400,3 +431,41 @@ def test_knn_monitor_fires_when_accuracy_falls_below_step_zero():
     )
     assert knn_drop(40, 0.75, 0.80, 10.0) is None and knn_drop(40, 0.90, 0.80, 10.0) is None
     assert knn_drop(40, 0.10, 0.80, None) is None
+
+
+def test_knn_gate_stops_a_pretraining_that_destroys_what_the_init_knew(tmp_path):
+    """The kNN gate's loop path: on horizontal vs vertical bars a random-init test_vit already separates the
+    classes (step-0 kNN accuracy 0.80 on 20 held-out images); an lr of 0.1 wrecks the backbone within an epoch
+    (0.65 at its end, 4 steps), more than `stop_on_knn_drop` = 10 points below step 0's, and the job stops with an error naming the monitor and both values, recorded in pretrain.json; no backbone is written.
+    The collapse monitors are switched off so that the kNN gate is what stops it."""
+    from dermcompress.learn.collapse import CollapseError
+
+    def bars(n, res, rng):
+        return oriented(n, res, rng, n_classes=2, width=(2.5, 4.0), tint=False)
+
+    (tmp_path / "data").mkdir()
+    data = write_caches(tmp_path / "data", n_train=80, images=bars, classes=["HBAR", "VBAR"])
+    spec = {
+        "variants": ["clean"],
+        "epochs": 3,
+        "batch_size": 16,
+        "micro_batch_size": None,
+        "lr": 0.1,
+        "min_lr": 0.1,
+        "knn_holdout": 0.25,
+        "knn_every": 1,
+        "stop_on_knn_drop": 10.0,
+        "collapse": {"teacher_entropy_max": None, "batch_entropy_min": None, "std_l2_min": None},
+    }
+    with pytest.raises(
+        CollapseError, match=r"kNN monitor: accuracy 0\.\d+ at step 4 is more than 10\.0 points"
+    ):
+        run_pretraining(**args(data, tmp_path, **spec))
+    summary = json.loads((tmp_path / "run" / "pretrain.json").read_text())
+    (start, end) = [k["accuracy"] for k in summary["knn"]]
+    assert start >= 0.7 and end < start - 0.1, summary["knn"]
+    assert summary["steps"] == 4 and summary["stopped"].startswith("kNN monitor")
+    assert f"below its step-0 value {start:.3f}" in summary["stopped"]
+    assert [e["monitor"] for e in summary["monitors_fired"]] == ["knn_acc"]
+    assert summary["monitors_fired"][0]["value"] == end and summary["registry_entry"] is None
+    assert not (tmp_path / "run" / "backbone.safetensors").exists()
