@@ -291,7 +291,7 @@ def test_two_ranks_equal_one_process(data, one_process, tmp_path):
     assert json.loads((tmp_path / "run" / "pretrain.json").read_text())["world_size"] == 2
 
 
-def test_micro_batch_size_changes_nothing(data, one_process, tmp_path):
+def test_micro_batch_size_changes_nothing(data, one_process, tmp_path, one_thread):
     """Micro batches of 2 instead of 4: the same weights and centre up to float summation order."""
     run_pretraining(**args(data, tmp_path, micro_batch_size=2))
     assert_same(weights(tmp_path), weights(one_process), atol=1e-5)
@@ -329,7 +329,7 @@ def test_an_image_of_a_val_or_test_group_stops_the_job(data, tmp_path):
     assert not (tmp_path / "run").exists() and not (tmp_path / "ckpt").exists()
 
 
-def test_collapse_monitor_fires_at_teacher_temperature_one(data, tmp_path):
+def test_collapse_monitor_fires_at_teacher_temperature_one(data, tmp_path, one_thread):
     """A teacher temperature of 1.0 flattens the teacher's distribution (uniform collapse): the teacher-entropy
     monitor fires, the job stops with an error naming it, and no backbone is written."""
     from dermcompress.learn.collapse import CollapseError
@@ -367,7 +367,7 @@ def test_collapse_monitors_fire_on_constant_outputs():
         assert healthy.update(step, {"teacher_entropy": 0.3, "batch_mean_entropy": 0.8, "std_l2": 0.8}) == []
 
 
-def test_lora_pretraining_merges_into_a_backbone_the_registry_loads(data, tmp_path):
+def test_lora_pretraining_merges_into_a_backbone_the_registry_loads(data, tmp_path, one_thread):
     """LoRA: only the adapted projections change, by a merged update of rank <= r (the base weights were never
     trained); the merged model computes what the adapted one does; the saved backbone loads through the registry
     like any local model at two resolutions (position embeddings resampled) and computes the teacher's features."""
