@@ -547,3 +547,22 @@ def test_dino_from_scratch_on_the_orientation_set_collapses_and_the_monitor_stop
     assert np.isfinite(history["loss"]).all()
     entropy = history["teacher_entropy"].to_numpy()
     assert entropy[0] < 0.7 and (entropy[-10:] > 0.95).all(), entropy
+
+
+def test_the_teacher_is_in_eval_mode_from_the_start():
+    """The step-0 kNN monitor reads the teacher before the loop first sets modes: a BatchNorm teacher in train mode
+    would move its running statistics (and so its weights' meaning) just by being measured."""
+    from dermcompress.learn.dino import DINO
+    from dermcompress.learn.pretrain_spec import resolve_spec
+
+    entry = {"source": "timm:resnet10t", "pretrained": False}
+    student = models.build_seeded("tiny", entry, num_classes=1, resolution=32, seed=0)
+    student.head = torch.nn.Identity()
+    spec = resolve_spec({"init": "tiny", "out_dim": 16, "hidden_dim": 8, "bottleneck_dim": 4}, "t")
+    model = DINO(student, spec)
+    assert not [name for name, m in model.teacher.named_modules() if m.training]
+    assert not model.teacher_head.training
+    before = {k: v.clone() for k, v in model.teacher.state_dict().items()}
+    with torch.no_grad():
+        model.teacher.forward_features(torch.rand(4, 3, 32, 32))
+    assert all(torch.equal(before[k], v) for k, v in model.teacher.state_dict().items())

@@ -86,6 +86,10 @@ class DINO(nn.Module):
         self.teacher_head.load_state_dict(self.student_head.state_dict())
         deactivate_requires_grad(self.teacher)
         deactivate_requires_grad(self.teacher_head)
+        # From the start: the kNN monitor reads the teacher at step 0, before the loop's first train_mode(), and a
+        # teacher in train mode would move its BatchNorm statistics there and drop out features.
+        self.teacher.eval()
+        self.teacher_head.eval()
         self.loss = StepCentredDINOLoss(
             spec["out_dim"], student_temp=spec["student_temp"], center_momentum=spec["center_momentum"]
         )
