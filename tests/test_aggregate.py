@@ -60,12 +60,23 @@ def test_study_grids_are_the_papers():
 
 
 def test_each_distinct_training_runs_once_however_many_experiments_ask():
-    """The study: 235 distinct finetunes (125 before compression_sweep, not 205 jobs): the robustness grid trains each model once and
-    evaluates it four times; a frozen_vs_finetuned finetune is a vit_lr_sweep or dinov2_lr_sweep point."""
+    """The study: 340 distinct finetunes (235 before the domain pretraining experiments, 125 before
+    compression_sweep, not 205 jobs): the robustness grid trains each model once and evaluates it four times; a
+    frozen_vs_finetuned finetune is a vit_lr_sweep or dinov2_lr_sweep point; domain_pretraining's ViT-B/16 at
+    100% of the labels is frozen_vs_finetuned's."""
     config = study_config()
     runs, evaluations = experiments.expand(config)
     finetunes = [r for r in runs if r.mode == "finetune"]
-    assert len(finetunes) == 235 and len(set(finetunes)) == 235
+    assert len(finetunes) == 340 and len(set(finetunes)) == 340
+    # The domain pretraining experiments add 105, 5 seeds each at 224 px: domain_pretraining 45 (vit_b16 at 4
+    # label fractions below 1, vit_b16_derm at 5), domain_pretraining_dinov2 50 (dinov2_b14_timm and
+    # dinov2_b14_derm at 5), compression_aware 10 (vit_b16_derm and vit_b16_derm_codecs trained clean).
+    new = {"domain_pretraining": 45, "domain_pretraining_dinov2": 50, "compression_aware": 10}
+    before = {e.run for name, evs in evaluations.items() if name not in new for e in evs}
+    for name, count in new.items():
+        added = {e.run for e in evaluations[name] if e.run.mode == "finetune"} - before
+        assert len(added) == count, name
+        before |= added
     # compression_sweep adds 110: 2 models x 3 resolutions x 5 seeds trained clean (the ViT's 224 and 56 px
     # ones are robustness's), and 2 x 3 x 5 for each of 3 codecs trained and evaluated on alone.
     sweep_runs = {e.run for e in evaluations["compression_sweep"]}

@@ -418,8 +418,11 @@ def test_h100_profile_maps_rules_to_partitions_and_gpus(tmp_path):
     assert {"table", "subgroups", "figure_subgroups", "bytes_summary"} <= AGGREGATION <= local_rules()
     for rule in ("degrade", "resize", "linear", "evaluate_probe"):
         assert all("slurm_partition=cpu" in r and "gpu=" not in r for _, r in by_rule[rule]), rule
-    for rule in ("train", "features"):
+    for rule in ("train", "features", "pretrain"):
         assert all("slurm_partition=gpu" in r and "gpu_model=h100" in r for _, r in by_rule[rule]), rule
+    # Domain pretraining: one GPU job per pretraining config.yaml's experiments load, warned before its limit.
+    assert len(by_rule["pretrain"]) == 3
+    assert all("gpu=1" in r and "--signal=TERM@600" in r for _, r in by_rule["pretrain"])
     # Evaluations use their training's GPU: a group asks for the training's GPUs, not one more per evaluation.
     evaluations = by_rule["evaluate"]
     assert all("slurm_partition=gpu" in r and re.search(r"\bgpu=0\b", r) for _, r in evaluations), (
@@ -427,11 +430,11 @@ def test_h100_profile_maps_rules_to_partitions_and_gpus(tmp_path):
     )
     assert all("--signal=TERM@600" in r for _, r in by_rule["train"])
     trains = by_rule["train"]
-    assert len(trains) == 235  # the study (dermcompress plan counts them: tests/test_runs.py)
+    assert len(trains) == 340  # the study (dermcompress plan counts them: tests/test_runs.py)
     for wildcards, resources in trains:
-        big = "model=vit_b16" in wildcards and "res=224," in wildcards
+        big = "model=vit_b16," in wildcards and "res=224," in wildcards  # not vit_b16_derm
         assert f"gpu={4 if big else 1}," in resources, (wildcards, resources)
-    assert any("model=vit_b16" in w and "res=224," in w for w, _ in trains)
+    assert any("model=vit_b16," in w and "res=224," in w for w, _ in trains)
     assert (
         "Group job run_56px" in proc.stdout + proc.stderr and "Group job probes" in proc.stdout + proc.stderr
     )
