@@ -180,7 +180,6 @@ def test_plan_counts_the_study_from_the_dag(tmp_path):
     assert plan["gpu_evaluations"] == trained + 45 + 50 + 10 * 14 == 920
     assert plan["evaluations"] == 920 + 135 + 48 + 63
     # Features: the degraded variant's train and val (the probes' training), the clean one's val and test (the
-    # scored) of each backbone: 3 pretrained, the random one once per seed.
     # scored) of each backbone: 3 pretrained, the random one once per seed; and of the domain experiments' three
     # new backbones (vit_b16_derm, dinov2_b14_timm, dinov2_b14_derm).
     assert plan["feature_jobs"] == plan["jobs_by_kind"]["features"] == 2 * (3 + 5 + 3)
