@@ -34,7 +34,8 @@ include: "workflow/rules/train.smk"
 include: "workflow/rules/aggregate.smk"
 
 
-# The target rule runs no code, and aggregation only reads small run outputs: never cluster jobs.
+# The target rule runs no code, and aggregation only reads small run outputs: never cluster jobs (the figure
+# rules, one per set of figure kinds, say so themselves: `localrule: True`).
 localrules:
     all,
     data_summary,
@@ -42,14 +43,6 @@ localrules:
     runs_index,
     table,
     subgroups,
-    figure_curves,
-    figure_cost,
-    figure_robustness,
-    figure_label_efficiency,
-    figure_forest,
-    figure_rate_accuracy,
-    figure_reliability,
-    figure_subgroups,
 
 
 rule all:

@@ -17,7 +17,7 @@ from dermcompress.data.loader import CacheDataset
 from dermcompress.data.subsample import grouped_subsample
 from dermcompress.learn import runs as runs_module
 from dermcompress.learn.runs import Evaluation, Run
-from dermcompress.study import aggregate, experiments, figures, tables
+from dermcompress.study import aggregate, experiments, figure_jobs, figures, tables
 
 
 def study_config() -> dict:
@@ -433,3 +433,31 @@ def test_every_figure_kind_draws_a_png(tmp_path, kind, points, seeds):
     out = tmp_path / f"{kind}.png"
     figures.run_figure(kind=kind, metrics=[f"{d}/metrics.json" for d in dirs], title="t", out=str(out))
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_one_figures_job_draws_each_kind_it_is_given_and_refuses_an_unknown_one(tmp_path):
+    """An experiment's figures come from one job (figure_jobs.draw_figures): each kind to its own PNG, from the
+    inputs that kind reads; an unknown kind is named before anything is drawn."""
+    dirs = fake_runs(tmp_path, [{"res": 64}, {"res": 32}, {"model": "n", "res": 64}], seeds=(0, 1))
+    kinds = ["curves", "cost"]
+    outputs = {kind: str(tmp_path / f"{kind}.png") for kind in kinds}
+    figure_jobs.draw_figures(
+        kinds=kinds,
+        outputs=outputs,
+        title="t",
+        classes=["MEL", "NV"],
+        metrics=[f"{d}/metrics.json" for d in dirs],
+    )
+    for kind in kinds:
+        assert Path(outputs[kind]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", kind
+    assert figure_jobs.inputs(["forest", "curves", "reliability"]) == [
+        "metrics",
+        "histories",
+        "table",
+        "predictions",
+    ]
+    with pytest.raises(ValueError, match=r"unknown figure kinds \['heat'\]"):
+        figure_jobs.draw_figures(
+            kinds=["curves", "heat"], outputs={"curves": str(tmp_path / "x.png")}, title="t", classes=[]
+        )
+    assert not (tmp_path / "x.png").exists()

@@ -266,7 +266,7 @@ def test_new_statistics_rerun_only_tables_and_figures(finished_study, tmp_path):
     }
     jobs = dry_run(workdir, change)
     aggregation = {"all", "table", "subgroups", "runs_index", "data_summary", "bytes_summary"}
-    assert rules_of(jobs) - aggregation and all(r.startswith("figure_") for r in rules_of(jobs) - aggregation)
+    assert rules_of(jobs) - aggregation == {"figures"}
     assert tables(jobs) == {"base", "other"}
     assert not rules_of(jobs) & (DATA_RULES | {"train", "evaluate", "features", "linear", "evaluate_probe"})
 
@@ -340,7 +340,7 @@ def test_planted_effects_and_subgroups_rerun_only_aggregation_on_real_data(plant
     write_config(workdir / "changed.yaml", config)
     proc = snakemake(workdir, "--dry-run", "--configfile", "changed.yaml")
     jobs = planned_jobs(proc.stdout + proc.stderr)
-    assert {"table", "subgroups", "figure_subgroups", "figure_reliability"} <= rules_of(jobs)
+    assert {"table", "subgroups", "figures"} <= rules_of(jobs)
     aggregation = {"all", "table", "subgroups", "runs_index", "data_summary", "bytes_summary"}
-    assert all(rule.startswith("figure_") for rule in rules_of(jobs) - aggregation), rules_of(jobs)
+    assert rules_of(jobs) - aggregation == {"figures"}, rules_of(jobs)
     assert not rules_of(jobs) & (DATA_RULES | {"train", "evaluate", "features", "linear", "evaluate_probe"})

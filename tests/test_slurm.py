@@ -254,10 +254,13 @@ def finished(slurm, request, tmp_path_factory):
 
 
 def rules_in(smk: str) -> set[str]:
-    """The rules a .smk file defines (`rule NAME:` and `use rule ... as NAME with:`)."""
+    """The rules a .smk file defines (`rule NAME:`, `use rule ... as NAME with:`), and the kinds of those it makes
+    per set of jobs (`rule_name("figures", ...)`: the rules `figures__...`, of kind `figures`)."""
     text = (REPO / smk).read_text()
-    return set(re.findall(r"(?m)^rule (\w+):", text)) | set(
-        re.findall(r"(?m)^use rule \w+ as (\w+) with:", text)
+    return (
+        set(re.findall(r"(?m)^rule (\w+):", text))
+        | set(re.findall(r"(?m)^use rule \w+ as (\w+) with:", text))
+        | set(re.findall(r'rule_name\(\s*"(\w+)"', text))
     )
 
 
@@ -292,7 +295,7 @@ def test_demo_runs_end_to_end_through_slurm(finished):
     # (a group's submission is named by its group and its rules: train and the run's one evaluation rule)
     assert any(r.startswith("group_run_64px_") and "evaluate__clean__jpeg_only" in r for r in rules), rules
     assert not {kind(r) for r in rules} & {"train", "evaluate"}, rules
-    assert not rules & AGGREGATION, rules & AGGREGATION  # on the login node (the Snakefile's localrules)
+    assert not {kind(r) for r in rules} & AGGREGATION, rules  # on the login node (localrules)
     assert all(log.is_file() for _, _, log in jobs), "SLURM writes each job's log"
     # One submission for the training and its evaluation job (both eval variants), asking SLURM for one H100 on
     # the GPU partition.
@@ -415,7 +418,12 @@ def test_h100_profile_maps_rules_to_partitions_and_gpus(tmp_path):
         by_rule.setdefault(kind(rule), []).append((wildcards, resources))
     # Aggregation only reads small run outputs: every rule of aggregate.smk runs on the login node, never as a
     # cluster job (whose job step would start a Snakemake of its own for a few seconds of work).
-    assert {"table", "subgroups", "figure_subgroups", "bytes_summary"} <= AGGREGATION <= local_rules()
+    # (the Snakefile's localrules block names them, but the figures rules, made per set of figure kinds, which
+    # say `localrule: True` themselves; a dry run prints a local job as `localrule NAME:`)
+    local = {kind(r) for r in re.findall(r"(?m)^\s*localrule (\w+):", proc.stdout + proc.stderr)}
+    assert {"table", "subgroups", "figures", "bytes_summary"} <= AGGREGATION, AGGREGATION
+    assert AGGREGATION - {"figures"} <= local_rules() and {"table", "subgroups", "figures"} <= local, local
+    assert not set(by_rule) & AGGREGATION, by_rule.keys()
     for rule in ("degrade", "resize", "linear", "evaluate_probe"):
         assert all("slurm_partition=cpu" in r and "gpu=" not in r for _, r in by_rule[rule]), rule
     for rule in ("train", "features", "pretrain"):

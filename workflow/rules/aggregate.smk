@@ -95,160 +95,6 @@ rule table:
         "../../scripts/table.py"
 
 
-rule figure_curves:
-    input:
-        metrics=get_experiment_metrics,
-        histories=get_experiment_histories,
-    output:
-        png=report(
-            "results/figures/{experiment}_curves.png",
-            caption="../report/figure_curves.rst",
-            category="figures",
-            subcategory="{experiment}",
-            labels={"experiment": "{experiment}", "figure": "training curves"},
-        ),
-    log:
-        "results/logs/aggregate/figure_{experiment}_curves.log",
-    conda:
-        "../../envs/report.yaml"
-    params:
-        kind="curves",
-        title=get_title,
-        runs=get_experiment_runs,
-        code=get_code("study.figures"),
-    script:
-        "../../scripts/figure.py"
-
-
-use rule figure_curves as figure_cost with:
-    input:
-        metrics=get_experiment_metrics,
-    output:
-        png=report(
-            "results/figures/{experiment}_cost.png",
-            caption="../report/figure_cost.rst",
-            category="figures",
-            subcategory="{experiment}",
-            labels={"experiment": "{experiment}", "figure": "accuracy vs cost"},
-        ),
-    log:
-        "results/logs/aggregate/figure_{experiment}_cost.log",
-    params:
-        kind="cost",
-        title=get_title,
-        runs=get_experiment_runs,
-        code=get_code("study.figures"),
-
-
-use rule figure_curves as figure_robustness with:
-    input:
-        metrics=get_experiment_metrics,
-    output:
-        png=report(
-            "results/figures/{experiment}_robustness.png",
-            caption="../report/figure_robustness.rst",
-            category="figures",
-            subcategory="{experiment}",
-            labels={"experiment": "{experiment}", "figure": "robustness heat map"},
-        ),
-    log:
-        "results/logs/aggregate/figure_{experiment}_robustness.log",
-    params:
-        kind="robustness",
-        title=get_title,
-        runs=get_experiment_runs,
-        code=get_code("study.figures"),
-
-
-use rule figure_curves as figure_label_efficiency with:
-    input:
-        metrics=get_experiment_metrics,
-    output:
-        png=report(
-            "results/figures/{experiment}_label_efficiency.png",
-            caption="../report/figure_label_efficiency.rst",
-            category="figures",
-            subcategory="{experiment}",
-            labels={"experiment": "{experiment}", "figure": "label efficiency"},
-        ),
-    log:
-        "results/logs/aggregate/figure_{experiment}_label_efficiency.log",
-    params:
-        kind="label_efficiency",
-        title=get_title,
-        runs=get_experiment_runs,
-        code=get_code("study.figures"),
-
-
-# Drawn from the experiment's table (bytes and paired differences beside the metrics), not from the runs.
-rule figure_rate_accuracy:
-    input:
-        table="results/tables/{experiment}.csv",
-    output:
-        png=report(
-            "results/figures/{experiment}_rate_accuracy.png",
-            caption="../report/figure_rate_accuracy.rst",
-            category="figures",
-            subcategory="{experiment}",
-            labels={"experiment": "{experiment}", "figure": "rate-accuracy"},
-        ),
-    log:
-        "results/logs/aggregate/figure_{experiment}_rate_accuracy.log",
-    conda:
-        "../../envs/report.yaml"
-    params:
-        kind="rate_accuracy",
-        title=get_title,
-        runs=get_experiment_runs,
-        code=get_code("study.rate_figures"),
-    script:
-        "../../scripts/table_figure.py"
-
-
-use rule figure_rate_accuracy as figure_forest with:
-    output:
-        png=report(
-            "results/figures/{experiment}_forest.png",
-            caption="../report/figure_forest.rst",
-            category="figures",
-            subcategory="{experiment}",
-            labels={"experiment": "{experiment}", "figure": "paired differences"},
-        ),
-    log:
-        "results/logs/aggregate/figure_{experiment}_forest.log",
-    params:
-        kind="forest",
-        title=get_title,
-        runs=get_experiment_runs,
-        code=get_code("study.rate_figures"),
-
-
-# Drawn from the experiment's table (its rows, runs and test ECE) and the runs' test predictions.
-rule figure_reliability:
-    input:
-        table="results/tables/{experiment}.csv",
-        predictions=get_experiment_predictions,
-    output:
-        png=report(
-            "results/figures/{experiment}_reliability.png",
-            caption="../report/figure_reliability.rst",
-            category="figures",
-            subcategory="{experiment}",
-            labels={"experiment": "{experiment}", "figure": "reliability"},
-        ),
-    log:
-        "results/logs/aggregate/figure_{experiment}_reliability.log",
-    conda:
-        "../../envs/report.yaml"
-    params:
-        title=get_title,
-        classes=config["data"]["classes"],
-        runs=get_experiment_runs,
-        code=get_code("study.calibration_figure"),
-    script:
-        "../../scripts/reliability_figure.py"
-
-
 # Each experiment's table by subgroup (sex, age band, site): its runs' test predictions joined to the manifest.
 rule subgroups:
     input:
@@ -280,24 +126,29 @@ rule subgroups:
         "../../scripts/subgroups.py"
 
 
-rule figure_subgroups:
-    input:
-        subgroups="results/tables/{experiment}_subgroups.csv",
-    output:
-        png=report(
-            "results/figures/{experiment}_subgroups.png",
-            caption="../report/figure_subgroups.rst",
-            category="figures",
-            subcategory="{experiment}",
-            labels={"experiment": "{experiment}", "figure": "Δ AUC by subgroup"},
-        ),
-    log:
-        "results/logs/aggregate/figure_{experiment}_subgroups.log",
-    conda:
-        "../../envs/report.yaml"
-    params:
-        title=get_title,
-        runs=get_experiment_runs,
-        code=get_code("study.subgroup_figure"),
-    script:
-        "../../scripts/subgroup_figure.py"
+# An experiment's figures (experiments.figure_kinds), all drawn by one job: a figure takes tenths of a second to
+# draw, a process most of a second to start. One rule per set of kinds, as the evaluations' per set of variants.
+for kinds, names in FIGURE_JOBS.items():
+
+    rule:
+        name:
+            rule_name("figures", kinds, "kinds")
+        input:
+            unpack(get_figure_inputs(kinds)),
+        output:
+            **figure_outputs(kinds),
+        log:
+            "results/logs/aggregate/figures_{experiment}.log",
+        wildcard_constraints:
+            experiment=one_of(names),
+        localrule: True
+        conda:
+            "../../envs/report.yaml"
+        params:
+            kinds=list(kinds),
+            title=get_title,
+            classes=config["data"]["classes"],
+            runs=get_experiment_runs,
+            code=get_code("study.figure_jobs"),
+        script:
+            "../../scripts/figures.py"

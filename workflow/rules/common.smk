@@ -8,7 +8,7 @@ from pathlib import Path
 from dermcompress import config as dc_config
 from dermcompress.data import datasets, resize, sources, sourcestamp
 from dermcompress.errors import ConfigError
-from dermcompress.study import experiments
+from dermcompress.study import experiments, figure_jobs
 from dermcompress.provenance import fingerprint, lineage
 from dermcompress.learn import pretrain_spec, runs
 from dermcompress.provenance.fingerprint import code_fingerprint
@@ -53,6 +53,10 @@ PROBE_EVALUATIONS = runs.jobs_by_set(
     {r: v for r, v in _EVALUATION_JOBS.items() if r.mode in runs.PROBE_MODES}
 )
 FEATURE_JOBS = runs.jobs_by_set(runs.feature_jobs(_ALL_EVALUATIONS, config["models"]))
+# One job per experiment draws its figures; a rule per set of figure kinds (aggregate.smk).
+FIGURE_JOBS = runs.jobs_by_set(
+    {name: tuple(experiments.figure_kinds(EVALUATIONS[name])) for name in EXPERIMENTS}
+)
 # Domain pretrainings (pretrain.smk): name -> entry; each writes results/pretrain/<name>/.
 PRETRAINING = config.get("pretraining") or {}
 PRETRAIN_DIR = pretrain_spec.PRETRAIN_DIR
@@ -174,16 +178,16 @@ def get_variant(wildcards):
     return dc_config.variant_settings(config, wildcards.variant)
 
 
-def rule_name(kind, written):
+def rule_name(kind, written, noun="variants"):
     """The name given to the rules made per set of jobs, from their kind and what each of their jobs writes
     (`evaluate__clean__jpeg_q75`, `features__val__test`), or, past 60 characters (a name lands in cluster job
-    names and log paths), how many and a hash of which (`evaluate__17_variants_0c1d2e3f`).
+    names and log paths), how many of what and a hash of which (`evaluate__17_variants_0c1d2e3f`).
     """
     name = "__".join([kind, *written])
     if len(name) <= 60:
         return name
     digest = hashlib.sha256("\n".join(written).encode()).hexdigest()[:8]
-    return f"{kind}__{len(written)}_variants_{digest}"
+    return f"{kind}__{len(written)}_{noun}_{digest}"
 
 
 def inherit_profile_settings(kind, names):
@@ -503,6 +507,38 @@ def get_title(wildcards):
     """The experiment's description, the caption of its table and figures."""
     grid = config["experiments"][wildcards.experiment]
     return grid.get("description", wildcards.experiment)
+
+
+def figure_outputs(kinds):
+    """A figures job's outputs: one PNG per kind, each in the report with its caption and label."""
+    return {
+        kind: report(
+            f"results/figures/{{experiment}}_{kind}.png",
+            caption=f"../report/figure_{kind}.rst",
+            category="figures",
+            subcategory="{experiment}",
+            labels={"experiment": "{experiment}", "figure": figure_jobs.KINDS[kind][1]},
+        )
+        for kind in kinds
+    }
+
+
+def get_figure_inputs(kinds):
+    """Input function of a figures rule: what its kinds read (figure_jobs.INPUTS) of the experiment's."""
+    functions = {
+        "metrics": get_experiment_metrics,
+        "histories": get_experiment_histories,
+        "table": lambda wildcards: f"results/tables/{wildcards.experiment}.csv",
+        "predictions": get_experiment_predictions,
+        "subgroups": lambda wildcards: f"results/tables/{wildcards.experiment}_subgroups.csv",
+    }
+
+    def inputs(wildcards):
+        return {
+            name: functions[name](wildcards) for name in figure_jobs.inputs(list(kinds))
+        }
+
+    return inputs
 
 
 def get_figures():
