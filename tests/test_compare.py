@@ -601,5 +601,12 @@ def test_the_error_rate_benchmark_runs_every_scenario_and_test(capsys):
     out = capsys.readouterr().out
     lines = [line for line in out.splitlines() if line.startswith(("same models", "recipe"))]
     assert len(lines) == (len(stats.NULLS) + len(stats.POWER)) * (len(stats.OFFERED) + len(stats.BEFORE))
-    assert out.count(" ok") + out.count(" FAILS") == len(stats.NULLS) * len(stats.OFFERED)
+    # The interaction (a difference of contrasts): its own nulls and planted effects.
+    interactions = [line for line in out.splitlines() if line.startswith("interaction ")]
+    assert len(interactions) == (len(stats.INTERACTION_NULLS) + len(stats.INTERACTION_POWER)) * (
+        len(stats.INTERACTION_OFFERED) + len(stats.INTERACTION_BEFORE)
+    )
+    assert out.count(" ok") + out.count(" FAILS") == len(stats.NULLS) * len(stats.OFFERED) + len(
+        stats.INTERACTION_NULLS
+    ) * len(stats.INTERACTION_OFFERED)
     assert code == (1 if " FAILS" in out else 0)
