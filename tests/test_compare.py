@@ -527,7 +527,7 @@ def test_an_interaction_is_each_rows_contrast_minus_its_counterparts(tmp_path):
     md = (tmp_path / "t.md").read_text()
     for words in (
         "Interaction Δ AUC [95% CI]",
-        "p interaction Δ AUC, bootstrap + seed variance (Holm, m)",
+        "p interaction Δ AUC, bootstrap (Holm, m)",
         "Interaction with",
         "Interaction (a difference of contrasts)",
         "Welch-Satterthwaite",

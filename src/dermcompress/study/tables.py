@@ -84,18 +84,19 @@ INTERACTION_DELTAS = {
     "interaction_balanced_accuracy": "Interaction Δ bal. acc. [95% CI]",
 }
 INTERACTION_P_SHOWN = {
-    "interaction_auc_p_holm": "p interaction Δ AUC, bootstrap + seed variance (Holm, m)",
-    "interaction_balanced_accuracy_p_holm": "p interaction Δ bal. acc., bootstrap + seed variance (Holm, m)",
+    "interaction_auc_p_holm": "p interaction Δ AUC, bootstrap (Holm, m)",
+    "interaction_balanced_accuracy_p_holm": "p interaction Δ bal. acc., bootstrap (Holm, m)",
 }
 INTERACTION_NOTES = [
     "Interaction (a difference of contrasts): the row's Δ minus the Δ of the row in 'Interaction with' against "
     "that row's own reference, e.g. (B on a codec − B on clean) − (A on a codec − A on clean): what the test "
     "condition costs the row's model beyond what it costs the other; positive = less lost. Estimated per seed "
-    "on the same lesion-group resamples and averaged over seeds; the two sides are other trainings (contrast "
-    "'recipe'), so both sides' seed-to-seed variance is added to the bootstrap's and p comes from Student's t "
-    "with Welch-Satterthwaite df (z, and 'seed variance not covered', with 1 seed). Holm: adjusted within the "
-    "table's tested interactions, a family of their own (m). Empty where the row has no interaction: a "
-    "reference row, or a row of the model (or values) it would be paired with."
+    "on the same lesion-group resamples and averaged over seeds. 'Interaction contrast' 'recipe' (the two "
+    "sides are other trainings, e.g. two models): both sides' seed-to-seed variance is added to the paired "
+    "lesion-group bootstrap's and p comes from Student's t with Welch-Satterthwaite df (z, and 'seed variance "
+    "not covered', with 1 seed); 'same models': the bootstrap's alone (z). Holm: adjusted within the table's "
+    "tested interactions, a family of their own (m). Empty where the row has no interaction: a reference row, "
+    "or a row with the values it would be paired with."
 ]
 SELECTED_MARK = "✓"
 NOT_MEASURED = "n/a"
