@@ -3,6 +3,7 @@ lesion clustering and seed-to-seed variance, and their power against planted dif
 size (about 1,800 images in about 1,300 lesion groups).
 
     .venv/bin/python benchmarks/stats.py [--sims 2000] [--power-sims 300] [--bootstrap 200] [--workers 2]
+                                         [--only paired|interaction]
 
 Each simulated data set scores the test images with runs whose scores share, by design, what real runs share:
 
@@ -16,6 +17,14 @@ a *recipe* contrast compares five runs of each of two recipes drawn alike. Under
 distributed identically, so the null holds exactly by symmetry; a planted Δ lowers one side's discrimination so
 that its AUC falls by Δ (binormal: AUC = Φ(d / √(2σ²)) for scores of two lesions). Balanced accuracy thresholds
 each score at d / 2.
+
+An *interaction* (a difference of contrasts, an experiment's `interaction:`) scores two recipes, models A and B
+(five runs each), on a clean and a codec test condition; the codec lowers each run's AUC by its model's cost,
+which varies over seeds (cost SD), and its lesion effect and noise are the same images' for both models. Under
+the null the codec costs both models alike (0.05), so A and B are exchangeable and (B's cost - A's cost) is 0 in
+expectation; a planted Δ makes the codec cost B that much less. Tested as the tables test it
+(contrasts.interaction: bootstrap + both recipes' seed variance, Welch t); for comparison, the same difference
+with the models held fixed (no seed variance, z), not offered.
 
 Tests, as the tables compute them (study/compare.py, contrasts.py, clustered_roc.py): the group bootstrap
 (z for same models; + seed variance and Welch t for recipes) for Δ AUC and Δ balanced accuracy, and Obuchowski's
@@ -35,6 +44,7 @@ import ctypes.util
 import os
 import sys
 import time
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
@@ -47,7 +57,7 @@ from scipy.stats import norm
 from dermcompress.learn import bootstrap
 from dermcompress.study.clustered_roc import auc_difference
 from dermcompress.study.compare import row_scores
-from dermcompress.study.contrasts import difference
+from dermcompress.study.contrasts import RowScores, difference, interaction
 
 ALPHA = 0.05
 TARGET = 0.065
@@ -89,6 +99,40 @@ POWER = [
     Scenario("same models", "1-3", 0.02, 0.05),
     Scenario("recipe", "1-3", 0.02, 0.03),
     Scenario("recipe", "1-3", 0.02, 0.05),
+]
+
+
+# What the codec costs model A (AUC) in an interaction scenario; B's is this less the planted Δ.
+CODEC_COST = 0.05
+INTERACTION_OFFERED = (
+    "bootstrap + seed var. interaction Δ AUC",
+    "bootstrap + seed var. interaction Δ bal. acc.",
+)
+INTERACTION_BEFORE = ("interaction Δ AUC, models fixed (z)",)
+
+
+@dataclass(frozen=True)
+class InteractionScenario:
+    per_lesion: str  # a LESIONS key
+    seed_sd: float  # SD of a run's AUC over seeds
+    cost_sd: float  # SD of a run's codec cost (AUC) over seeds
+    delta: float  # how much less the codec costs model B than model A (0: a null)
+
+    def describe(self) -> str:
+        return f"{self.per_lesion:>5} {self.seed_sd:>7.2f} {self.cost_sd:>7.2f} {self.delta:>6.2f}"
+
+
+INTERACTION_NULLS = [
+    InteractionScenario("1-3", 0.02, 0.0, 0.0),
+    InteractionScenario("1-3", 0.02, 0.01, 0.0),
+    InteractionScenario("1-3", 0.04, 0.02, 0.0),
+    InteractionScenario("1", 0.02, 0.01, 0.0),
+    InteractionScenario("3", 0.02, 0.01, 0.0),
+]
+INTERACTION_POWER = [
+    InteractionScenario("1-3", 0.02, 0.01, 0.02),
+    InteractionScenario("1-3", 0.02, 0.01, 0.03),
+    InteractionScenario("1-3", 0.02, 0.01, 0.05),
 ]
 
 
@@ -137,6 +181,73 @@ def simulate(
     return y, lesion, condition(planted), condition(0.0), d
 
 
+def simulate_interaction(
+    scenario: InteractionScenario, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, list[list[np.ndarray]], float]:
+    """(labels, lesion ids, the four rows' scores [A on the codec, A clean, B on the codec, B clean], each a
+    list of (N,) arrays, one per seed, and the class separation d)."""
+    n_lesions, sizes_p = LESIONS[scenario.per_lesion]
+    sizes = rng.choice(np.arange(1, len(sizes_p) + 1), size=n_lesions, p=sizes_p)
+    lesion = np.repeat(np.arange(n_lesions), sizes)
+    y = (rng.random(n_lesions) < 0.5).astype(int)[lesion]
+    n = len(lesion)
+    variance = sum(v**2 for v in SD.values()) + sum(v**2 for v in CONDITION_SD.values())
+    d = _discrimination(BASE_AUC, variance)
+    slope = norm.pdf(norm.ppf(BASE_AUC)) / np.sqrt(2 * variance)  # dAUC / dd
+    shared = SD["lesion"] * rng.normal(size=n_lesions)[lesion] + SD["image"] * rng.normal(size=n)
+    # A condition's lesion effect is its images': the same for both models.
+    effects = [CONDITION_SD["lesion"] * rng.normal(size=n_lesions)[lesion] for _ in range(2)]
+
+    def model(cost: float) -> list[list[np.ndarray]]:
+        lesion_recipe = SD["lesion_recipe"] * rng.normal(size=n_lesions)[lesion]
+        runs = [
+            (d + scenario.seed_sd / slope * rng.normal()) * y
+            + shared
+            + lesion_recipe
+            + SD["lesion_run"] * rng.normal(size=n_lesions)[lesion]
+            + SD["noise"] * rng.normal(size=n)
+            for _ in range(SEEDS)
+        ]
+        shift = _discrimination(BASE_AUC - cost, variance) - d
+        codec = [
+            s
+            + (shift + scenario.cost_sd / slope * rng.normal()) * y
+            + effects[0]
+            + CONDITION_SD["noise"] * rng.normal(size=n)
+            for s in runs
+        ]
+        clean = [s + effects[1] + CONDITION_SD["noise"] * rng.normal(size=n) for s in runs]
+        return [codec, clean]
+
+    return y, lesion, [*model(CODEC_COST), *model(CODEC_COST - scenario.delta)], d
+
+
+def interaction_tests(
+    scenario: InteractionScenario, rng: np.random.Generator, n_bootstrap: int
+) -> dict[str, float]:
+    """The interaction's p (B's codec cost minus A's, as the tables compute it) on one simulated data set, and
+    the p with the models held fixed."""
+    y, lesion, sides, d = simulate_interaction(scenario, rng)
+    weights = bootstrap.group_weights(lesion, n_bootstrap, int(rng.integers(1 << 31)))
+    rows = [
+        row_scores(y, [_probs(s) for s in side], [(s > d / 2).astype(int) for s in side], weights, recipe)
+        for side, recipe in zip(sides, ("a", "a", "b", "b"), strict=True)
+    ]
+    # Every row one recipe: the models held fixed, no seed variance.
+    fixed = [RowScores(row["auc"].point, row["auc"].resampled, "one recipe") for row in rows]
+    b_codec, b_clean, a_codec, a_clean = rows[2], rows[3], rows[0], rows[1]
+    return {
+        INTERACTION_OFFERED[0]: interaction(b_codec["auc"], b_clean["auc"], a_codec["auc"], a_clean["auc"]).p,
+        INTERACTION_OFFERED[1]: interaction(
+            b_codec["balanced_accuracy"],
+            b_clean["balanced_accuracy"],
+            a_codec["balanced_accuracy"],
+            a_clean["balanced_accuracy"],
+        ).p,
+        INTERACTION_BEFORE[0]: interaction(fixed[2], fixed[3], fixed[0], fixed[1]).p,
+    }
+
+
 def _probs(scores: np.ndarray) -> np.ndarray:
     p = 1.0 / (1.0 + np.exp(-scores))
     return np.stack([1.0 - p, p], axis=1)
@@ -171,26 +282,31 @@ def _percentile_p(deltas: np.ndarray) -> float:
     return min(1.0, 2.0 * min(below, above) / (len(deltas) + 1))
 
 
-def _chunk(args: tuple[Scenario, int, int, int]) -> dict[str, int]:
+def _chunk(args: tuple[Scenario | InteractionScenario, int, int, int]) -> Counter:
     scenario, n_sims, n_bootstrap, seed = args
     rng = np.random.default_rng(seed)
-    counts = dict.fromkeys((*OFFERED, *BEFORE), 0)
+    run = interaction_tests if isinstance(scenario, InteractionScenario) else tests
+    counts: Counter = Counter()
     for _ in range(n_sims):
-        for name, p in tests(scenario, rng, n_bootstrap).items():
+        for name, p in run(scenario, rng, n_bootstrap).items():
             counts[name] += int(p < ALPHA)
     return counts
 
 
 def rejection_rates(
-    scenario: Scenario, n_sims: int, n_bootstrap: int, pool: ProcessPoolExecutor, workers: int, seed: int
+    scenario: Scenario | InteractionScenario,
+    n_sims: int,
+    n_bootstrap: int,
+    pool: ProcessPoolExecutor,
+    workers: int,
+    seed: int,
 ) -> dict[str, float]:
     """Each test's share of `n_sims` data sets rejected at ALPHA, the data sets spread over the workers."""
     sizes = [n_sims // workers + (k < n_sims % workers) for k in range(workers)]
     jobs = [(scenario, size, n_bootstrap, seed * 1000 + k) for k, size in enumerate(sizes) if size]
-    totals = dict.fromkeys((*OFFERED, *BEFORE), 0)
+    totals: Counter = Counter()
     for counts in pool.map(_chunk, jobs):
-        for name, count in counts.items():
-            totals[name] += count
+        totals.update(counts)
     return {name: count / n_sims for name, count in totals.items()}
 
 
@@ -211,25 +327,46 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--power-sims", type=int, default=300, help="simulated data sets per power scenario")
     parser.add_argument("--bootstrap", type=int, default=200, help="group resamples per data set")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--only", choices=("paired", "interaction"), help="one kind of test (default: both)")
     args = parser.parse_args(argv)
     header = f"{'contrast':<11} {'img/lesion':>5} {'seed SD':>7} {'ΔAUC':>6}  {'test':<38} {'reject':>7}"
+    interaction_header = f"{'contrast':<11} {'img/lesion':>5} {'seed SD':>7} {'cost SD':>7} {'ΔΔAUC':>6}  {'test':<46} {'reject':>7}"
+    sections = []
+    if args.only != "interaction":
+        sections += [("Type-I error", NULLS, args.sims, header), ("Power", POWER, args.power_sims, header)]
+    if args.only != "paired":
+        sections += [
+            (
+                "Interaction (B's codec cost - A's): type-I error",
+                INTERACTION_NULLS,
+                args.sims,
+                interaction_header,
+            ),
+            (
+                "Interaction (B's codec cost - A's): power",
+                INTERACTION_POWER,
+                args.power_sims,
+                interaction_header,
+            ),
+        ]
+    offered_tests = (*OFFERED, *INTERACTION_OFFERED)
     failed = []
     keep_freed_memory()
     start = time.perf_counter()
     with ProcessPoolExecutor(args.workers) as pool:
-        for title, scenarios, n_sims in (
-            ("Type-I error", NULLS, args.sims),
-            ("Power", POWER, args.power_sims),
-        ):
+        for title, scenarios, n_sims, columns in sections:
             print(f"\n{title} at α = {ALPHA} ({n_sims} simulated data sets each, {args.bootstrap} resamples)")
-            print(header)
+            print(columns)
             for k, scenario in enumerate(scenarios):
                 rates = rejection_rates(scenario, n_sims, args.bootstrap, pool, args.workers, seed=k + 1)
+                kind = "interaction" if isinstance(scenario, InteractionScenario) else ""
+                width = 46 if kind else 38
                 for name, rate in rates.items():
-                    offered = name in OFFERED
+                    offered = name in offered_tests
                     mark = "" if scenario.delta or not offered else " ok" if rate <= TARGET else " FAILS"
                     label = name if offered else f"({name}: not offered)"
-                    print(f"{scenario.describe()}  {label:<38} {rate:>6.1%}{mark}")
+                    row = f"{kind:<11} {scenario.describe()}" if kind else scenario.describe()
+                    print(f"{row}  {label:<{width}} {rate:>6.1%}{mark}")
                     if scenario.delta == 0 and offered and rate > TARGET:
                         failed.append((scenario, name, rate))
                 sys.stdout.flush()

@@ -1,5 +1,6 @@
 """Snakemake adapter: one experiment's runs -> its table (CSV with the runs of each row, Markdown, LaTeX, HTML),
-with the bytes per image of each row's data and each row's paired differences from its own reference row."""
+with the bytes per image of each row's data, each row's paired differences from its own reference row and,
+where the experiment declares an interaction, each row's difference of contrasts."""
 
 from dermcompress.provenance.logs import job_logging
 from dermcompress.study.tables import run_table
@@ -17,5 +18,6 @@ with job_logging(snakemake):
         classes=list(snakemake.params.classes),
         reference=snakemake.params.reference,
         family=snakemake.params.family,
+        interaction=snakemake.params.interaction,
         n_bootstrap=snakemake.params.n_bootstrap,
     )

@@ -312,12 +312,14 @@ PLANTED_STUDY = {
     # Batches of 32: 625 training images leave a last batch of 17 (one of 1 would stop BatchNorm).
     "training": {"batch_size": 32, "epochs": 5, "n_bootstrap": 500},
     # Two tables of the same two trainings: codecs against clean at each resolution (same models), and 16 px
-    # against 32 px (recipe).
+    # against 32 px (recipe). The codec table's interaction: each codec's cost at 32 px minus its cost at 16 px
+    # (a difference of contrasts, planted: the texture JPEG q30 removes is only visible at 32 px).
     "experiments": {
         "planted_codecs": {
             **_GRID,
             "description": "Planted effects: JPEG against clean at 32 px (planted cost) and at 16 px (null arm)",
             "reference": {"train_variant": "clean", "eval_variant": "clean"},
+            "interaction": {"res": 16},
         },
         "planted_resolution": {
             **_GRID,

@@ -59,6 +59,41 @@ def test_study_grids_are_the_papers():
         assert seeds == {0, 1, 2, 3, 4}, name
 
 
+def test_one_domain_pretraining_experiment_runs_what_the_two_per_backbone_did():
+    """domain_pretraining pairs both backbones by name in one grid (reference.model a mapping; DINOv2's
+    finetuning lr by its most specific key): the same runs and evaluations as the two experiments it replaced,
+    one per backbone pair, each with its own lr; none added, none dropped."""
+    config = study_config()
+    merged = config["experiments"]["domain_pretraining"]
+    split = copy.deepcopy(config)
+    common = {k: v for k, v in merged.items() if k not in ("models", "lr", "reference", "description")}
+    split["experiments"]["domain_pretraining"] = {
+        **common,
+        "models": ["vit_b16", "vit_b16_derm"],
+        "lr": {"finetune": [1.0e-5]},
+        "reference": {"model": "vit_b16"},
+    }
+    split["experiments"]["domain_pretraining_dinov2"] = {
+        **common,
+        "models": ["dinov2_b14_timm", "dinov2_b14_derm"],
+        "lr": {"finetune": [5.0e-6]},
+        "reference": {"model": "dinov2_b14_timm"},
+    }
+    runs, evaluations = experiments.expand(config)
+    split_runs, split_evaluations = experiments.expand(split)
+    assert set(runs) == set(split_runs) and len(runs) == len(split_runs)
+    both = split_evaluations["domain_pretraining"] + split_evaluations["domain_pretraining_dinov2"]
+    assert set(evaluations["domain_pretraining"]) == set(both) and len(
+        evaluations["domain_pretraining"]
+    ) == len(both)
+    assert {(e.run.model, e.run.lr) for e in both if e.run.mode == "finetune"} == {
+        ("vit_b16", "1e-05"),
+        ("vit_b16_derm", "1e-05"),
+        ("dinov2_b14_timm", "5e-06"),
+        ("dinov2_b14_derm", "5e-06"),
+    }
+
+
 def test_each_distinct_training_runs_once_however_many_experiments_ask():
     """The study: 340 distinct finetunes (235 before the domain pretraining experiments, 125 before
     compression_sweep, not 205 jobs): the robustness grid trains each model once and evaluates it four times; a
@@ -68,10 +103,10 @@ def test_each_distinct_training_runs_once_however_many_experiments_ask():
     runs, evaluations = experiments.expand(config)
     finetunes = [r for r in runs if r.mode == "finetune"]
     assert len(finetunes) == 340 and len(set(finetunes)) == 340
-    # The domain pretraining experiments add 105, 5 seeds each at 224 px: domain_pretraining 45 (vit_b16 at 4
-    # label fractions below 1, vit_b16_derm at 5), domain_pretraining_dinov2 50 (dinov2_b14_timm and
-    # dinov2_b14_derm at 5), compression_aware 10 (vit_b16_derm and vit_b16_derm_codecs trained clean).
-    new = {"domain_pretraining": 45, "domain_pretraining_dinov2": 50, "compression_aware": 10}
+    # The domain pretraining experiments add 105, 5 seeds each at 224 px: domain_pretraining 95 (vit_b16 at 4
+    # label fractions below 1, vit_b16_derm, dinov2_b14_timm and dinov2_b14_derm at 5), compression_aware 10
+    # (vit_b16_derm and vit_b16_derm_codecs trained clean).
+    new = {"domain_pretraining": 95, "compression_aware": 10}
     before = {e.run for name, evs in evaluations.items() if name not in new for e in evs}
     for name, count in new.items():
         added = {e.run for e in evaluations[name] if e.run.mode == "finetune"} - before

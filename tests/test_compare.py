@@ -315,6 +315,45 @@ def test_interaction_of_two_models_codec_costs_recovers_the_planted_difference()
     assert null.low <= 0 <= null.high and null.p > 0.05
 
 
+def test_interaction_by_hand_on_a_tiny_case():
+    """Two models' codec costs on four hand-written rows (2 and 3 seeds, 3 resamples): the estimate, standard
+    error, df and p recomputed by plain arithmetic. A wrong sign (b's cost added), a wrong coefficient in the
+    resamples or a missing seed part each moves one of them."""
+    from statistics import mean, variance
+
+    from dermcompress.study.contrasts import interaction
+
+    def row(point, resampled, recipe):
+        return RowScores(np.array(point), np.array(resampled), recipe)
+
+    a = row([0.80, 0.84], [[0.79, 0.82, 0.80], [0.83, 0.86, 0.85]], "A")
+    a_ref = row([0.90, 0.92], [[0.91, 0.90, 0.89], [0.92, 0.93, 0.90]], "A")
+    b = row([0.85, 0.86, 0.90], [[0.84, 0.86, 0.85], [0.87, 0.85, 0.86], [0.90, 0.91, 0.88]], "B")
+    b_ref = row([0.88, 0.88, 0.91], [[0.89, 0.88, 0.87], [0.88, 0.89, 0.90], [0.91, 0.90, 0.92]], "B")
+    cost_a = [0.80 - 0.90, 0.84 - 0.92]  # per seed: -0.10, -0.08
+    cost_b = [0.85 - 0.88, 0.86 - 0.88, 0.90 - 0.91]  # -0.03, -0.02, -0.01
+    estimate = mean(cost_a) - mean(cost_b)  # A loses 0.07 more than B
+    per_resample = [
+        mean(r[j] for r in a.resampled)
+        - mean(r[j] for r in a_ref.resampled)
+        - mean(r[j] for r in b.resampled)
+        + mean(r[j] for r in b_ref.resampled)
+        for j in range(3)
+    ]
+    seed_a, seed_b = variance(cost_a) / 2, variance(cost_b) / 3
+    total = variance(per_resample) + seed_a + seed_b
+    df = total**2 / (seed_a**2 / 1 + seed_b**2 / 2)
+    got = interaction(a, a_ref, b, b_ref)
+    assert got.delta == pytest.approx(-0.07, abs=1e-12) and got.delta == pytest.approx(estimate, abs=1e-12)
+    assert got.se == pytest.approx(total**0.5, rel=1e-9) and got.df == pytest.approx(df, rel=1e-9)
+    assert got.p == pytest.approx(2 * student_t.sf(0.07 / total**0.5, df), rel=1e-9)
+    assert got.kind == RECIPE and got.seeds == (2, 3) and "Welch t" in got.test
+    # Swapping the models flips the sign and nothing else.
+    swapped = interaction(b, b_ref, a, a_ref)
+    assert swapped.delta == pytest.approx(-got.delta) and swapped.se == pytest.approx(got.se)
+    assert swapped.p == pytest.approx(got.p)
+
+
 def test_subgroup_interaction_compares_a_codecs_cost_within_and_outside_the_subgroup():
     """One model, two test conditions; in subgroup S the codec removes more of the signal. Rows restricted to
     S and to the rest by image masks: Δ of Δ equals the recomputation on each subset, with models fixed."""
@@ -432,6 +471,73 @@ def test_each_row_is_compared_with_its_own_models_reference(tmp_path):
     assert set(cross.loc[cross["model"] != "a", "compared_with"]) == {"a, 64"}
 
 
+def test_models_paired_by_name_are_compared_pair_by_pair(tmp_path):
+    """reference {model: {a_derm: a, b_derm: b}}: each domain model's rows against its own init's at the same
+    label fraction, the inits' rows their own references; a model's family is its pairing's."""
+    rng = np.random.default_rng(34)
+    y, groups = grouped_data(rng, 150)
+    rows = []
+    for model, skill in (("a", 1.0), ("a_derm", 1.5), ("b", 0.6), ("b_derm", 0.7)):
+        for fraction in ("0.1", "1"):
+            frames = [binary_frame(y, skill * y + rng.normal(size=len(y)), groups) for _ in range(2)]
+            rows.append(({"model": model, "label_fraction": fraction}, frames, 0.8))
+    pairs = {"model": {"a_derm": "a", "b_derm": "b"}}
+    table = table_of(tmp_path, rows, pairs, n_bootstrap=100)
+    for _, row in table.iterrows():
+        init = {"a_derm": "a", "b_derm": "b"}.get(row["model"], row["model"])
+        own = table[(table["model"] == init) & (table["label_fraction"] == row["label_fraction"])].iloc[0]
+        assert row["compared_with"] == f"{init}, {row['label_fraction']}"
+        assert row["reference"] == (init == row["model"])
+        assert row["delta_auc"] == pytest.approx(row["auc_mean"] - own["auc_mean"], abs=1e-12)
+    assert set(table.loc[~table["reference"], "contrast"]) == {RECIPE}
+
+
+def test_an_interaction_is_each_rows_contrast_minus_its_counterparts(tmp_path):
+    """Models a (plain) and b (compression-aware), each on clean and two codecs, reference {eval_variant:
+    clean}, interaction {model: a}: b's codec rows get (b codec - b clean) - (a codec - a clean) with its
+    interval and a p (Holm over the table's 2 interactions); the codecs cost a more than b, so it is positive
+    and found. a's rows and the reference rows get none: empty, not zero."""
+    rng = np.random.default_rng(35)
+    y, groups = grouped_data(rng, 300)
+    rows = []
+    for model, costs in (
+        ("a", {"clean": 2.0, "jpeg": 0.6, "webp": 0.8}),
+        ("b", {"clean": 2.0, "jpeg": 1.8, "webp": 1.9}),
+    ):
+        noise = [rng.normal(size=len(y)) for _ in range(2)]  # the same trained models on every variant
+        for variant, separation in costs.items():
+            frames = [
+                binary_frame(y, separation * y + e + 0.3 * rng.normal(size=len(y)), groups) for e in noise
+            ]
+            rows.append(({"model": model, "eval_variant": variant}, frames, 0.8))
+    table = table_of(tmp_path, rows, {"eval_variant": "clean"}, interaction={"model": "a"}, n_bootstrap=200)
+    table = table.set_index(["model", "eval_variant"])
+    for variant in ("jpeg", "webp"):
+        row, counterpart = table.loc[("b", variant)], table.loc[("a", variant)]
+        assert row["interaction_with"] == f"a, {variant}"
+        assert row["interaction_auc"] == pytest.approx(row["delta_auc"] - counterpart["delta_auc"], abs=1e-12)
+        assert row["interaction_auc"] > 0.1 and row["interaction_auc_low"] > 0
+        assert row["interaction_auc_p_holm"] < 0.05 and row["interaction_family_size"] == 2
+        assert row["interaction_contrast"] == RECIPE and row["interaction_seeds"] == "2 vs 2"
+        assert row["interaction_test"] == "group bootstrap + seed variance (Welch t)"
+    for key in (("a", "clean"), ("a", "jpeg"), ("a", "webp"), ("b", "clean")):
+        assert table.loc[key, "interaction_with"] == "" and np.isnan(table.loc[key, "interaction_auc"]), key
+    csv = pd.read_csv(tmp_path / "t.csv", keep_default_na=False)
+    assert (csv["interaction_auc"] == "").sum() == 4  # empty cells, not 0
+    md = (tmp_path / "t.md").read_text()
+    for words in (
+        "Interaction Δ AUC [95% CI]",
+        "p interaction Δ AUC, bootstrap (Holm, m)",
+        "Interaction with",
+        "Interaction (a difference of contrasts)",
+        "Welch-Satterthwaite",
+    ):
+        assert words in md, words
+    # Without an interaction the table has no such columns.
+    plain = table_of(tmp_path / "plain", rows, {"eval_variant": "clean"}, n_bootstrap=50)
+    assert "interaction_auc" not in plain.columns
+
+
 def test_rows_validation_did_not_select_carry_no_p(tmp_path):
     """An lr sweep at two resolutions: the val-selected lr of each resolution is the reference (64 px) or is
     tested against it (32 px); the other lrs show their Δ and interval but no p, and say why."""
@@ -495,5 +601,12 @@ def test_the_error_rate_benchmark_runs_every_scenario_and_test(capsys):
     out = capsys.readouterr().out
     lines = [line for line in out.splitlines() if line.startswith(("same models", "recipe"))]
     assert len(lines) == (len(stats.NULLS) + len(stats.POWER)) * (len(stats.OFFERED) + len(stats.BEFORE))
-    assert out.count(" ok") + out.count(" FAILS") == len(stats.NULLS) * len(stats.OFFERED)
+    # The interaction (a difference of contrasts): its own nulls and planted effects.
+    interactions = [line for line in out.splitlines() if line.startswith("interaction ")]
+    assert len(interactions) == (len(stats.INTERACTION_NULLS) + len(stats.INTERACTION_POWER)) * (
+        len(stats.INTERACTION_OFFERED) + len(stats.INTERACTION_BEFORE)
+    )
+    assert out.count(" ok") + out.count(" FAILS") == len(stats.NULLS) * len(stats.OFFERED) + len(
+        stats.INTERACTION_NULLS
+    ) * len(stats.INTERACTION_OFFERED)
     assert code == (1 if " FAILS" in out else 0)

@@ -7,7 +7,7 @@ import copy
 import pytest
 import yaml
 from conftest import REPO, snakemake, write_config
-from snakemake.utils import validate
+from snakemake.utils import update_config, validate
 
 from dermcompress import config as dc_config
 from dermcompress.learn.pretrain_spec import DEFAULT_SPEC
@@ -24,10 +24,15 @@ def test_config_and_demo_overlay_are_valid():
     validate(copy.deepcopy(config), str(SCHEMA))
     dc_config.check(config)
     merged = copy.deepcopy(config)
-    for key, value in load("config.demo.yaml").items():
-        merged[key] = {**merged[key], **value} if isinstance(value, dict) else value
+    update_config(merged, load("config.demo.yaml"))  # as Snakemake merges an overlay: mappings key by key
     validate(merged, str(SCHEMA))
     dc_config.check(merged)  # the demo's references too
+    # The demo's model pairs are merged into config.yaml's; the pairs of models it does not run stay unused.
+    assert merged["experiments"]["domain_pretraining"]["reference"]["model"] == {
+        "vit_b16_derm": "vit_b16",
+        "dinov2_b14_derm": "dinov2_b14_timm",
+        "tiny_vit_derm": "tiny_vit",
+    }
 
 
 def _walk(schema: dict, path: str):
@@ -213,6 +218,78 @@ def test_a_reference_some_model_never_takes_is_an_error():
         dc_config.ConfigError,
         match=r"'experiments.compression_sweep.reference': no evaluation of \['dinov2_b14', 'vit_b16'\] has all",
     ):
+        dc_config.check(config)
+
+
+def _pairs(pairs: dict, models: list[str] | None = None):
+    def change(experiments: dict) -> None:
+        experiments["domain_pretraining"]["reference"] = {"model": pairs}
+        if models is not None:
+            experiments["domain_pretraining"]["models"] = models
+
+    return change
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (_pairs({"vit_b16_derm": "vit_b16", "dinov2_b14_derm": "dinov2_b14_timm"}), None),
+        (
+            _pairs({"vit_b16_derm": "vit_b15"}),
+            r"'experiments.domain_pretraining.reference.model': \['vit_b15'\] not in models",
+        ),
+        (
+            _pairs({"vit_b16_derm": "vit_b16"}, ["vit_b16_derm", "dinov2_b14_timm"]),
+            r"'experiments.domain_pretraining.reference.model.vit_b16_derm': 'vit_b16' is not among the"
+            r" experiment's models \['dinov2_b14_timm', 'vit_b16_derm'\]: vit_b16_derm's rows would have no",
+        ),
+        (
+            _pairs({"vit_b16_derm": "vit_b16", "vit_b16": "dinov2_b14_timm"}),
+            r"'experiments.domain_pretraining.reference.model.vit_b16': vit_b16 is compared with dinov2_b14_timm"
+            r" and is itself the reference of \['vit_b16_derm'\]: a chain",
+        ),
+        (
+            _pairs({"vit_b16_derm_codecs": "vit_b16"}),
+            r"'experiments.domain_pretraining.reference.model': none of the compared models"
+            r" \['vit_b16_derm_codecs'\] is among the experiment's models",
+        ),
+        (  # with other reference values: every model's reference model must have the row
+            lambda e: e["domain_pretraining"].update(
+                reference={"model": {"vit_b16_derm": "vit_b16"}, "mode": "finetune"}
+            ),
+            None,
+        ),
+        (
+            lambda e: e["domain_pretraining"].update(
+                models=["vit_b16_derm", "dinov2_b14_timm", "dinov2_b14_derm"]
+            ),
+            r"'experiments.domain_pretraining.reference.model.vit_b16_derm': 'vit_b16' is not among",
+        ),
+        (
+            lambda e: e["compression_aware"].update(interaction={"model": "vit_b16"}),
+            r"'experiments.compression_aware"
+            r".interaction.model': 'vit_b16' is not among the grid's \['vit_b16_derm', 'vit_b16_derm_codecs'\]",
+        ),
+        (
+            lambda e: e["compression_aware"].update(interaction={"eval_variant": "jpeg_q30"}),
+            r"'experiments.compression_aware.interaction.eval_variant': the reference names eval_variant too",
+        ),
+        (
+            lambda e: e["compression_aware"].update(interaction={"seed": 0}),
+            r"'experiments.compression_aware.interaction.seed': not a grid field",
+        ),
+    ],
+)
+def test_models_paired_by_name_and_an_interaction_are_checked_naming_the_key(change, message):
+    """`reference: {model: {compared: reference}}` pairs models by name: unknown models, a reference model the
+    grid does not run, a chain, or no pair the grid uses are one-line errors naming the key; an `interaction`
+    names grid values the reference leaves to each row."""
+    config = load("config.yaml")
+    change(config["experiments"])
+    if message is None:
+        dc_config.check(config)
+        return
+    with pytest.raises(dc_config.ConfigError, match=message):
         dc_config.check(config)
 
 

@@ -1,6 +1,7 @@
 """The whole pipeline against a known answer (conftest PLANTED_STUDY): on data with effects of known size, real
-Snakemake finds the planted costs of compression and of resolution, the subgroup analysis flags the planted
-interaction, and the null arm finds nothing.
+Snakemake finds the planted costs of compression and of resolution, the table's interaction (a codec's cost at
+32 px beyond its cost at 16 px) and the subgroup analysis find the planted differences of costs, and the null arm
+finds nothing.
 
 The null arm: codecs against clean at 16 px, with the trained model held fixed (same-model, evaluation-time
 contrasts). At 16 px the fine sign the codecs would take is in no image of either class (its 10 periods per
@@ -66,6 +67,24 @@ def test_subgroup_interaction_is_flagged(planted_study, codecs):
     assert float(women["delta_auc"]) < float(men["delta_auc"]) - 0.1
     assert float(women["interaction_auc_p_holm"]) < ALPHA
     assert women["interaction_test"] == f"interaction: {SAME_MODELS}"
+
+
+def test_the_tables_interaction_finds_the_codecs_cost_at_32_px_beyond_16_px(codecs, planted_study):
+    """planted_codecs declares `interaction: {res: 16}`: the 32 px codec rows get (codec - clean at 32 px) -
+    (codec - clean at 16 px), through the table rule's params; JPEG q30 costs 32 px more (the texture it
+    removes is only visible there). The two resolutions are two trainings of one seed: the test says seed
+    variance is not covered. Rows without an interaction (references, the 16 px rows) are empty."""
+    row = codecs.loc[(32, "jpeg_q30")]
+    assert row["interaction_with"] == "tiny, 16, jpeg_q30"
+    by_hand = row["delta_auc"] - codecs.loc[(16, "jpeg_q30"), "delta_auc"]
+    assert row["interaction_auc"] == pytest.approx(by_hand, abs=1e-9)
+    assert row["interaction_auc"] < -0.05 and row["interaction_auc_high"] < 0
+    assert row["interaction_auc_p_holm"] < ALPHA and row["interaction_family_size"] == 2
+    assert row["interaction_test"] == "group bootstrap, 1 seed: seed variance not covered (z)"
+    empty = codecs.loc[[(32, "clean"), (16, "clean"), (16, "jpeg_q75"), (16, "jpeg_q30")]]
+    assert empty["interaction_auc"].isna().all() and empty["interaction_with"].isna().all()
+    md = (planted_study / "results/tables/planted_codecs.md").read_text()
+    assert "p interaction Δ AUC, bootstrap (Holm, m)" in md
 
 
 def test_null_arm_finds_nothing(codecs):

@@ -158,9 +158,9 @@ def test_plan_counts_the_study_from_the_dag(tmp_path):
     where no log measures it."""
     workdir = copy_workflow(tmp_path / "wf")
     plan = make_plan(workdir, full_isic2019=True)
-    # The study's 235 and the domain pretraining experiments' 105: domain_pretraining's 50 finetunes (2 models x
-    # 5 label fractions x 5 seeds) less the 5 of vit_b16 at 100% (frozen_vs_finetuned's), the DINOv2 one's 50 and
-    # compression_aware's 10.
+    # The study's 235 and the domain pretraining experiments' 105: domain_pretraining's 100 finetunes (4 models x
+    # 5 label fractions x 5 seeds, both backbone pairs in one experiment) less the 5 of vit_b16 at 100%
+    # (frozen_vs_finetuned's), and compression_aware's 10.
     assert plan["trainings"] == 235 + 45 + 50 + 10 == 340
     assert plan["jobs_by_kind"]["train"] == plan["jobs"]["train"] == 340
     # One evaluation job per run: the trainings; 60 linear probes, and the domain experiments' 50 + 50 less the 25
@@ -198,6 +198,14 @@ def test_plan_counts_the_study_from_the_dag(tmp_path):
     # jobs, the compression-aware pretraining (added) and the plain one (domain_pretraining's too).
     aware = plan["experiments"]["compression_aware"]
     assert aware["gpu_jobs"] == 10 + 10 + 2 and aware["gpu_jobs_added"] == 10 + 10 + 1
+    # domain_pretraining, both backbone pairs in one experiment: its 100 finetunes and their evaluation jobs,
+    # two feature jobs per backbone (vit_b16's are frozen_vs_finetuned's), the two pretrainings its models load
+    # (the ViT's is compression_aware's too: one added).
+    domain = plan["experiments"]["domain_pretraining"]
+    assert domain["trainings"] == 100 and domain["trainings_added"] == 95
+    assert domain["gpu_jobs"] == 100 + 100 + 2 * 4 + 2 and domain["gpu_jobs_added"] == 95 + 95 + 2 * 3 + 1
+    assert set(plan["experiments"]) >= {"domain_pretraining", "compression_aware"}
+    assert "domain_pretraining_dinov2" not in plan["experiments"]
     sweep = plan["experiments"]["compression_sweep"]
     # 2 models x 3 resolutions x (clean + 3 matched codecs) x 5 seeds; robustness's clean ViT runs at 224 and
     # 56 px are the sweep's (same lr, schedule and epochs), so they are not added.

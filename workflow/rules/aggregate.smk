@@ -88,6 +88,7 @@ rule table:
         classes=config["data"]["classes"],
         reference=get_reference,
         family=get_family,
+        interaction=get_interaction,
         n_bootstrap=config["training"]["n_bootstrap"],
         runs=get_experiment_runs,
         code=get_code("study.tables"),

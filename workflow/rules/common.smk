@@ -460,6 +460,12 @@ def get_family(wildcards):
     return config["experiments"][wildcards.experiment].get("family", "reference")
 
 
+def get_interaction(wildcards):
+    """The grid values of the rows whose contrasts the experiment's table subtracts from each row's (a
+    difference of contrasts), or {} where it declares none."""
+    return config["experiments"][wildcards.experiment].get("interaction", {})
+
+
 def get_experiment_caches(wildcards):
     """The caches an experiment's evaluations score (eval variant at each resolution): its table reads their
     bytes per image, and reruns only when one of them changes."""

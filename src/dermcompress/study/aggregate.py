@@ -31,7 +31,7 @@ from dermcompress.learn.runs import parse_eval_dir
 
 from .bytes_summary import bytes_table, split_bytes
 from .calibration import calibration_metrics
-from .experiments import spelt
+from .experiments import reference_model, spelt
 
 log = logging.getLogger(__name__)
 
@@ -185,14 +185,16 @@ def select_by_val(table: pd.DataFrame, dims: list[str]) -> pd.Series:
 def reference_rows(table: pd.DataFrame, reference: dict) -> list[int | None]:
     """Per row, the position of the row it is compared with: the row with the values `reference` names on
     those dimensions and the row's own values on every other varying dimension but the tuned ones (TUNED), so
-    a row is compared within its own model unless `reference` names a model; among several, the val-selected
-    one, else the best mean validation AUC (ties: validation balanced accuracy), else the first. None where
-    the grid has no such row."""
+    a row is compared within its own model unless `reference` names a model (one for every row, or a mapping
+    that pairs models by name: experiments.reference_model); among several, the val-selected one, else the
+    best mean validation AUC (ties: validation balanced accuracy), else the first. None where the grid has no
+    such row. The rows an interaction pairs each row with are found the same way (`reference` = its values)."""
     dims = [d for d in DIMS if d in table.columns]
     spelling = {d: table[d].map(spelt) for d in dims}
-    wanted = {d: spelt(v) for d, v in reference.items() if d in dims}
+    fixed = {d: spelt(v) for d, v in reference.items() if d in dims and d != "model"}
     found: list[int | None] = []
     for k in range(len(table)):
+        wanted = {**fixed, "model": spelt(reference_model(reference, str(table["model"].iloc[k])))}
         match = pd.Series(True, index=table.index)
         for d in dims:
             if d in wanted:
@@ -235,12 +237,16 @@ def add_comparisons(
     *,
     reference: dict,
     family: str = "reference",
+    interaction: dict | None = None,
     n_bootstrap: int,
     seed: int,
 ) -> pd.DataFrame:
     """The table with compare.paired_comparison's columns, every row against its own reference row
     (reference_rows), on each row's runs' test-split predictions; `compared_with` names that row in words.
-    Holm's families: the rows sharing a reference (`family: reference`) or the whole table (`table`)."""
+    Holm's families: the rows sharing a reference (`family: reference`) or the whole table (`table`). With an
+    `interaction` (grid values, as a reference), each row's contrast minus that of the row with those values
+    and the row's own elsewhere (its counterpart, found as reference_rows finds a reference), named in words
+    in `interaction_with`."""
     # Here, not at the top: scikit-learn and scipy serve the table job, not the figures that read DIMS here.
     from . import compare
 
@@ -254,11 +260,16 @@ def add_comparisons(
         recipes=recipes,
         tested=tested_rows(table),
         families=families,
+        counterparts=reference_rows(table, interaction) if interaction else None,
         n_bootstrap=n_bootstrap,
         seed=seed,
     )
     deltas.insert(2, "compared_with_row", deltas["compared_with"])  # its position, for figures
     deltas["compared_with"] = [row_label(table, j) if j >= 0 else "" for j in deltas["compared_with"]]
+    if interaction:
+        deltas["interaction_with"] = [
+            row_label(table, j) if j >= 0 else "" for j in deltas["interaction_with"]
+        ]
     runs_column = table[RUNS_COLUMN]
     out = pd.concat([table.drop(columns=RUNS_COLUMN), deltas.set_axis(table.index)], axis=1)
     return out.assign(**{RUNS_COLUMN: runs_column})

@@ -19,6 +19,12 @@ Which rows are tested: a row that validation did not select within its tuned fam
 row only in lr, schedule or epochs) is shown with its Δ and interval but no p, and says why; so is a row with no
 reference row. Families (Holm's m) are the tested rows sharing a reference unless the caller declares others;
 `family_size` stands beside every adjusted p.
+
+Interactions (a difference of contrasts): where the caller pairs row k with a counterpart row c, the table also
+gets (k - ref k) - (c - ref c) per metric (contrasts.interaction), e.g. what a codec costs model B beyond what it
+costs model A, with the test its contrast calls for (two recipes: both recipes' seed variance, Welch t), and
+Holm-adjusted as one family of its own (the table's tested interactions). A row without a counterpart other
+than itself, or that is a reference row, or whose counterpart is, has none: its interaction columns are empty.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from .contrasts import Contrast, RowScores, difference, holm, interaction
 
 METRICS = ("auc", "balanced_accuracy")
 P_COLUMNS = ("delta_auc_p", "delta_balanced_accuracy_p", "obuchowski_p")
+STATS = ("", "_se", "_df", "_low", "_high", "_p")
 NOT_SELECTED = "not selected by validation"
 NO_REFERENCE = "no reference row"
 
@@ -108,6 +115,7 @@ def paired_comparison(
     recipes: Sequence[str],
     tested: Sequence[bool] | None = None,
     families: Sequence[Hashable] | None = None,
+    counterparts: Sequence[int | None] | None = None,
     n_bootstrap: int,
     seed: int,
 ) -> pd.DataFrame:
@@ -118,7 +126,8 @@ def paired_comparison(
     the order of its trained models; `recipes[k]` names those models (equal for rows of the same trained
     models). `references[k]` is the position of row k's reference row: k itself for a reference, None where
     it has none. `tested[k]` False: shown without a p (not selected by validation). `families[k]`: Holm's
-    family (default: the reference row). Every frame must score the same images.
+    family (default: the reference row). With `counterparts` (row k's counterpart's position, or None), the
+    interaction columns too (_interactions). Every frame must score the same images.
     """
     if len(references) != len(rows):
         raise ValueError(f"{len(references)} references for {len(rows)} rows")
@@ -136,7 +145,64 @@ def paired_comparison(
         for column in P_COLUMNS:
             table.loc[members, f"{column}_holm"] = holm(table.loc[members, column].to_numpy(float))
         table.loc[members, "family_size"] = len(members)
-    return table
+    if counterparts is None:
+        return table
+    if len(counterparts) != len(rows):
+        raise ValueError(f"{len(counterparts)} counterparts for {len(rows)} rows")
+    return pd.concat([table, _interactions(per_row, references, counterparts, tested)], axis=1)
+
+
+def _interactions(
+    per_row: list[dict[str, RowScores]],
+    references: Sequence[int | None],
+    counterparts: Sequence[int | None],
+    tested: Sequence[bool],
+) -> pd.DataFrame:
+    """Per row k paired with a counterpart c: the difference of contrasts (k - ref k) - (c - ref c) per metric
+    (estimate, se, df, 95% interval, p, Holm p within the table's tested interactions), `interaction_with` (c's
+    position, -1 where none), its kind, seeds and test. No p where row k is not tested (validation)."""
+    records = []
+    for k, c in enumerate(counterparts):
+        ref = references[k]
+        c_ref = None if c is None else references[c]
+        if c is None or ref is None or c_ref is None or k in (c, ref) or c == c_ref:
+            record = {"interaction_with": -1, "interaction_contrast": "", "interaction_seeds": ""}
+            record |= {"interaction_seed_variance": True, "interaction_test": ""}
+            for metric in METRICS:
+                record |= {f"interaction_{metric}{s}": np.nan for s in (*STATS, "_p_holm")}
+            records.append(record)
+            continue
+        results = {
+            m: interaction(per_row[k][m], per_row[ref][m], per_row[c][m], per_row[c_ref][m]) for m in METRICS
+        }
+        first = results["auc"]
+        record = {
+            "interaction_with": c,
+            "interaction_contrast": first.kind,
+            "interaction_seeds": " vs ".join(map(str, first.seeds)),
+            "interaction_seed_variance": first.seed_variance,
+            "interaction_test": first.test,
+        }
+        for metric, result in results.items():
+            values = (
+                result.delta,
+                result.se,
+                result.df,
+                result.low,
+                result.high,
+                result.p if tested[k] else np.nan,
+            )
+            record |= {f"interaction_{metric}{s}": float(v) for s, v in zip(STATS, values, strict=True)}
+            record[f"interaction_{metric}_p_holm"] = np.nan
+        records.append(record)
+    out = pd.DataFrame(records)
+    members = out["interaction_auc_p"].notna().to_numpy()
+    for metric in METRICS:
+        out.loc[members, f"interaction_{metric}_p_holm"] = holm(
+            out.loc[members, f"interaction_{metric}_p"].to_numpy(float)
+        )
+    out["interaction_family_size"] = np.where(members, int(members.sum()), 0)
+    return out
 
 
 def _tested(row: pd.Series) -> bool:

@@ -9,7 +9,11 @@ trains once and is evaluated once per variant.
 `matched_variants` adds a second arm to the grid: for each variant named, runs trained on it and evaluated on
 it alone (an archive stored compressed), over the grid's other dimensions; the main arm stays train_variants x
 eval_variants. `reference` names the grid values of the rows its table compares the others with, each row within its own
-model unless the reference names one (aggregate.py).
+model unless the reference names one (aggregate.py): `model: X` compares every row with X's, and a mapping
+`model: {B: A, D: C}` pairs models by name (B's rows with A's, D's with C's; every other model, A and C
+included, with its own). `interaction` asks for a difference of contrasts: each row's contrast (row - its
+reference) minus the same contrast of the row with the interaction's values, e.g. `{model: A}`: what a codec costs
+B beyond what it costs A.
 
 The grid keys `schedules`, `epochs` and `label_fractions` may be left out: they then hold the one value the
 training section (or the experiment's `training:` overrides) gives, and 1 (all labels). The probe modes (linear,
@@ -220,7 +224,8 @@ def figure_kinds(evaluations: list[Evaluation]) -> list[str]:
 
 def check_experiments(config: dict[str, Any]) -> list[str]:
     """Problems with the experiment grids (unknown models, resolutions or variants; learning rates missing or
-    given to a probe; grid or workflow settings in `training:`), as 'key: problem' lines."""
+    given to a probe; a reference or interaction the grid does not take; grid or workflow settings in
+    `training:`), as 'key: problem' lines."""
     known = {
         "models": set(config["models"]),
         "resolutions": {int(r) for r in config["resize"]["resolutions"]},
@@ -239,6 +244,7 @@ def check_experiments(config: dict[str, Any]) -> list[str]:
                 problems.append(f"experiments.{name}.{key}: {missing} not in {source}")
         problems += _check_lr(name, grid, config["models"])
         problems += _check_reference(config, name)
+        problems += _check_interaction(config, name)
         for key in sorted(GRID_SETTINGS & set(grid.get("training", {}))):
             problems.append(
                 f"experiments.{name}.training.{key}: set by the grid (experiments.{name}.{_grid_key(key)})"
@@ -273,34 +279,104 @@ def _check_lr(name: str, grid: dict[str, Any], registry: dict[str, Any]) -> list
     return problems
 
 
+def reference_model(reference: dict[str, Any], model: str) -> str:
+    """The model whose rows the rows of `model` are compared with: the reference's `model` (one name for every
+    row, or a mapping compared model -> its reference model, a model it does not list being its own), else
+    `model` itself."""
+    named = reference.get("model")
+    if isinstance(named, dict):
+        return str(named.get(model, model))
+    return model if named is None else str(named)
+
+
 def _check_reference(config: dict[str, Any], name: str) -> list[str]:
     """A `reference` names grid fields, each with a value the experiment's evaluations take, and together with
-    the values every model has somewhere in the grid (a row is compared within its own model unless the
-    reference names one), so no table row lacks a reference for want of a config value."""
+    the values every model's reference model (its own unless the reference names one) has somewhere in the
+    grid, so no table row lacks a reference for want of a config value."""
     reference = config["experiments"][name].get("reference") or {}
     if not reference:
         return [f"experiments.{name}.reference: missing: name the grid values every row is compared with"]
     points = [e.point() for e in expand_one(config, name)]
     problems = []
     for field, value in reference.items():
-        taken = sorted({spelt(p[field]) for p in points}) if field in DIMENSIONS else None
-        if taken is None:
-            problems.append(
-                f"experiments.{name}.reference.{field}: not a grid field ({', '.join(DIMENSIONS)})"
-            )
-        elif spelt(value) not in taken:
-            problems.append(
-                f"experiments.{name}.reference.{field}: {value!r} is not among the grid's {taken}"
-            )
-    if problems or "model" in reference:
+        if field == "model" and isinstance(value, dict):
+            problems += _check_model_pairs(name, value, config["models"], [p["model"] for p in points])
+            continue
+        problems += _check_grid_value(name, "reference", field, value, points)
+    if problems:
         return problems
-    wanted = {field: spelt(value) for field, value in reference.items()}
+    wanted = {field: spelt(value) for field, value in reference.items() if field != "model"}
     has = {p["model"] for p in points if all(spelt(p[f]) == v for f, v in wanted.items())}
-    if lacking := sorted({p["model"] for p in points} - has):
+    models = dict.fromkeys(p["model"] for p in points)
+    if lacking := sorted({reference_model(reference, m) for m in models} - has):
         problems.append(
             f"experiments.{name}.reference: no evaluation of {lacking} has all of {reference} (each model is"
-            " compared with its own reference row)"
+            " compared with its own reference row, or with the rows of the model the reference names for it)"
         )
+    return problems
+
+
+def _check_grid_value(name: str, key: str, field: str, value: Any, points: list[dict[str, Any]]) -> list[str]:
+    """`field` is a grid dimension and `value` one of the values the experiment's evaluations take on it."""
+    if field not in DIMENSIONS:
+        return [f"experiments.{name}.{key}.{field}: not a grid field ({', '.join(DIMENSIONS)})"]
+    taken = sorted({spelt(p[field]) for p in points})
+    if spelt(value) not in taken:
+        return [f"experiments.{name}.{key}.{field}: {value!r} is not among the grid's {taken}"]
+    return []
+
+
+def _check_model_pairs(
+    name: str, pairs: dict[str, str], registry: dict[str, Any], models: list[str]
+) -> list[str]:
+    """`reference.model` as a mapping compared model -> reference model: registered names, no chain (a reference
+    model is compared with none), each compared model of the grid paired with a model of the grid. A pair whose
+    compared model the grid does not run is left unused, not an error, so that an overlay can narrow the grid
+    (Snakemake merges an overlay's mapping into config.yaml's); but at least one pair must be used."""
+    key = f"experiments.{name}.reference.model"
+    grid = sorted(set(models))
+    if unknown := sorted({*pairs, *map(str, pairs.values())} - set(registry)):
+        return [f"{key}: {unknown} not in models"]
+    problems = [
+        f"{key}.{model}: {model} is compared with {pairs[model]} and is itself the reference of"
+        f" {sorted(k for k, v in pairs.items() if v == model)}: a chain; pair each model with its final reference"
+        if model != pairs[model]
+        else f"{key}.{model}: {model} is paired with itself: leave it out (an unlisted model is its own reference)"
+        for model in pairs
+        if model in pairs.values()
+    ]
+    used = [model for model in pairs if model in grid]
+    problems += [
+        f"{key}.{model}: {pairs[model]!r} is not among the experiment's models {grid}: {model}'s rows would have"
+        " no reference; add it to the experiment's models or pair the model with one of them"
+        for model in used
+        if pairs[model] not in grid
+    ]
+    if not used:
+        problems.append(
+            f"{key}: none of the compared models {sorted(pairs)} is among the experiment's models {grid}"
+        )
+    return problems
+
+
+def _check_interaction(config: dict[str, Any], name: str) -> list[str]:
+    """An `interaction` names grid fields, each with a value the experiment's evaluations take, and none the
+    reference names (the row it pairs with would share the row's reference row: a plain difference, not a
+    difference of contrasts)."""
+    interaction = config["experiments"][name].get("interaction") or {}
+    if not interaction:
+        return []
+    points = [e.point() for e in expand_one(config, name)]
+    reference = config["experiments"][name].get("reference") or {}
+    problems = []
+    for field, value in interaction.items():
+        problems += _check_grid_value(name, "interaction", field, value, points)
+        if field in reference:
+            problems.append(
+                f"experiments.{name}.interaction.{field}: the reference names {field} too, so the paired row"
+                " would share the row's reference (a plain difference); name a dimension the reference leaves"
+                f" to each row, e.g. model when the reference is {{eval_variant: clean}}"
+            )
     return problems
 
 

@@ -78,6 +78,26 @@ COMPARISON_NOTES = [
     "A row validation did not select (it differs from the chosen row only in lr/schedule/epochs) is shown "
     "without a p.",
 ]
+# A difference of contrasts, where the experiment declares `interaction` (compare._interactions).
+INTERACTION_DELTAS = {
+    "interaction_auc": "Interaction Δ AUC [95% CI]",
+    "interaction_balanced_accuracy": "Interaction Δ bal. acc. [95% CI]",
+}
+INTERACTION_P_SHOWN = {
+    "interaction_auc_p_holm": "p interaction Δ AUC, bootstrap (Holm, m)",
+    "interaction_balanced_accuracy_p_holm": "p interaction Δ bal. acc., bootstrap (Holm, m)",
+}
+INTERACTION_NOTES = [
+    "Interaction (a difference of contrasts): the row's Δ minus the Δ of the row in 'Interaction with' against "
+    "that row's own reference, e.g. (B on a codec − B on clean) − (A on a codec − A on clean): what the test "
+    "condition costs the row's model beyond what it costs the other; positive = less lost. Estimated per seed "
+    "on the same lesion-group resamples and averaged over seeds. 'Interaction contrast' 'recipe' (the two "
+    "sides are other trainings, e.g. two models): both sides' seed-to-seed variance is added to the paired "
+    "lesion-group bootstrap's and p comes from Student's t with Welch-Satterthwaite df (z, and 'seed variance "
+    "not covered', with 1 seed); 'same models': the bootstrap's alone (z). Holm: adjusted within the table's "
+    "tested interactions, a family of their own (m). Empty where the row has no interaction: a reference row, "
+    "or a row with the values it would be paired with."
+]
 SELECTED_MARK = "✓"
 NOT_MEASURED = "n/a"
 NOT_APPLICABLE = "—"
@@ -178,6 +198,30 @@ def display_table(table: pd.DataFrame) -> pd.DataFrame:
         for column, header in P_SHOWN.items():
             parts = (table[column], table["family_size"], untested)
             out[header] = [_p_in_family(*v) for v in zip(*parts, strict=True)]
+        if "interaction_auc" in table.columns:
+            out = out.join(_interaction_columns(table, untested))
+    return out
+
+
+def _interaction_columns(table: pd.DataFrame, untested: pd.Series) -> pd.DataFrame:
+    """The interaction's columns as people read them; empty (not 0) where a row has none."""
+    has = table["interaction_with"].fillna("").astype(str) != ""
+    out = pd.DataFrame(index=table.index)
+    out["Interaction with"] = table["interaction_with"].fillna("").astype(str)
+    parts = (
+        table["interaction_contrast"].fillna(""),
+        table["interaction_seeds"].fillna("").astype(str),
+        table["interaction_seed_variance"],
+    )
+    out["Interaction contrast"] = [_contrast(*v) for v in zip(*parts, strict=True)]
+    for column, header in INTERACTION_DELTAS.items():
+        parts = (table[column], table[f"{column}_low"], table[f"{column}_high"], has)
+        out[header] = [
+            _delta(value, low, high, False) if h else "" for value, low, high, h in zip(*parts, strict=True)
+        ]
+    for column, header in INTERACTION_P_SHOWN.items():
+        parts = (table[column], table["interaction_family_size"], untested.where(has, ""), has)
+        out[header] = [_p_in_family(p, m, why) if h else "" for p, m, why, h in zip(*parts, strict=True)]
     return out
 
 
@@ -208,6 +252,8 @@ def table_notes(table: pd.DataFrame) -> list[str]:
         )
     if REFERENCE in table.columns:
         notes += COMPARISON_NOTES
+    if "interaction_auc" in table.columns:
+        notes += INTERACTION_NOTES
     return notes
 
 
@@ -249,13 +295,15 @@ def run_table(
     classes: list[str] | None = None,
     reference: dict | None = None,
     family: str = "reference",
+    interaction: dict | None = None,
     n_bootstrap: int = 1000,
     seed: int = 0,
 ) -> pd.DataFrame:
     """The table of one experiment from its runs' metrics.json files; with `caches` (those its evaluations
     score), each row's bytes per image; with `classes` and `reference` (the grid values of the rows compared
     with), each row compared with its own reference row (from the runs' predictions.parquet), Holm-adjusted
-    per `family` (aggregate.add_comparisons)."""
+    per `family`, and with an `interaction` (grid values) each row's contrast minus its counterpart's
+    (aggregate.add_comparisons)."""
     runs = load_runs([str(Path(m).parent) for m in metrics])
     if caches is not None:
         runs = add_bytes(runs, caches)
@@ -266,7 +314,13 @@ def run_table(
         if not reference:
             raise ValueError(f"{csv}: no reference grid values to compare the rows with")
         table = add_comparisons(
-            table, classes, reference=reference, family=family, n_bootstrap=n_bootstrap, seed=seed
+            table,
+            classes,
+            reference=reference,
+            family=family,
+            interaction=interaction,
+            n_bootstrap=n_bootstrap,
+            seed=seed,
         )
     write_table(table, title=title, csv=csv, md=md, tex=tex, html=html, label=label)
     log.info("%s: %d rows from %d runs, by %s", csv, len(table), len(runs), varying_dims(runs))
