@@ -531,6 +531,14 @@ def test_dino_from_scratch_on_the_orientation_set_collapses_and_the_monitor_stop
       log K), 0.62. Even two identical views (no crops, no jitter, lr 1e-4) leave the loss at log K (6.2 -> 6.7)
       and the teacher entropy at 0.85 for 100 steps: at this scale the head's self-distillation moves too slowly
       for a few hundred steps.
+    - A fast teacher (momentum 0.9-0.95, lr 5e-4) does lift kNN: 0.28 -> 0.42-0.43 on tinted gratings (period 7,
+      grayscale 1.0, brightness and contrast 0.8), 0.59 -> 0.78-0.80 untinted; but the head has collapsed: from
+      step 20 on the teacher entropy equals the batch-mean entropy (every image gets the same distribution),
+      std_l2 falls to 0.02-0.08, the loss rises to log K and teacher_entropy or batch_mean_entropy fires. kNN
+      then reads the residual of a collapsed feature (so kNN alone would pass a collapsed run: the monitors are
+      what tell). lr 2.5e-4: 0.28 -> 0.32. Starting the centre at the first batch's teacher mean (lightly starts
+      it at 0) makes step 0 image-specific (entropy 0.66 against 0.84 for the batch mean) but it still goes
+      uniform by step 60 (0.28 -> 0.29-0.31).
     So the criterion (+10 points on two seeds, no monitor firing, within a test's budget) stays unmet on the CPU.
 
     What this asserts: on that set and recipe the teacher-entropy monitor catches the collapse (0.57 of log K at
